@@ -31,15 +31,30 @@ Attention -> Mamba (a mixer replaces self_attn in layer i; everything else is co
 With no decay (A = 0), dt = 1, identity conv, no gate and D = 0 the mixer computes exactly causal
 *linear* attention y_t = sum_{s<=t} (C_t . B_s) x_s: softmax attention without softmax and RoPE.
 """
+import argparse
+import base64
+import binascii
+import hashlib
 import json
 import math
 import os
+import random
+import re
+import shutil
 import sys
-from dataclasses import asdict, dataclass, field, fields, replace
+import time
+import zlib
+from collections import Counter, defaultdict
+from contextlib import nullcontext
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
+import regex  # installed with tiktoken, which splits text with it too
+import tiktoken
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scan_kernel import ssd_scan, ssd_scan_ref, ssd_step, ssd_step_ref
 
@@ -433,10 +448,7 @@ TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model")  # ours, Meta'
 
 
 def _atomic_write_text(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    atomic_write(path, [text.encode()])
 
 
 def read_config(path) -> ModelConfig:
@@ -565,3 +577,1164 @@ def spread_layers(n_layers, n_keep) -> list:
         return []
     step = n_layers / n_keep
     return sorted({int(step * j + step / 2) for j in range(n_keep)})
+
+
+# -----------------------------------------------------------------------------
+# 4. Files, tokenizer and data
+
+
+def atomic_write(path, chunks):
+    """Write an iterable of bytes-like chunks to `path` through a temp file in the same directory
+    and os.replace, so a crash mid-write never leaves a half-written file under the real name."""
+    path = str(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# 4a. Tokenizer: tiktoken BPE with Llama 3's split pattern and special tokens
+
+# Llama 3's pre-tokenizer (Meta's llama3 tokenizer.py): text is first cut into "words" (contractions,
+# letter runs with one leading non-letter, numbers of 1-3 digits, punctuation runs, whitespace) and BPE
+# merges never cross a word boundary. tiktoken runs it with the `regex` module (\p{L} letters, \p{N} numbers).
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Llama 3's 256 special tokens, in id order right after the base vocabulary (Meta's llama-models).
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message (tool calls)
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+    "<|image|>",
+]
+LLAMA3_SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIAL_TOKENS))]
+
+
+def load_tiktoken_bpe_file(path) -> dict[bytes, int]:
+    """Read tiktoken's BPE file format: one `<base64 token bytes> <rank>` per line, rank = merge priority
+    (lower merges first). Ranks must be 0..n-1 so that the special tokens can follow at id n."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
+    ranks = {}
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise InputError(f"{path}:{i}: expected '<base64 token> <rank>', got {line[:60]!r}")
+        try:
+            token = base64.b64decode(parts[0], validate=True)
+        except binascii.Error:
+            raise InputError(f"{path}:{i}: token is not valid base64: {parts[0][:60]!r}") from None
+        if token in ranks:
+            raise InputError(f"{path}:{i}: token {token!r} appears twice")
+        ranks[token] = int(parts[1])
+    if not ranks:
+        raise InputError(f"{path}: tokenizer file has no tokens")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise InputError(f"{path}: ranks must be exactly 0..{len(ranks) - 1}, each once")
+    return ranks
+
+
+class Tokenizer:
+    """Llama 3's tokenizer: byte-level BPE run by tiktoken, plus 256 special tokens after the base vocab.
+    Works the same for Meta's 128k-token file and for the project's own small file (train_bpe)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.mergeable_ranks = load_tiktoken_bpe_file(path)
+        n_base = len(self.mergeable_ranks)
+        self.special_tokens = {tok: n_base + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(
+            name=os.path.basename(self.path),
+            pat_str=LLAMA3_SPLIT_PATTERN,
+            mergeable_ranks=self.mergeable_ranks,
+            special_tokens=self.special_tokens,
+        )
+        self.n_words = n_base + len(self.special_tokens)
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.eom_id = self.special_tokens["<|eom_id|>"]
+        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.start_header_id = self.special_tokens["<|start_header_id|>"]
+        self.end_header_id = self.special_tokens["<|end_header_id|>"]
+        # generation stops at any of these (Llama 3 instruct models end a turn with <|eot_id|>)
+        self.stop_ids = {self.eos_id, self.eot_id, self.eom_id}
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        # encode_ordinary: a "<|eot_id|>" typed in user text is plain text, never the control token
+        ids = self.model.encode_ordinary(text)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self.model.decode(list(ids))
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Llama 3 instruct format (Meta's chat_format.py; no default system message):
+        <|begin_of_text|> then per message <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>,
+        then an open assistant header so that the model writes the reply."""
+        ids = [self.bos_id]
+        for m in messages:
+            ids += self._header(m["role"]) + self.encode(m["content"].strip()) + [self.eot_id]
+        if add_generation_prompt:
+            ids += self._header("assistant")
+        return ids
+
+    def _header(self, role: str) -> list[int]:
+        return [self.start_header_id] + self.encode(role) + [self.end_header_id] + self.encode("\n\n")
+
+    def save(self, path):
+        """Write the BPE file in tiktoken's format (specials are implied by the base vocab size)."""
+        by_rank = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        text = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in by_rank)
+        atomic_write(path, [text.encode()])
+
+
+def train_bpe(texts: list[str], vocab_size: int, path) -> Tokenizer:
+    """Train a byte-level BPE vocabulary of `vocab_size` base tokens (256 bytes + merges; the 256 special
+    tokens come on top), write it to `path` in tiktoken's format and load it back.
+
+    Classic BPE (Sennrich et al. 2016, byte-level as in GPT-2): split text into words with the Llama 3
+    pattern, then repeatedly merge the most frequent adjacent pair of tokens. Rank = merge order, which is
+    what tiktoken's encoder expects (it merges the lowest-rank pair first). Pairs are counted over unique
+    words weighted by frequency and updated only in the words that contain the merged pair."""
+    assert vocab_size >= 256, "the base vocabulary starts with all 256 single bytes"
+    word_freq = Counter(w for text in texts for w in regex.findall(LLAMA3_SPLIT_PATTERN, text))  # tiktoken's own splitter module
+    words = [list(w.encode("utf-8")) for w in word_freq]  # each word as token ids, initially its bytes
+    freqs = list(word_freq.values())
+    vocab = [bytes([i]) for i in range(256)]  # id -> token bytes
+    ids_of = {tok: i for i, tok in enumerate(vocab)}  # token bytes -> id (= rank)
+
+    pair_count = Counter()  # (id, id) -> frequency in the corpus
+    words_with = defaultdict(set)  # (id, id) -> indices of words that (may) contain it
+    for wi, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            pair_count[pair] += f
+            words_with[pair].add(wi)
+
+    while len(vocab) < vocab_size and pair_count:
+        # most frequent pair; ties go to the larger ids so the result does not depend on dict order
+        best = max(pair_count, key=lambda p: (pair_count[p], p))
+        merged = vocab[best[0]] + vocab[best[1]]
+        # the same bytes can (rarely) be reached by two different pairs: reuse the id, ranks stay unique
+        new_id = ids_of.get(merged, len(vocab))
+        if new_id == len(vocab):
+            vocab.append(merged)
+            ids_of[merged] = new_id
+        for wi in words_with.pop(best):
+            w, f = words[wi], freqs[wi]
+            for pair in zip(w, w[1:]):  # take the word's old pairs out of the counts ...
+                pair_count[pair] -= f
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[wi] = out
+            for pair in zip(out, out[1:]):  # ... and its new pairs back in
+                pair_count[pair] += f
+                words_with[pair].add(wi)
+        for pair in [p for p, c in pair_count.items() if c <= 0]:
+            del pair_count[pair]
+    text = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for rank, tok in enumerate(vocab))
+    atomic_write(path, [text.encode()])
+    return Tokenizer(path)
+
+
+# -----------------------------------------------------------------------------
+# 4b. Checkpoint files: safetensors (our own reader/writer; never pickle)
+#
+# Layout: 8-byte little-endian header size N, N bytes of JSON
+#   {"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ..., "__metadata__": {...}}
+# then the raw little-endian tensor bytes back to back; offsets count from the end of the header.
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors spec's own limit
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None):
+    """Write tensors as one safetensors file, atomically. Tensors are written largest item size first
+    (as HF does) and the header is padded to 8 bytes, so every tensor starts aligned to its dtype."""
+    names = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: keeps order otherwise
+    # transformers refuses files whose metadata lacks format=pt, so always say it
+    header = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+
+    def chunks():  # one tensor at a time, so a GPU model is never copied to CPU all at once
+        yield len(header_bytes).to_bytes(8, "little")
+        yield header_bytes
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous().reshape(-1)  # (numel,)
+            yield t.view(torch.uint8).numpy()  # raw bytes; torch is little-endian on every host we run
+
+    atomic_write(path, chunks())
+
+
+def load_safetensors(path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file into CPU tensors. The header is checked before any data is trusted, so a
+    truncated or corrupt file gives one InputError naming it instead of garbage weights."""
+    try:
+        with open(path, "rb") as f:
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(buf)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read safetensors file ({e.strerror})") from None
+    if len(buf) < 8:
+        raise InputError(f"{path}: {len(buf)} bytes is too short for a safetensors file (truncated?)")
+    n = int.from_bytes(buf[:8], "little")
+    if n > min(len(buf) - 8, _MAX_HEADER_BYTES):
+        raise InputError(f"{path}: header size {n} does not fit in a {len(buf)}-byte file "
+                         "(truncated or not safetensors)")
+    try:
+        header = json.loads(buf[8:8 + n])
+        assert isinstance(header, dict)
+    except (ValueError, AssertionError):
+        raise InputError(f"{path}: header is not a JSON object (corrupt or not safetensors)") from None
+    header.pop("__metadata__", None)
+    data_start, data_len = 8 + n, len(buf) - 8 - n
+    tensors, spans = {}, []
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: tensor {name!r} has a bad header entry {info!r:.100}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if min(shape, default=0) < 0 or not 0 <= begin <= end:
+            raise InputError(f"{path}: tensor {name!r} has a negative shape or offsets {shape} {[begin, end]}")
+        if end > data_len:
+            raise InputError(f"{path}: tensor {name!r} ends at byte {end} but the data is {data_len} bytes (truncated)")
+        if end - begin != numel * dtype.itemsize:
+            raise InputError(f"{path}: tensor {name!r} has {end - begin} bytes, "
+                             f"its shape {shape} needs {numel * dtype.itemsize}")
+        spans.append((begin, end, name))
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:  # a view into buf (which the tensor keeps alive): no copy of the weights
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=data_start + begin).view(shape)
+    spans.sort()
+    for (_, end0, a), (begin1, _, b) in zip(spans, spans[1:]):
+        if begin1 < end0:
+            raise InputError(f"{path}: tensors {a!r} and {b!r} overlap")
+    return tensors
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], directory, max_shard_bytes: int | None = None):
+    """Write weights the way HF's save_pretrained does: `model.safetensors`, or when the total exceeds
+    max_shard_bytes, shards `model-00001-of-0000N.safetensors` plus `model.safetensors.index.json`
+    mapping every tensor name to its shard. Files of the other layout left by an earlier save are removed
+    (transformers would otherwise pick a stale `model.safetensors` before the index)."""
+    os.makedirs(directory, exist_ok=True)
+    shards, size = [{}], 0  # greedy: start a new shard when the next tensor would overflow this one
+    for name, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        files = ["model.safetensors"]
+    else:
+        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, shard in zip(files, shards):
+        save_safetensors(shard, os.path.join(directory, file))
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
+            "weight_map": {name: file for file, shard in zip(files, shards) for name in shard},
+        }
+        atomic_write(index_path, [json.dumps(index, indent=2).encode()])
+    stale = [f for f in os.listdir(directory) if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", f)]
+    stale += ["model.safetensors.index.json"] if len(shards) == 1 and os.path.exists(index_path) else []
+    for f in stale:
+        if f not in files:
+            os.remove(os.path.join(directory, f))
+
+
+def load_state_dict(directory) -> dict[str, torch.Tensor]:
+    """Read HF-layout weights: `model.safetensors.index.json` + its shards if the index exists, else
+    `model.safetensors`."""
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    single_path = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(index_path):
+        if not os.path.exists(single_path):
+            raise InputError(f"{directory}: has neither model.safetensors nor model.safetensors.index.json")
+        return load_safetensors(single_path)
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise InputError(f"{index_path}: not a JSON object with a 'weight_map'") from None
+    state_dict = {}
+    for file in dict.fromkeys(weight_map.values()):  # unique shard names, in order
+        shard_path = os.path.join(directory, file)
+        if not os.path.exists(shard_path):
+            raise InputError(f"{index_path}: names shard {file}, which is missing")
+        state_dict.update(load_safetensors(shard_path))
+    for name, file in weight_map.items():
+        if name not in state_dict:
+            raise InputError(f"{index_path}: tensor {name!r} is not in {file}")
+    return state_dict
+
+
+# -----------------------------------------------------------------------------
+# 4c. Data: synthetic GSM8K-style problems, GSM8K jsonl files, prompts
+
+NAMES = [  # (name, subject pronoun, possessive)
+    ("Mia", "she", "her"), ("Liam", "he", "his"), ("Ava", "she", "her"), ("Noah", "he", "his"),
+    ("Sofia", "she", "her"), ("Omar", "he", "his"), ("Priya", "she", "her"), ("Mateo", "he", "his"),
+    ("Hana", "she", "her"), ("Kofi", "he", "his"), ("Elena", "she", "her"), ("Ravi", "he", "his"),
+    ("Chloe", "she", "her"), ("Jamal", "he", "his"), ("Yuki", "she", "her"), ("Lucas", "he", "his"),
+    ("Amara", "she", "her"), ("Ethan", "he", "his"), ("Zoe", "she", "her"), ("Diego", "he", "his"),
+    ("Leila", "she", "her"), ("Felix", "he", "his"), ("Nadia", "she", "her"), ("Owen", "he", "his"),
+    ("Grace", "she", "her"), ("Tariq", "he", "his"), ("Ines", "she", "her"), ("Samuel", "he", "his"),
+]
+# (plural object, container of several, a place to get more, what a few of them can be used for)
+OBJECTS = [
+    ("apples", "bags", "market", "a pie"), ("marbles", "jars", "toy store", "a game"),
+    ("stickers", "sheets", "book fair", "a poster"), ("cookies", "boxes", "bakery", "a party"),
+    ("pencils", "packs", "school shop", "an art class"), ("stamps", "albums", "post office", "letters"),
+    ("seashells", "buckets", "beach", "a necklace"), ("coins", "purses", "bank", "the bus"),
+    ("cards", "decks", "game shop", "a card trick"), ("beads", "tubes", "craft store", "a bracelet"),
+    ("eggs", "cartons", "farm", "a cake"), ("crayons", "tins", "art shop", "a mural"),
+    ("books", "crates", "library sale", "a book club"), ("oranges", "nets", "fruit stand", "juice"),
+    ("toy cars", "cases", "flea market", "a race track"), ("flowers", "bunches", "garden center", "a vase"),
+]
+
+
+def make_problem(rng: random.Random, n_steps: int) -> dict:
+    """One word problem whose solution takes n_steps arithmetic steps, each a GSM8K-style sentence that
+    restates what happens and shows its result. Returns {"question", "answer", "ops"}; "ops" lists the
+    steps as [op, *numbers] so a test can redo the arithmetic: first ["start", a] (no step) or
+    ["pack", a, b] (a * b), then ["+", b], ["-", b], ["*", b], ["/", b] (one step each),
+    ["add_packs", a, b] (x + a * b, two steps) and, only last, ["together_fewer", b] (x + (x - b), two)."""
+    assert n_steps >= 1
+    name, he, his = rng.choice(NAMES)
+    friend = rng.choice([n for n in NAMES if n[0] != name])[0]
+    obj, box, place, use = rng.choice(OBJECTS)
+    He = he.capitalize()
+    q, s, ops = [], [], []  # question sentences, solution lines, steps taken
+    steps_left = n_steps
+
+    # the final question sometimes brings in the friend: two more steps at the end
+    ending_with_friend = n_steps >= 3 and rng.random() < 0.3
+    if ending_with_friend:
+        steps_left -= 2
+
+    if steps_left >= 2 and rng.random() < 0.5:
+        a, b = rng.randint(2, 9), rng.randint(3, 12)
+        x = a * b
+        q.append(f"{name} buys {a} {box} of {obj} with {b} {obj} in each.")
+        s.append(f"{name} buys {a} {box} and each of them has {b} {obj}, so {he} starts with {a} * {b} = {x} {obj}.")
+        ops.append(["pack", a, b])
+        steps_left -= 1
+    else:
+        x = rng.randint(5, 60)
+        q.append(f"{name} has {x} {obj}.")
+        ops.append(["start", x])
+
+    while steps_left > 0:
+        op = rng.choice(["+", "-", "*", "/"] + ["add_packs"] * (steps_left >= 2))
+        divisors = [d for d in range(2, 10) if x % d == 0 and x // d >= 2]
+        if op == "-" and x < 4 or op == "*" and x > 200 or op == "/" and not divisors:
+            op = "+"  # keep every intermediate a moderate positive integer
+        if op == "add_packs":  # two steps in one sentence
+            a, b = rng.randint(2, 6), rng.randint(2, 12)
+            y = x + a * b
+            q.append(f"Later {he} buys {a} {box} with {b} {obj} in each.")
+            s.append(f"Each of the {a} {box} has {b} {obj}, so the {box} hold {a} * {b} = {a * b} {obj} in total.")
+            s.append(f"Adding them to the {x} {obj} {he} already had gives {x} + {a * b} = {y} {obj}.")
+            ops.append([op, a, b])
+            steps_left -= 2
+            x = y
+            continue
+        # each event: (question sentence, solution sentence), picked at random for variety
+        if op == "+":
+            b = rng.randint(2, 40)
+            y = x + b
+            events = [
+                (f"Then {he} finds {b} more {obj}.",
+                 f"{He} had {x} {obj} and finds {b} more, so now {he} has {x} + {b} = {y} {obj}."),
+                (f"{friend} gives {name} {b} {obj}.",
+                 f"{friend} gives {name} {b} {obj}, so {name} now has {x} + {b} = {y} {obj}."),
+                (f"The next day {he} gets {b} more {obj} at the {place}.",
+                 f"After getting {b} more at the {place}, {he} has {x} + {b} = {y} {obj}."),
+                (f"{He} wins {b} {obj} in a contest.",
+                 f"Winning {b} {obj} in the contest brings {his} total to {x} + {b} = {y} {obj}."),
+            ]
+        elif op == "-":
+            b = rng.randint(1, min(x - 2, 40))
+            y = x - b
+            events = [
+                (f"{He} gives {b} {obj} to {friend}.",
+                 f"{He} gives {b} of {his} {x} {obj} to {friend}, so {he} has {x} - {b} = {y} {obj} left."),
+                (f"{He} loses {b} {obj} on the way home.",
+                 f"Losing {b} of the {x} {obj} on the way home leaves {x} - {b} = {y} {obj}."),
+                (f"{He} uses {b} {obj} for {use}.",
+                 f"{He} uses {b} {obj} for {use}, so {x} - {b} = {y} {obj} are left."),
+            ]
+        elif op == "*":
+            b = rng.randint(2, 4)
+            y = x * b
+            times = {2: "twice", 3: "three times", 4: "four times"}[b]
+            events = [
+                (f"By the end of the month {he} has {times} as many {obj} as before.",
+                 f"At the end of the month {he} has {times} as many as the {x} {obj} {he} had, "
+                 f"which is {x} * {b} = {y} {obj}."),
+                (f"{friend} gives {name} enough {obj} to make {his} collection {times} as big.",
+                 f"A collection {times} as big as {x} {obj} holds {x} * {b} = {y} {obj}."),
+            ]
+        else:  # "/"
+            b = rng.choice(divisors)
+            y = x // b
+            events = [
+                (f"{He} splits the {obj} into {b} equal groups and keeps one group.",
+                 f"{He} splits {his} {x} {obj} into {b} equal groups of {x} / {b} = {y} {obj} and keeps one group."),
+                (f"{He} shares the {obj} equally with {b - 1} friends and keeps {his} share.",
+                 f"With {b} people sharing, each one gets {x} / {b} = {y} {obj}, and that is what {he} keeps."),
+            ]
+        question, solution = rng.choice(events)
+        q.append(question)
+        s.append(solution)
+        ops.append([op, b])
+        steps_left -= 1
+        x = y
+
+    if ending_with_friend:
+        b = rng.randint(1, x - 1)
+        q.append(f"{friend} has {b} fewer {obj} than {name}. How many {obj} do they have together?")
+        s.append(f"{friend} has {b} fewer {obj} than {name}, so {friend} has {x} - {b} = {x - b} {obj}.")
+        s.append(f"Together they have {x} + {x - b} = {2 * x - b} {obj}.")
+        ops.append(["together_fewer", b])
+        x = 2 * x - b
+    else:
+        q.append(rng.choice([f"How many {obj} does {name} have now?", f"How many {obj} does {name} end up with?"]))
+        s.append(f"So in the end {name} has {x} {obj}.")
+    s.append(f"#### {x}")
+    return {"question": " ".join(q), "answer": "\n".join(s), "ops": ops}
+
+
+def split_of(question: str) -> str:
+    """'test' for ~10% of questions, 'train' for the rest, by a stable hash of the text: the two splits
+    can never share a question, whatever seeds or sizes are asked for."""
+    return "test" if int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 10 == 0 else "train"
+
+
+def synthetic_split(split: str, n: int, seed: int = 0, min_steps: int = 2, max_steps: int = 8) -> list[dict]:
+    """n distinct problems of `split` ("train" or "test"), steps uniform in [min_steps, max_steps],
+    the same for the same arguments."""
+    assert split in ("train", "test"), split
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        p = make_problem(rng, rng.randint(min_steps, max_steps))
+        if split_of(p["question"]) == split and p["question"] not in seen:
+            seen.add(p["question"])
+            rows.append(p)
+    return rows
+
+
+def read_jsonl(path) -> list[dict]:
+    """Read a GSM8K-format jsonl file: one {"question": str, "answer": str, ...} per line; blank lines
+    are skipped. Anything else is an InputError naming the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read data file ({getattr(e, 'strerror', None) or e})") from None
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise InputError(f"{path}:{i}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{i}: expected a JSON object with 'question' and 'answer'")
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), str):
+                raise InputError(f"{path}:{i}: field {key!r} is missing or not a string")
+        rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    return rows
+
+
+def write_jsonl(rows: list[dict], path):
+    atomic_write(path, [json.dumps(row).encode() + b"\n" for row in rows])
+
+
+def gold_answer(answer_text: str) -> str:
+    """The final answer of a GSM8K-style solution: the rest of the line after the last '####', without
+    commas ("#### 1,200" -> "1200"); "" if there is none. Used for gold answers and model samples alike."""
+    if "####" not in answer_text:
+        return ""
+    return answer_text.rsplit("####", 1)[1].split("\n", 1)[0].strip().replace(",", "")
+
+
+def prompt_text(question: str) -> str:
+    """The user message for training and sampling (the model's reply is the GSM8K-style answer)."""
+    return f"{question.strip()}\nSolve it step by step and end with '#### <answer>'."
+
+
+# -----------------------------------------------------------------------------
+# 5. Command line: one dataclass, flags generated from it
+
+
+def parse_config(cls, argv=None, description=None):
+    """--field value flags for every field of a dataclass; unknown flags are an error (exit 2)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kind = type(default) if default is not None else str
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="{true,false}",
+                                nargs="?", const=True, help=f.metadata.get("help", " "))
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=default, help=f.metadata.get("help", " "))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DistillConfig:
+    out_dir: str = opt("out", "where data, checkpoints, logs and the summary go")
+    preset: str = opt("default", "default (about 15 min on one H100), smoke (about 2 min) or tiny (CPU tests)")
+    teacher: str = opt("", "a local HF Llama directory; empty = train a small teacher on the data first")
+    data: str = opt("", "a GSM8K-format jsonl for training; empty = the synthetic set written to out_dir/data")
+    test_data: str = opt("", "a GSM8K-format jsonl to evaluate greedy accuracy; empty = the synthetic test split")
+    device: str = opt("auto", "auto, cuda or cpu")
+    seed: int = opt(0, "seed of the data, the initialisation and the batch order")
+    # synthetic data and the default teacher
+    n_train: int = opt(40000, "synthetic training problems")
+    n_test: int = opt(500, "synthetic test problems")
+    vocab_size: int = opt(1024, "base BPE vocabulary of the project's own tokenizer (256 specials come on top)")
+    d_model: int = opt(384, "default teacher: hidden size")
+    n_layers: int = opt(8, "default teacher: layers")
+    n_heads: int = opt(6, "default teacher: query heads (head dim = d_model / n_heads)")
+    n_kv_heads: int = opt(2, "default teacher: key/value heads (GQA, as in Llama 3.2)")
+    d_ff: int = opt(1024, "default teacher: MLP width")
+    teacher_steps: int = opt(3000, "default teacher: training steps")
+    teacher_lr: float = opt(2e-3, "default teacher: peak learning rate")
+    # students
+    students: str = opt("hybrid,pure", "students to distil: hybrid and/or pure")
+    attn_fraction: float = opt(0.25, "share of attention layers a hybrid keeps, spread over depth")
+    init: str = opt("attention", "attention (MambaInLlama transfer) or random mixers")
+    random_baseline: str = opt("pure", "also distil this student from random mixers (empty = no baseline)")
+    align_steps: int = opt(300, "stage 1: layer-wise mixer alignment steps (0 = skip)")
+    align_lr: float = opt(2e-3, "stage 1: peak learning rate")
+    kl_steps: int = opt(1500, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)")
+    kl_lr: float = opt(6e-4, "stage 2: peak learning rate")
+    kl: str = opt("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)")
+    temperature: float = opt(1.0, "stage 2: softmax temperature of both models (loss scaled by T^2)")
+    sft_steps: int = opt(0, "stage 3: supervised fine-tuning steps on the solutions (0 = skip)")
+    sft_lr: float = opt(3e-4, "stage 3: peak learning rate")
+    # optimisation (shared by every stage)
+    batch_size: int = opt(64, "sequences per optimizer step (over all GPUs and accumulation steps)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    seq_len: int = opt(384, "tokens per sequence (longer examples are cut, shorter padded)")
+    warmup: float = opt(0.05, "share of each stage spent warming up the learning rate")
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this")
+    log_every: int = opt(25, "steps between progress lines")
+    ckpt_every: int = opt(500, "steps between checkpoints (0 = only at the end of a stage)")
+    resume: bool = opt(False, "continue each model from its last checkpoint in out_dir")
+    eval_n: int = opt(200, "test problems for the greedy accuracy of each model (0 = skip)")
+    max_new_tokens: int = opt(384, "generation limit when evaluating")
+    bench: bool = opt(False, "measure distillation throughput at the Llama-3.2-1B shape and exit")
+
+
+PRESETS = {  # fields that a preset changes, unless the command line set them
+    "default": {},
+    "smoke": dict(n_train=8000, n_test=200, teacher_steps=400, align_steps=50, kl_steps=200,
+                  eval_n=100, d_model=256, n_layers=6, n_heads=4, d_ff=768, ckpt_every=0),
+    "tiny": dict(n_train=64, n_test=8, vocab_size=300, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1,
+                 d_ff=64, teacher_steps=4, align_steps=2, kl_steps=3, sft_steps=2, batch_size=4,
+                 grad_accum=2, seq_len=160, eval_n=2, max_new_tokens=8, log_every=1, ckpt_every=2),
+}
+
+
+def apply_preset(cfg: DistillConfig, argv) -> DistillConfig:
+    if cfg.preset not in PRESETS:
+        raise InputError(f"--preset: expected one of {sorted(PRESETS)}, got {cfg.preset!r}")
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    return replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items() if k not in given})
+
+
+# -----------------------------------------------------------------------------
+# 6. Training machinery shared by the teacher and every distillation stage
+
+
+@dataclass
+class Env:
+    """Where things run, decided once: device, autocast dtype, and the DDP rank (if any)."""
+    device: torch.device
+    amp: torch.dtype | None  # bf16 autocast on GPU, none on CPU
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+
+def setup_env(device: str) -> Env:
+    if device not in ("auto", "cuda", "cpu"):
+        raise InputError(f"--device: expected auto, cuda or cpu, got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is visible")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dev = torch.device(device)
+    if world > 1:  # started by torchrun: one process per GPU
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if device == "cuda":
+            dev = torch.device("cuda", local)
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return Env(dev, torch.bfloat16 if device == "cuda" else None, rank, world)
+
+
+def encode_example(tok, row, seq_len):
+    """Chat prompt + solution + <|eot_id|> -> (ids, mask); mask is 1 on the solution's tokens."""
+    prompt = tok.encode_chat([{"role": "user", "content": prompt_text(row["question"])}])
+    answer = tok.encode(row["answer"]) + [tok.eot_id]
+    ids = (prompt + answer)[:seq_len + 1]
+    mask = ([0] * len(prompt) + [1] * len(answer))[:seq_len + 1]
+    return ids, mask
+
+
+class Batches:
+    """Tokenised examples and a batch order that depends only on (seed, stage, step), so that a
+    resumed run sees exactly the batches it would have seen."""
+
+    def __init__(self, tok, rows, seq_len, seed):
+        enc = [encode_example(tok, r, seq_len) for r in rows]
+        n = len(enc)
+        self.ids = torch.full((n, seq_len + 1), tok.pad_id, dtype=torch.long)  # (N, l+1)
+        self.mask = torch.zeros(n, seq_len + 1)  # (N, l+1)
+        for i, (ids, mask) in enumerate(enc):
+            self.ids[i, :len(ids)] = torch.tensor(ids)
+            self.mask[i, :len(mask)] = torch.tensor(mask, dtype=torch.float)
+        self.cut = sum(len(ids) > seq_len for ids, _ in enc)
+        self.mean_len = sum(len(ids) for ids, _ in enc) / max(n, 1)
+        self.seed = seed
+
+    def get(self, stage, step, batch, rank=0, world=1, micro=0, n_micro=1):
+        """This rank's share of micro-batch `micro` of the global batch of `step`."""
+        # a stable hash: Python's hash() of a str changes from one process to the next
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{stage}/{step}".encode()))
+        order = torch.randint(0, len(self.ids), (batch,), generator=g)  # (batch,) global batch
+        per = batch // (world * n_micro)
+        take = order[(micro * world + rank) * per:(micro * world + rank + 1) * per]
+        ids, mask = self.ids[take], self.mask[take]
+        return ids[:, :-1], ids[:, 1:], mask[:, 1:]  # inputs, targets, loss mask (b, l)
+
+
+def lr_at(step, steps, peak, warmup):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    w = max(1, int(warmup * steps))
+    if step < w:
+        return peak * (step + 1) / w
+    t = (step - w) / max(1, steps - w)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(params, lr, weight_decay, device):
+    named = [(n, p) for n, p in params if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2]  # matrices; no decay on norms, biases, dt, A, D
+    other = [p for n, p in named if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (a NaN loss); the last good checkpoint is kept."""
+
+
+def save_checkpoint(model, opt, tok, path, state):
+    """model dir + optimizer + state.json, written into a temp dir and swapped in whole."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tok, tmp)
+    flat = {}
+    for i, s in enumerate(opt.state_dict()["state"].values()):
+        for k, v in s.items():
+            flat[f"{i}.{k}"] = v.detach().float().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
+    save_safetensors(flat, os.path.join(tmp, "optimizer.safetensors"))
+    _atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state))
+    if os.path.isdir(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(model, opt, path):
+    """Restore weights and optimizer moments written by save_checkpoint; returns state.json."""
+    for p in (path, path + ".old"):  # .old survives a crash between the two renames
+        if os.path.isfile(os.path.join(p, "state.json")):
+            path = p
+            break
+    else:
+        return None
+    loaded = load_model(path, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    if opt is None:
+        return None
+    flat = load_safetensors(os.path.join(path, "optimizer.safetensors"))
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        if f"{i}.step" in flat:
+            sd["state"][i] = {"step": flat[f"{i}.step"].reshape(()),
+                              "exp_avg": flat[f"{i}.exp_avg"].view_as(p).to(p),
+                              "exp_avg_sq": flat[f"{i}.exp_avg_sq"].view_as(p).to(p)}
+    opt.load_state_dict(sd)
+    with open(os.path.join(path, "state.json")) as fh:
+        return json.load(fh)
+
+
+class Logger:
+    """Progress lines on stdout and one jsonl line per logged step (rank 0 only)."""
+
+    def __init__(self, path, env, model_name, init):
+        self.path, self.env, self.model, self.init = path, env, model_name, init
+        self.t0 = time.time()
+
+    def log(self, stage, step, steps, loss, lr, tokens, tok_s):
+        if not self.env.main:
+            return
+        t = time.time() - self.t0
+        eta = (steps - step - 1) * (tokens / max(step + 1, 1)) / max(tok_s, 1e-9)
+        print(f"{self.model:>12} {stage:>7} step {step + 1:5d}/{steps} loss {loss:.4f} lr {lr:.2e} "
+              f"{tok_s / 1e3:7.1f}k tok/s  eta {eta / 60:5.1f} min", flush=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"model": self.model, "init": self.init, "stage": stage, "step": step + 1,
+                                 "loss": round(loss, 6), "lr": lr, "tokens": tokens,
+                                 "time_s": round(t, 3)}) + "\n")
+
+
+class StageLoss(nn.Module):
+    """student + loss function as one module, so DDP sees one forward per micro-batch (the teacher is
+    kept outside the module tree: frozen, replicated, never synchronised)."""
+
+    def __init__(self, student, loss_fn):
+        super().__init__()
+        self.student, self.loss_fn = student, loss_fn
+
+    def forward(self, x, y, m):
+        return self.loss_fn(self.student, x, y, m)
+
+
+def run_stage(stage, student, loss_fn, steps, peak_lr, cfg, env, batches, tok, ckpt, logger, resume=None):
+    """The training loop every stage shares: accumulate, clip, step, log, checkpoint.
+
+    loss_fn(student, inputs, targets, mask) -> scalar loss for one micro-batch; the parameters that
+    require grad are trained. resume: state.json of a checkpoint of this stage to continue from.
+    """
+    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    opt = make_optimizer(params, peak_lr, cfg.weight_decay, env.device)
+    step0 = 0
+    if resume is not None and resume.get("stage") == stage:
+        load_checkpoint(student, opt, ckpt)
+        step0 = resume["step"]
+        if env.main:
+            print(f"{logger.model}: resuming {stage} after step {step0}")
+    module = StageLoss(student, loss_fn)
+    if env.world > 1:
+        module = DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    trainable = [p for _, p in params]
+    tokens, t_last, tok_last = 0, time.time(), 0
+    for step in range(step0, steps):
+        lr = lr_at(step, steps, peak_lr, cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        total = torch.zeros((), device=env.device)
+        for micro in range(cfg.grad_accum):
+            x, y, m = (t.to(env.device) for t in
+                       batches.get(stage, step, cfg.batch_size, env.rank, env.world, micro, cfg.grad_accum))
+            last_micro = micro == cfg.grad_accum - 1
+            # gradients are averaged across GPUs only once, on the last micro-batch
+            with (module.no_sync() if env.world > 1 and not last_micro else nullcontext()), env.autocast():
+                loss = module(x, y, m) / cfg.grad_accum
+            loss.backward()
+            total += loss.detach()
+        if env.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        loss_value = total.item()  # one host sync per step: the NaN check and the log need it
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"{logger.model} {stage} step {step + 1}: loss is {loss_value}; "
+                                f"the last good checkpoint is {ckpt}")
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += cfg.batch_size * x.shape[1]
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            now = time.time()
+            logger.log(stage, step, steps, loss_value, lr, tokens, (tokens - tok_last) / max(now - t_last, 1e-9))
+            t_last, tok_last = now, tokens
+        done = step + 1 == steps
+        if ckpt and env.main and (done or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
+            save_checkpoint(student, opt, tok, ckpt, {"stage": stage, "step": step + 1})
+        if ckpt and env.world > 1:
+            dist.barrier()  # nobody reads a checkpoint that is still being written
+
+
+def ce_loss(model, x, y, m):
+    logits = model(x)  # (b, l, v)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (b*l,)
+    return (ce * m.flatten()).sum() / m.sum().clamp(min=1)
+
+
+def kl_loss_fn(teacher, direction, temperature, pad_id):
+    """Stage 2: distil the teacher's next-token distribution at every real token."""
+    def loss_fn(student, x, y, m):
+        with torch.no_grad():
+            t_logits = teacher(x)  # (b, l, v)
+        s_logits = student(x)  # (b, l, v)
+        t_logp = F.log_softmax(t_logits.float() / temperature, -1)
+        s_logp = F.log_softmax(s_logits.float() / temperature, -1)
+        if direction == "forward":  # KL(p_T || p_S): mass-covering
+            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (b, l)
+        else:  # KL(p_S || p_T): mode-seeking
+            kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)  # (b, l)
+        real = (x != pad_id).float()  # (b, l) every real token, the prompt's included
+        return temperature ** 2 * (kl * real).sum() / real.sum().clamp(min=1)
+    return loss_fn
+
+
+def align_loss_fn(teacher, ssm_layers):
+    """Stage 1 (MOHAWK's hidden-state alignment): each student mixer gets the teacher's own input to
+    that layer's attention and must reproduce the attention's output. Layers train independently."""
+    def loss_fn(student, x, y, m):
+        collect = []
+        with torch.no_grad():
+            teacher(x, collect=collect)
+        loss = 0.0
+        for i in ssm_layers:
+            h_in, target = collect[i]  # (b, l, d) each
+            out = student.model.layers[i].mixer(h_in)  # (b, l, d)
+            # normalised by the target's power so that every layer counts alike
+            loss = loss + F.mse_loss(out.float(), target.float()) / target.float().pow(2).mean()
+        return loss / len(ssm_layers)
+    return loss_fn
+
+
+# -----------------------------------------------------------------------------
+# 7. The pipeline: data -> teacher -> students (align -> kl -> sft) -> greedy accuracy
+
+STAGES = ("align", "kl", "sft")
+
+
+def load_data(cfg, env):
+    """Training and test rows: the synthetic set (written to out_dir/data) or the given jsonl files."""
+    data_dir = os.path.join(cfg.out_dir, "data")
+    if cfg.data:
+        train = read_jsonl(cfg.data)
+    else:
+        train = synthetic_split("train", cfg.n_train, cfg.seed)
+        if env.main:
+            write_jsonl(train, os.path.join(data_dir, "train.jsonl"))
+    if cfg.test_data:
+        test = read_jsonl(cfg.test_data)
+    else:
+        test = synthetic_split("test", cfg.n_test, cfg.seed)
+        if env.main:
+            write_jsonl(test, os.path.join(data_dir, "test.jsonl"))
+    return train, test
+
+
+def barrier(env):
+    if env.world > 1:
+        dist.barrier()
+
+
+def get_teacher(cfg, env, train_rows, times):
+    """A local Llama (--teacher), the one a previous run trained, or a new one trained here."""
+    dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32  # frozen: bf16 is enough
+    if cfg.teacher:
+        return load_teacher(cfg.teacher, env.device, dtype)
+    path = os.path.join(cfg.out_dir, "teacher")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        if env.main:
+            print(f"teacher: using the one already trained in {path}")
+        return load_teacher(path, env.device, dtype)
+    t0 = time.time()
+    tok_path = os.path.join(cfg.out_dir, "tokenizer.model")
+    if env.main and not os.path.isfile(tok_path):
+        texts = [r["question"] + "\n" + r["answer"] for r in train_rows]
+        train_bpe(texts, cfg.vocab_size, tok_path)
+    barrier(env)
+    tok = Tokenizer(tok_path)
+    head_dim = cfg.d_model // cfg.n_heads
+    mcfg = ModelConfig(vocab_size=tok.n_words, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                       num_key_value_heads=cfg.n_kv_heads, head_dim=head_dim, rope_theta=10000.0,
+                       max_position_embeddings=cfg.seq_len * 4, tie_word_embeddings=True,
+                       bos_token_id=tok.bos_id, eos_token_id=[tok.eos_id, tok.eot_id])
+    torch.manual_seed(cfg.seed)
+    model = LM(mcfg)
+    for name, p in model.named_parameters():  # GPT-2 style small init keeps the first steps stable
+        if p.dim() == 2:
+            nn.init.normal_(p, std=0.02 / (math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1))
+    model.to(env.device)
+    batches = Batches(tok, train_rows, cfg.seq_len, cfg.seed)
+    if env.main:
+        print(f"teacher: {model.num_params() / 1e6:.1f}M parameters, vocab {tok.n_words}, "
+              f"{len(train_rows)} problems of {batches.mean_len:.0f} tokens on average ({batches.cut} cut)")
+    ckpt = os.path.join(cfg.out_dir, "ckpt", "teacher")
+    logger = Logger(os.path.join(cfg.out_dir, "logs", "teacher.jsonl"), env, "teacher", "random")
+    model.train()
+    run_stage("teacher", model, ce_loss, cfg.teacher_steps, cfg.teacher_lr, cfg, env, batches, tok, ckpt,
+              logger, read_state(ckpt) if cfg.resume else None)
+    if env.main:
+        save_teacher(model, tok, path)
+    barrier(env)
+    times["teacher"] = time.time() - t0
+    # reload through the same path a real Llama checkpoint takes
+    return load_teacher(path, env.device, dtype)
+
+
+def read_state(ckpt):
+    for p in (ckpt, ckpt + ".old"):
+        if os.path.isfile(os.path.join(p, "state.json")):
+            with open(os.path.join(p, "state.json")) as fh:
+                return json.load(fh)
+    return None
+
+
+def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, times):
+    """Transfer, then the three stages; each stage trains what it needs and checkpoints."""
+    path = os.path.join(cfg.out_dir, name)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        if env.main:
+            print(f"{name}: already distilled in {path} (delete it to distil again)")
+        return load_model(path, env.device)
+    student = transfer_attention_to_mamba(teacher, ssm_layers, init).float().to(env.device)
+    if env.main:
+        n_ssm = len(ssm_layers)
+        print(f"{name}: {n_ssm}/{teacher.cfg.num_hidden_layers} layers are Mamba, init={init}, "
+              f"{student.num_params() / 1e6:.1f}M parameters")
+    ckpt = os.path.join(cfg.out_dir, "ckpt", name)
+    logger = Logger(os.path.join(cfg.out_dir, "logs", f"{name}.jsonl"), env, name, init)
+    state = read_state(ckpt) if cfg.resume else None
+    plan = [("align", cfg.align_steps, cfg.align_lr, align_loss_fn(teacher, ssm_layers)),
+            ("kl", cfg.kl_steps, cfg.kl_lr, kl_loss_fn(teacher, cfg.kl, cfg.temperature, tok.pad_id)),
+            ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
+    for stage, steps, lr, loss_fn in plan:
+        if steps == 0 or (stage == "align" and not ssm_layers):
+            continue
+        if state and STAGES.index(stage) < STAGES.index(state["stage"]):
+            continue  # finished before the checkpoint
+        if state and stage == state["stage"] and state["step"] >= steps:
+            load_checkpoint(student, None, ckpt)  # this stage finished: take its weights, go on
+            continue
+        t0 = time.time()
+        for pname, p in student.named_parameters():
+            # stage 1 trains only the mixers (MOHAWK / MambaInLlama); later stages train everything
+            p.requires_grad_(stage != "align" or ".mixer." in pname)
+        student.train()
+        run_stage(stage, student, loss_fn, steps, lr, cfg, env, batches, tok, ckpt, logger,
+                  state if state and state["stage"] == stage else None)
+        times[f"{name}/{stage}"] = time.time() - t0
+    student.eval().requires_grad_(False)
+    if env.main:
+        save_model(student, tok, path)
+    barrier(env)
+    return student
+
+
+def greedy_accuracy(model, tok, rows, cfg, env):
+    """Share of test problems whose greedy solution ends with the right "#### answer"."""
+    from sample import extract_answer, generate  # sample.py imports this file: import late
+
+    prompts = [tok.encode_chat([{"role": "user", "content": prompt_text(r["question"])}]) for r in rows]
+    outs = generate(model, prompts, tok, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                    dtype=env.amp or torch.float32)
+    right = [extract_answer(tok.decode(o)) == gold_answer(r["answer"]) for o, r in zip(outs, rows)]
+    return sum(right) / max(len(right), 1)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = apply_preset(parse_config(DistillConfig, argv, __doc__.strip().splitlines()[0]), argv)
+    if cfg.kl not in ("forward", "reverse"):
+        raise InputError(f"--kl: expected forward or reverse, got {cfg.kl!r}")
+    unknown = set(filter(None, cfg.students.split(","))) - {"hybrid", "pure"}
+    if unknown:
+        raise InputError(f"--students: unknown {sorted(unknown)} (expected hybrid and/or pure)")
+    if cfg.batch_size % (int(os.environ.get("WORLD_SIZE", 1)) * cfg.grad_accum):
+        raise InputError("--batch_size must be a multiple of grad_accum x the number of GPUs")
+    if cfg.bench:  # 4 x 2048-token micro-batches per GPU unless the flags say otherwise
+        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+        cfg = replace(cfg, **{k: v for k, v in dict(batch_size=16, seq_len=2048, grad_accum=4).items()
+                              if k not in given})
+    env = setup_env(cfg.device)
+    if cfg.bench:
+        return bench(cfg, env)
+    os.makedirs(os.path.join(cfg.out_dir, "logs"), exist_ok=True)
+    t_start, times = time.time(), {}
+    train_rows, test_rows = load_data(cfg, env)
+    teacher, tok = get_teacher(cfg, env, train_rows, times)
+    teacher.eval().requires_grad_(False)
+    batches = Batches(tok, train_rows, cfg.seq_len, cfg.seed + 1)
+    n = teacher.cfg.num_hidden_layers
+    keep = spread_layers(n, round(cfg.attn_fraction * n))
+    layers = {"hybrid": [i for i in range(n) if i not in keep], "pure": list(range(n))}
+    runs = [(s, layers[s], cfg.init) for s in filter(None, cfg.students.split(","))]
+    if cfg.random_baseline:
+        runs.append((f"{cfg.random_baseline}_random", layers[cfg.random_baseline], "random"))
+    models = {"teacher": teacher}
+    for name, ssm_layers, init in runs:
+        models[name] = distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, times)
+    summary = {"device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+               "preset": cfg.preset, "config": asdict(cfg), "models": {}}
+    if env.main:
+        t0 = time.time()
+        rows = test_rows[:cfg.eval_n]
+        for name, model in models.items():
+            entry = {"params": model.num_params(), "ssm_layers": model.cfg.ssm_layers,
+                     "path": cfg.teacher or os.path.join(cfg.out_dir, name)}
+            if rows:
+                entry["greedy_acc"] = greedy_accuracy(model, tok, rows, cfg, env)
+                print(f"{name:>12}: greedy accuracy {entry['greedy_acc']:.3f} on {len(rows)} test problems")
+            summary["models"][name] = entry
+        times["eval"] = time.time() - t0
+        times["total"] = time.time() - t_start
+        summary["stage_times_s"] = {k: round(v, 1) for k, v in times.items()}
+        _atomic_write_text(os.path.join(cfg.out_dir, "distill_summary.json"), json.dumps(summary, indent=2))
+        print("stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    if env.world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# 8. Benchmark: distillation throughput at the Llama-3.2-1B shape (random weights)
+
+LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                    max_position_embeddings=131072, tie_word_embeddings=True)
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, vendor datasheets
+
+
+class RandomBatches:
+    """Batches.get's interface over random tokens (the benchmark needs no data)."""
+
+    def __init__(self, vocab, seq_len):
+        self.vocab, self.seq_len = vocab, seq_len
+
+    def get(self, stage, step, batch, rank=0, world=1, micro=0, n_micro=1):
+        per = batch // (world * n_micro)
+        ids = torch.randint(0, self.vocab, (per, self.seq_len + 1))  # (b, l+1)
+        return ids[:, :-1], ids[:, 1:], torch.ones(per, self.seq_len)
+
+
+def bench(cfg, env, warmup=2, steps=8):
+    if env.device.type != "cuda":
+        raise InputError("--bench needs a CUDA GPU")
+    mcfg = ModelConfig(**LLAMA_3_2_1B)
+    torch.manual_seed(0)
+    teacher = LM(mcfg).to(env.device, torch.bfloat16).eval().requires_grad_(False)
+    name = torch.cuda.get_device_name(env.device)
+    peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    batches = RandomBatches(mcfg.vocab_size, cfg.seq_len)
+    logger = Logger(os.devnull, replace(env, rank=1), "bench", "attention")  # silent
+    results = []
+    for kind, ssm in (("hybrid", [i for i in range(16) if i not in spread_layers(16, 4)]), ("pure", list(range(16)))):
+        student = transfer_attention_to_mamba(teacher, ssm).float().to(env.device).train()
+        n_t = teacher.num_params() - teacher.model.embed_tokens.weight.numel() * (not mcfg.tie_word_embeddings)
+        n_s = student.num_params() - student.model.embed_tokens.weight.numel() * (not mcfg.tie_word_embeddings)
+        loss_fn = kl_loss_fn(teacher, "forward", 1.0, pad_id=-1)
+        torch.cuda.reset_peak_memory_stats(env.device)
+        run_stage("kl", student, loss_fn, warmup, 1e-5, cfg, env, batches, None, None, logger)
+        torch.cuda.synchronize(env.device)
+        t0 = time.time()
+        run_stage("kl", student, loss_fn, steps, 1e-5, cfg, env, batches, None, None, logger)
+        torch.cuda.synchronize(env.device)
+        dt = time.time() - t0
+        tok_s = steps * cfg.batch_size * cfg.seq_len / dt  # all GPUs together
+        mfu = (6 * n_s + 2 * n_t) * tok_s / env.world / peak if peak else float("nan")
+        mem = torch.cuda.max_memory_allocated(env.device) / 2**30
+        results.append({"student": kind, "tokens_per_s": tok_s, "mfu": mfu, "peak_mem_GiB": mem,
+                        "gpus": env.world, "batch": cfg.batch_size, "seq_len": cfg.seq_len})
+        if env.main:
+            print(f"{name} x{env.world}: {kind:>6} student, batch {cfg.batch_size}x{cfg.seq_len}: "
+                  f"{tok_s:,.0f} tok/s, MFU {mfu:.1%} (6N_s+2N_t), peak memory {mem:.1f} GiB/GPU")
+        del student
+        torch.cuda.empty_cache()
+    if env.world > 1:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (InputError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, InputError) else 1)

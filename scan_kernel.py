@@ -42,7 +42,7 @@ state, so it is limited by memory bandwidth; one program per (b, h, block of p r
 """
 import argparse
 import dataclasses
-import importlib.util
+import importlib
 import math
 import os
 import sys
@@ -52,6 +52,7 @@ import types
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -183,12 +184,14 @@ def _state_passing_kernel(states_ptr, logdecay_ptr, init_ptr, last_ptr, NCHUNKS,
         run = tl.load(init_ptr + bh * PN + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         run = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(NCHUNKS):
+    i = 0
+    while i < NCHUNKS:  # a while loop: range(runtime int) breaks the interpreter under numpy >= 2.4
         k = NCHUNKS - 1 - i if REVERSE else i
         ptrs = states_ptr + (bh * NCHUNKS + k) * PN + offs
         own = tl.load(ptrs, mask=mask, other=0.0)
         tl.store(ptrs, run, mask=mask)
         run = tl.exp(tl.load(logdecay_ptr + bh * NCHUNKS + k)) * run + own
+        i += 1
     tl.store(last_ptr + bh * PN + offs, run, mask=mask)
 
 
@@ -202,10 +205,10 @@ def _decay_matrix(s, CHUNK: tl.constexpr):
 
 @triton.jit
 def _chunk_out_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y_ptr,
-                      L, H, HPG, P, N, NCHUNKS,
+                      L, H, P, N, NCHUNKS,
                       s_x_b, s_x_l, s_x_h, s_x_p, s_dt_b, s_dt_l, s_dt_h,
                       s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n,
-                      HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HPG: tl.constexpr, HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (chunk, b*g): y = exp(s) C S_k^T + (L o C B^T)(dt x) + D x for the h/g heads of group g."""
     k = tl.program_id(0)
     bg = tl.program_id(1)
@@ -238,11 +241,11 @@ def _chunk_out_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y_p
 @triton.jit
 def _chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dstates_ptr, dy_ptr,
                       dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr,
-                      L, H, HPG, P, N, NCHUNKS,
+                      L, H, P, N, NCHUNKS,
                       s_x_b, s_x_l, s_x_h, s_x_p, s_dt_b, s_dt_l, s_dt_h,
                       s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n,
                       s_dy_b, s_dy_l, s_dy_h, s_dy_p,
-                      HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HPG: tl.constexpr, HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (chunk, b*g). Inputs: the saved entering state S_k and the gradient G of the leaving
     state S_{k+1}, both (p, n). dx, ddt per head; dB, dC summed over the group's heads in registers;
     per-(b, h, k) partial sums for dA and dD."""
@@ -312,3 +315,345 @@ def _chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dst
     dbc_offs = ((b * L + t[:, None]) * G_ + grp) * N + offs_n[None, :]  # dB, dC are contiguous (b, l, g, n)
     tl.store(dB_ptr + dbc_offs, dB.to(dB_ptr.dtype.element_ty), mask=tn_mask)
     tl.store(dC_ptr + dbc_offs, dC.to(dC_ptr.dtype.element_ty), mask=tn_mask)
+
+
+@triton.jit
+def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, H, HPG, P, N,
+                 s_st_b, s_st_h, s_st_p, s_st_n, s_x_b, s_x_h, s_x_p, s_dt_b, s_dt_h,
+                 s_b_b, s_b_g, s_b_n, s_c_b, s_c_g, s_c_n,
+                 HAS_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (b*h, block of p rows): state = exp(dt A) state + dt outer(x, B); y = state C + D x."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    grp = h // HPG
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    p_mask = offs_p < P
+    n_mask = offs_n < N
+    dt = tl.load(dt_ptr + b * s_dt_b + h * s_dt_h).to(tl.float32)
+    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
+    x = tl.load(x_ptr + b * s_x_b + h * s_x_h + offs_p * s_x_p, mask=p_mask, other=0.0).to(tl.float32)  # (p,)
+    Bv = tl.load(B_ptr + b * s_b_b + grp * s_b_g + offs_n * s_b_n, mask=n_mask, other=0.0).to(tl.float32)  # (n,)
+    Cv = tl.load(C_ptr + b * s_c_b + grp * s_c_g + offs_n * s_c_n, mask=n_mask, other=0.0).to(tl.float32)  # (n,)
+    ptrs = state_ptr + b * s_st_b + h * s_st_h + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n
+    mask = p_mask[:, None] & n_mask[None, :]
+    S = tl.load(ptrs, mask=mask, other=0.0)  # (p, n) fp32
+    S = S * decay + (dt * x)[:, None] * Bv[None, :]
+    tl.store(ptrs, S, mask=mask)
+    y = tl.sum(S * Cv[None, :], 1)  # (p,)
+    if HAS_D:
+        y += tl.load(D_ptr + h).to(tl.float32) * x
+    tl.store(y_ptr + bh * P + offs_p, y.to(y_ptr.dtype.element_ty), mask=p_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _tuned(kernel):
+    """Autotune num_warps / num_stages on GPU (only for kernels that write fresh outputs)."""
+    if INTERPRET:
+        return kernel
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+    return triton.autotune(configs, key=["HPG", "P", "N", "CHUNK", "BLOCK_P", "BLOCK_N"])(kernel)
+
+
+_chunk_state = _tuned(_chunk_state_kernel)
+_chunk_out = _tuned(_chunk_out_kernel)
+_chunk_bwd = _tuned(_chunk_bwd_kernel)
+PASS_BLOCK = 256  # state entries per program of the passing kernel: small, so that b*h*p*n/256 programs fill the GPU
+
+
+def _check_scan_args(x, dt, A, B, C, D, initial_state, chunk):
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    want = {"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "C": (C, (b, l, g, n))}
+    if D is not None:
+        want["D"] = (D, (h,))
+    if initial_state is not None:
+        want["initial_state"] = (initial_state, (b, h, p, n))
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"scan_kernel.py: {name} has shape {tuple(t.shape)}, expected {shape} for x {tuple(x.shape)}")
+    if h % g:
+        raise ValueError(f"scan_kernel.py: heads h={h} must be a multiple of groups g={g}")
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"scan_kernel.py: chunk_size={chunk} must be a power of two >= 16")
+
+
+def _blocks(p, n):
+    # tl.dot needs every dimension >= 16; smaller or odd p, n are padded by masks
+    return max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(n))
+
+
+def _scan_fwd(x, dt, A, B, C, D, initial_state, chunk):
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    nchunks = triton.cdiv(l, chunk)
+    BLOCK_P, BLOCK_N = _blocks(p, n)
+    dev = x.device
+    states = torch.empty(b, h, nchunks, p, n, device=dev, dtype=torch.float32)  # own contributions, then entering states
+    logdecay = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)  # s_last of every chunk
+    _chunk_state[(nchunks, b * h)](x, B, dt, A, states, logdecay, l, h, h // g, p, n, nchunks,
+                                   *x.stride(), *B.stride(), *dt.stride(),
+                                   BACKWARD=False, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+    final = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
+    init = states if initial_state is None else initial_state.to(torch.float32).contiguous()
+    _state_passing_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
+        states, logdecay, init, final, nchunks, p * n,
+        HAS_INIT=initial_state is not None, REVERSE=False, BLOCK=PASS_BLOCK)
+    y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+    _chunk_out[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, y, l, h, p, n, nchunks,
+                                 *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
+                                 HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+    return y, final, states, logdecay
+
+
+def _scan_bwd(x, dt, A, B, C, D, states, logdecay, dy, dfinal, chunk):
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    nchunks = states.shape[2]
+    BLOCK_P, BLOCK_N = _blocks(p, n)
+    dev = x.device
+    dstates = torch.empty_like(states)  # dloss/dS_k from chunk k's outputs, then dloss/dS_{k+1}
+    _chunk_state[(nchunks, b * h)](dy, C, dt, A, dstates, logdecay, l, h, h // g, p, n, nchunks,
+                                   *dy.stride(), *C.stride(), *dt.stride(),
+                                   BACKWARD=True, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+    dinit = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
+    _state_passing_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
+        dstates, logdecay, dstates if dfinal is None else dfinal.to(torch.float32).contiguous(), dinit, nchunks, p * n,
+        HAS_INIT=dfinal is not None, REVERSE=True, BLOCK=PASS_BLOCK)
+    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+    ddt = torch.empty(b, l, h, device=dev, dtype=torch.float32)
+    dB = torch.empty(b, l, g, n, device=dev, dtype=B.dtype)
+    dC = torch.empty(b, l, g, n, device=dev, dtype=C.dtype)
+    dA_part = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)
+    dD_part = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)
+    _chunk_bwd[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, dstates, dy,
+                                 dx, ddt, dB, dC, dA_part, dD_part, l, h, p, n, nchunks,
+                                 *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
+                                 HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+    dD = None if D is None else dD_part.sum((0, 2)).to(D.dtype)  # (h,)
+    return dx, ddt.to(dt.dtype), dA_part.sum((0, 2)).to(A.dtype), dB, dC, dD, dinit
+
+
+class _SSDScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, initial_state, chunk):
+        y, final, states, logdecay = _scan_fwd(x, dt, A, B, C, D, initial_state, chunk)
+        ctx.save_for_backward(x, dt, A, B, C, D, states, logdecay)
+        ctx.chunk = chunk
+        ctx.init_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, states, logdecay = ctx.saved_tensors
+        if dy is None:  # only the final state was used
+            dy = torch.zeros_like(x)
+        dx, ddt, dA, dB, dC, dD, dinit = _scan_bwd(x, dt, A, B, C, D, states, logdecay, dy, dfinal, ctx.chunk)
+        dinit = None if ctx.init_dtype is None else dinit.to(ctx.init_dtype)
+        return dx, ddt, dA, dB, dC, dD, dinit, None
+
+
+def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, *, chunk_size=None):
+    """Chunked Triton scan; same semantics as ssd_scan_ref. chunk_size: power of two >= 16
+    (default 64 on GPU, 16 under the interpreter where big tiles are slow)."""
+    chunk = chunk_size or (16 if INTERPRET else 64)
+    _check_scan_args(x, dt, A, B, C, D, initial_state, chunk)
+    y, final = _SSDScanFn.apply(x, dt, A, B, C, D, initial_state, chunk)
+    return (y, final) if return_final_state else y
+
+
+def ssd_step(state, x, dt, A, B, C, D=None):
+    """One decode step in place on state (b, h, p, n) fp32; returns y (b, h, p) in x's dtype.
+    No host sync, no autotune, one fixed-size output: safe inside a captured CUDA graph."""
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    if tuple(state.shape) != (b, h, p, n) or state.dtype != torch.float32:
+        raise ValueError(f"scan_kernel.py: state must be fp32 {(b, h, p, n)}, got {state.dtype} {tuple(state.shape)}")
+    if h % g:
+        raise ValueError(f"scan_kernel.py: heads h={h} must be a multiple of groups g={g}")
+    BLOCK_N = triton.next_power_of_2(n)
+    BLOCK_P = min(triton.next_power_of_2(p), max(1, 2048 // BLOCK_N))  # 8 KiB of state per program
+    y = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
+    _step_kernel[(b * h, triton.cdiv(p, BLOCK_P))](state, x, dt, A, B, C, A if D is None else D, y, h, h // g, p, n,
+                                                   *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
+                                                   HAS_D=D is not None, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+    return y
+
+
+# ----------------------------------------------------------------------------- check
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def random_inputs(b, l, h, p, n, g, device, dtype, seed=0):
+    """Inputs in the regime of a trained Mamba-2 layer: dt ~ 0.001..0.1, A ~ -1..-16."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen)
+    x = r(b, l, h, p).to(device, dtype)
+    dt = torch.exp(torch.rand(b, l, h, generator=gen) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).to(device)
+    A = -torch.exp(torch.rand(h, generator=gen) * math.log(16)).to(device)
+    B = (r(b, l, g, n) / math.sqrt(n)).to(device, dtype)
+    C = (r(b, l, g, n) / math.sqrt(n)).to(device, dtype)
+    D = r(h).to(device)
+    return x, dt, A, B, C, D
+
+
+def check(device):
+    """Forward, all gradients and the step against the references; returns True when all pass."""
+    small = INTERPRET
+    dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
+    tol = {torch.float32: 1e-4 if device.type == "cpu" else 5e-3, torch.bfloat16: 3e-2}  # tf32 / bf16 dots on GPU
+    b, l, h, p, n, g = (2, 37, 4, 16, 16, 2) if small else (2, 300, 8, 64, 64, 2)
+    ok = True
+    for dtype in dtypes:
+        x, dt, A, B, C, D = random_inputs(b, l, h, p, n, g, device, dtype)
+        s0 = torch.randn(b, h, p, n, device=device)
+        ins = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+        ref_ins = [t.detach().float().requires_grad_() for t in ins]
+        dy = torch.randn(b, l, h, p, device=device)
+        dfinal = torch.randn(b, h, p, n, device=device)
+        y, fin = ssd_scan(*ins, return_final_state=True)
+        y_r, fin_r = ssd_scan_ref(*ref_ins, return_final_state=True)
+        grads = torch.autograd.grad((y.float() * dy).sum() + (fin * dfinal).sum(), ins)
+        grads_r = torch.autograd.grad((y_r * dy).sum() + (fin_r * dfinal).sum(), ref_ins)
+        errs = {"y": _rel_err(y, y_r), "final": _rel_err(fin, fin_r)}
+        errs.update({"d" + k: _rel_err(a, r) for k, a, r in zip(["x", "dt", "A", "B", "C", "D", "init"], grads, grads_r)})
+        state, state_r = s0.clone(), s0.clone()
+        for t in range(4):
+            y1 = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+            y1_r = ssd_step_ref(state_r, x[:, t].float(), dt[:, t], A, B[:, t].float(), C[:, t].float(), D)
+        errs["step_y"], errs["step_state"] = _rel_err(y1, y1_r), _rel_err(state, state_r)
+        bad = {k: v for k, v in errs.items() if not v <= tol[dtype]}
+        ok &= not bad
+        print(f"check {device.type} {str(dtype):15s} rel errors: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items())
+              + ("  FAIL " + ",".join(bad) if bad else "  ok"))
+    return ok
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def _opt(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class Config:
+    check: bool = _opt(False, "run the correctness check on the current device")
+    bench: bool = _opt(False, "run the speed benchmark (needs CUDA)")
+    mamba_path: str = _opt("", "dir holding mamba_ssm/ops/triton and mamba_ssm/utils: compare with mamba_ssm")
+    chunk_size: int = _opt(64, "our chunk length (power of two >= 16)")
+    peer_chunk_size: int = _opt(256, "mamba_ssm's chunk length (its Mamba-2 default)")
+    shapes: str = _opt("4,2048,32,64,64,8;1,8192,32,64,64,8", "scan shapes b,l,h,p,n,g separated by ';'")
+    step_batches: str = _opt("64,256,1024", "batch sizes of the decode-step benchmark")
+    breakdown: bool = _opt(False, "also print per-kernel GPU times of one forward+backward (torch.profiler)")
+
+
+def load_mamba(path):
+    """Import mamba_ssm's Triton sources without running mamba_ssm/__init__.py (it needs compiled
+    CUDA extensions): register the packages by hand with __path__ pointing at the source dirs."""
+    root = os.path.abspath(path)
+    if not os.path.isdir(os.path.join(root, "mamba_ssm", "ops", "triton")):
+        raise SystemExit(f"scan_kernel.py: --mamba_path {path}: no mamba_ssm/ops/triton inside")
+    sys.path.append(root)  # for pure-Python helpers placed beside it (einops)
+    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", "mamba_ssm.utils"):
+        mod = types.ModuleType(name)
+        mod.__path__ = [os.path.join(root, *name.split("."))]
+        sys.modules[name] = mod
+    combined = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+    step = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+    return combined.mamba_chunk_scan_combined, step.selective_state_update
+
+
+def _ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def bench(cfg):
+    if not torch.cuda.is_available():
+        raise SystemExit("scan_kernel.py: --bench needs a CUDA GPU")
+    dev = torch.device("cuda")
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    peer_scan = peer_step = None
+    if cfg.mamba_path:
+        peer_scan, peer_step = load_mamba(cfg.mamba_path)
+    print(f"scan (ms, median of do_bench; ours chunk {cfg.chunk_size}, mamba_ssm chunk {cfg.peer_chunk_size}; "
+          "torch = the chunked PyTorch path in fp32; ratio = ours / other)")
+    for shape in cfg.shapes.split(";"):
+        b, l, h, p, n, g = map(int, shape.split(","))
+        x, dt, A, B, C, D = random_inputs(b, l, h, p, n, g, dev, torch.bfloat16)
+        dy = torch.randn_like(x)
+        ins = [t.requires_grad_() for t in (x, dt, A, B, C, D)]
+        paths = {"ours": lambda *a: ssd_scan(*a, chunk_size=cfg.chunk_size),
+                 "torch": lambda *a: ssd_scan_chunked_torch(*a, chunk_size=cfg.chunk_size)[0]}
+        if peer_scan is not None:
+            paths["mamba_ssm"] = lambda x, dt, A, B, C, D: peer_scan(x, dt, A, B, C, cfg.peer_chunk_size, D=D)
+        y_ours = paths["ours"](*ins).detach()
+        times = {}
+        for name, f in paths.items():
+            with torch.no_grad():
+                fwd = _ms(lambda: f(*ins))
+            fwdbwd = _ms(lambda: torch.autograd.grad(f(*ins), ins, dy))
+            err = _rel_err(y_ours, f(*ins).detach())
+            times[name] = (fwd, fwdbwd)
+            print(f"  b={b} l={l} h={h} p={p} n={n} g={g}  {name:9s} fwd {fwd:7.3f}  fwd+bwd {fwdbwd:7.3f}"
+                  f"   rel diff of y vs ours {err:.1e}")
+        for name in times:
+            if name != "ours":
+                print(f"  ratio ours/{name}: fwd {times['ours'][0] / times[name][0]:.2f}  "
+                      f"fwd+bwd {times['ours'][1] / times[name][1]:.2f}")
+        if cfg.breakdown:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                torch.autograd.grad(paths["ours"](*ins), ins, dy)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    # decode step: bytes of state read + written per step against a device-to-device copy
+    src = torch.empty(2 ** 28, device=dev, dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() * 4 / triton.testing.do_bench_cudagraph(lambda: dst.copy_(src)) / 1e6  # GB/s
+    print(f"step (CUDA graph replay; state fp32 (b, 32, 64, 64), x/B/C bf16, g=8); copy bandwidth {copy_bw:.0f} GB/s")
+    h, p, n, g = 32, 64, 64, 8
+    for bs in map(int, cfg.step_batches.split(",")):
+        x, dt, A, B, C, D = random_inputs(bs, 1, h, p, n, g, dev, torch.bfloat16)
+        x, dt, B, C = x[:, 0], dt[:, 0], B[:, 0], C[:, 0]
+        state = torch.zeros(bs, h, p, n, device=dev)
+        state_bytes = 2 * state.numel() * 4
+        fns = {"ours": lambda: ssd_step(state, x, dt, A, B, C, D)}
+        if peer_step is not None:
+            # mamba_ssm's kernel takes per-channel dt, A, D: broadcast views (stride 0), as Mamba-2 does
+            A_full = A[:, None, None].expand(h, p, n)
+            dt_full = dt[:, :, None].expand(bs, h, p)
+            D_full = D[:, None].expand(h, p)
+            fns["mamba_ssm"] = lambda: peer_step(state, x, dt_full, A_full, B, C, D_full)
+        line = f"  batch {bs:5d}"
+        for name, f in fns.items():
+            ms = triton.testing.do_bench_cudagraph(f)
+            gbs = state_bytes / ms / 1e6
+            line += f"   {name} {ms * 1e3:7.1f} us {gbs:6.0f} GB/s ({100 * gbs / copy_bw:.0f}% of copy)"
+        print(line)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"] + " (default %(default)s)")
+    cfg = Config(**vars(parser.parse_args()))
+    if not (cfg.check or cfg.bench):
+        parser.error("give --check and/or --bench")
+    if cfg.check:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu" and not INTERPRET:
+            raise SystemExit("scan_kernel.py: --check without CUDA needs TRITON_INTERPRET=1")
+        if not check(device):
+            raise SystemExit("scan_kernel.py: --check failed")
+    if cfg.bench:
+        bench(cfg)
+
+
+if __name__ == "__main__":
+    main()

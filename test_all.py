@@ -2,15 +2,23 @@
 
 Tiny shapes throughout. Triton kernels run under TRITON_INTERPRET=1 when there is no GPU, in fp32.
 """
+import json
 import os
+import random
 
 import pytest
+import regex
 import torch
 
 if not torch.cuda.is_available():  # must be set before triton is imported anywhere
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mamba_distill as md  # noqa: E402
+from mamba_distill import (  # noqa: E402
+    LLAMA3_SPLIT_PATTERN, SAFETENSORS_DTYPES, InputError, Tokenizer, gold_answer,
+    load_safetensors, load_state_dict, load_tiktoken_bpe_file, make_problem, prompt_text, read_jsonl,
+    save_safetensors, save_state_dict, synthetic_split, train_bpe, write_jsonl,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("SHARED_DIR", os.path.join(HERE, "..", "shared"))
@@ -121,3 +129,318 @@ def test_transfer_mapping_table():
     rand = md.transfer_attention_to_mamba(teacher, [0, 3], init="random")
     assert not torch.equal(rand.model.layers[3].mixer.out_proj.weight, t.o_proj.weight)
     assert md.spread_layers(16, 4) == [2, 6, 10, 14]
+
+
+LLAMA3_TOKENIZER = os.path.join(SHARED, "llama3", "tokenizer.model")
+GSM8K_TEST = os.path.join(SHARED, "data", "gsm8k", "test.jsonl")
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer():
+    if not os.path.exists(LLAMA3_TOKENIZER):
+        pytest.skip(f"Llama 3 tokenizer file not found at {LLAMA3_TOKENIZER}")
+    return Tokenizer(LLAMA3_TOKENIZER)
+
+
+def test_llama3_tokenizer_ids(llama3_tokenizer):
+    tok = llama3_tokenizer
+    assert tok.n_words == 128256
+    assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.pad_id) == (128000, 128001, 128009, 128004)
+    assert tok.special_tokens["<|reserved_special_token_245|>"] == 128255  # Meta's names (HF numbers them up to 247)
+    assert tok.stop_ids == {128001, 128008, 128009}
+    text = "This is a test sentence."
+    ids = tok.encode(text, bos=True)
+    assert ids == [128000, 2028, 374, 264, 1296, 11914, 13]
+    assert tok.decode(ids[1:]) == text
+    assert tok.encode(text, eos=True)[-1] == tok.eos_id
+    # a special token typed in user text stays plain text
+    assert tok.eot_id not in tok.encode("<|eot_id|>")
+    assert tok.decode(tok.encode("<|eot_id|> héllo 1234\n\n")) == "<|eot_id|> héllo 1234\n\n"
+
+
+def test_llama3_chat_format(llama3_tokenizer):
+    tok = llama3_tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": "What is 2 + 3?"}])
+    # <|begin_of_text|> <|start_header_id|>user<|end_header_id|>\n\n {content} <|eot_id|>
+    # <|start_header_id|>assistant<|end_header_id|>\n\n
+    content = tok.encode("What is 2 + 3?")
+    assert ids == [128000, 128006, 882, 128007, 271] + content + [128009, 128006, 78191, 128007, 271]
+    assert tok.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=False)[-1] == tok.eot_id
+
+
+def test_llama3_tokenizer_save_reload(llama3_tokenizer, tmp_path):
+    llama3_tokenizer.save(tmp_path / "tokenizer.model")
+    assert load_tiktoken_bpe_file(tmp_path / "tokenizer.model") == llama3_tokenizer.mergeable_ranks
+
+
+def test_bpe_file_errors(tmp_path):
+    path = tmp_path / "bad.model"
+    path.write_text("IQ== 0\nIg== 1\nnot-base64! 2\n")
+    with pytest.raises(InputError, match=r"bad\.model:3: .*base64"):
+        load_tiktoken_bpe_file(path)
+    path.write_text("IQ== 0\nIg==\n")
+    with pytest.raises(InputError, match=r"bad\.model:2: "):
+        load_tiktoken_bpe_file(path)
+    path.write_text("IQ== 0\nIg== 5\n")
+    with pytest.raises(InputError, match=r"bad\.model: ranks"):
+        load_tiktoken_bpe_file(path)
+    with pytest.raises(InputError, match="missing.model"):
+        load_tiktoken_bpe_file(tmp_path / "missing.model")
+
+
+@pytest.fixture(scope="module")
+def small_bpe(tmp_path_factory):
+    rows = synthetic_split("train", 400, seed=1)
+    texts = [prompt_text(r["question"]) + "\n" + r["answer"] for r in rows]
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.model"
+    return train_bpe(texts, 512, path), texts
+
+
+def test_train_bpe(small_bpe):
+    tok, texts = small_bpe
+    assert len(tok.mergeable_ranks) == 512 and tok.n_words == 512 + 256
+    assert tok.bos_id == 512 and tok.special_tokens["<|end_of_text|>"] == 513
+    for text in texts[:50] + ["unseen words: Zebra qu'il 9876543 ∑ 🙂"]:
+        assert tok.decode(tok.encode(text)) == text
+    n_bytes = sum(len(t.encode()) for t in texts)
+    n_tokens = sum(len(tok.encode(t)) for t in texts)
+    assert n_tokens < 0.4 * n_bytes, f"{n_tokens} tokens for {n_bytes} bytes"
+    reloaded = Tokenizer(tok.path)
+    assert reloaded.mergeable_ranks == tok.mergeable_ranks
+    assert reloaded.encode(texts[0], bos=True) == tok.encode(texts[0], bos=True)
+
+
+def naive_bpe_ranks(texts, vocab_size):
+    """Textbook BPE: recount every pair after every merge (slow, obviously right)."""
+    from collections import Counter
+    words = Counter(w for t in texts for w in regex.findall(LLAMA3_SPLIT_PATTERN, t))
+    words = {tuple(bytes([c]) for c in w.encode()): f for w, f in words.items()}
+    ranks = {bytes([i]): i for i in range(256)}
+    while len(ranks) < vocab_size:
+        pairs = Counter()
+        for w, f in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] += f
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], ranks[p[0]], ranks[p[1]]))
+        ranks.setdefault(best[0] + best[1], len(ranks))
+        merged = {}
+        for w, f in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if w[i:i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + f
+        words = merged
+    return ranks
+
+
+def test_train_bpe_matches_naive(tmp_path):
+    texts = [r["answer"] for r in synthetic_split("train", 30, seed=2)] + ["aaaa abab  xyxyxy\n\n"]
+    tok = train_bpe(texts, 400, tmp_path / "t.model")
+    assert tok.mergeable_ranks == naive_bpe_ranks(texts, 400)
+
+
+def test_train_bpe_first_merge(tmp_path):
+    # "ab" is the most frequent pair, then "abc" (= "ab" + "c") with the merged token
+    tok = train_bpe(["ab ab ab abc abc"], 258, tmp_path / "t.model")
+    assert tok.mergeable_ranks[b"ab"] == 256 and tok.mergeable_ranks[b" ab"] == 257
+    assert tok.encode(" ab") == [257]
+
+
+# -----------------------------------------------------------------------------
+# safetensors checkpoints
+
+
+def random_tensor(dtype, shape, gen):
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=gen) > 0.5
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=gen, dtype=dtype)
+
+
+def all_dtype_tensors():
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"w.{name}": random_tensor(dt, (3, 5), gen) for name, dt in SAFETENSORS_DTYPES.items()}
+    tensors["scalar"] = torch.tensor(1.5)
+    tensors["empty"] = torch.zeros(0, 4)
+    tensors["odd_u8"] = torch.arange(7, dtype=torch.uint8)  # 7 bytes: later tensors must stay aligned
+    tensors["strided"] = torch.randn(4, 6, generator=gen).t()  # non-contiguous input
+    return tensors
+
+
+def assert_same(a: dict, b: dict):
+    assert list(a) == list(b) or sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_safetensors_round_trip(tmp_path):
+    tensors = all_dtype_tensors()
+    save_safetensors(tensors, tmp_path / "x.safetensors", metadata={"step": "7"})
+    assert_same(tensors, load_safetensors(tmp_path / "x.safetensors"))
+    assert os.listdir(tmp_path) == ["x.safetensors"]  # no temp file left behind
+
+
+def test_safetensors_matches_hf_package(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    tensors = all_dtype_tensors()
+    save_safetensors(tensors, tmp_path / "ours.safetensors")
+    assert_same(tensors, st.load_file(tmp_path / "ours.safetensors"))
+    with st.safe_open(tmp_path / "ours.safetensors", "pt") as f:
+        assert f.metadata()["format"] == "pt"
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    st.save_file(tensors, tmp_path / "hf.safetensors")
+    assert_same(tensors, load_safetensors(tmp_path / "hf.safetensors"))
+
+
+def test_state_dict_sharded_round_trip(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"layers.{i}.weight": torch.randn(16, 16, generator=gen) for i in range(5)}  # 1 KiB each
+    sd["embed.weight"] = torch.randn(8, 4, generator=gen).to(torch.bfloat16)
+    save_state_dict(sd, tmp_path, max_shard_bytes=2500)
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                     "model-00003-of-00003.safetensors", "model.safetensors.index.json"]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 1024 + 64
+    assert index["weight_map"]["embed.weight"] == "model-00003-of-00003.safetensors"
+    assert_same(sd, load_state_dict(tmp_path))
+    # saving again unsharded replaces the sharded layout
+    save_state_dict(sd, tmp_path)
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert_same(sd, load_state_dict(tmp_path))
+
+
+def test_state_dict_missing_files(tmp_path):
+    with pytest.raises(InputError, match="neither model.safetensors"):
+        load_state_dict(tmp_path)
+    save_state_dict({"a": torch.zeros(300), "b": torch.zeros(300)}, tmp_path, max_shard_bytes=1500)
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(InputError, match="model-00002-of-00002.safetensors, which is missing"):
+        load_state_dict(tmp_path)
+
+
+def test_safetensors_truncated_and_corrupt(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"a": torch.randn(10, 10), "b": torch.randn(3)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])
+    with pytest.raises(InputError, match=r"w\.safetensors: .*truncated"):
+        load_safetensors(path)
+    path.write_bytes(data[:6])
+    with pytest.raises(InputError, match=r"w\.safetensors: .*too short"):
+        load_safetensors(path)
+    path.write_bytes(data[:8] + b"{oops" + data[13:])
+    with pytest.raises(InputError, match=r"w\.safetensors: header is not a JSON"):
+        load_safetensors(path)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["b"]["data_offsets"] = [0, 12]  # overlaps "a"
+    hb = json.dumps(header).encode()
+    path.write_bytes(len(hb).to_bytes(8, "little") + hb + data[8 + n:])
+    with pytest.raises(InputError, match="overlap"):
+        load_safetensors(path)
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def recompute(ops):
+    """Redo a synthetic problem's arithmetic from its ops, independently of the text."""
+    x = None
+    for op, *args in ops:
+        if op == "start":
+            x = args[0]
+        elif op in ("pack", "add_packs"):
+            x = (x or 0) + args[0] * args[1]
+        elif op == "+":
+            x += args[0]
+        elif op == "-":
+            x -= args[0]
+        elif op == "*":
+            x *= args[0]
+        elif op == "/":
+            assert x % args[0] == 0, "division must be exact"
+            x //= args[0]
+        elif op == "together_fewer":
+            x = x + (x - args[0])
+        else:
+            raise AssertionError(op)
+        assert x > 0
+    return x
+
+
+def test_synthetic_answers_are_right():
+    for split in ("train", "test"):
+        for row in synthetic_split(split, 300, seed=3):
+            assert int(gold_answer(row["answer"])) == recompute(row["ops"]), row
+            assert row["answer"].count(" = ") == sum(2 if op in ("add_packs", "together_fewer") else
+                                                     0 if op == "start" else 1 for op, *_ in row["ops"])
+
+
+def test_synthetic_steps_and_lengths():
+    rng = random.Random(0)
+    for n_steps in range(2, 9):
+        p = make_problem(rng, n_steps)
+        assert p["answer"].count(" = ") == n_steps
+    long = [make_problem(rng, 8)["answer"] for _ in range(50)]
+    assert 450 < sum(map(len, long)) / len(long) < 1000
+
+
+def test_synthetic_split_deterministic_and_disjoint():
+    train = synthetic_split("train", 2000, seed=0)
+    test = synthetic_split("test", 200, seed=0)
+    assert train[:50] == synthetic_split("train", 50, seed=0)
+    assert synthetic_split("test", 50, seed=1) != test[:50]
+    train_q = {r["question"] for r in train}
+    assert len(train_q) == len(train)
+    assert not train_q & {r["question"] for r in synthetic_split("test", 200, seed=5)}
+    assert not train_q & {r["question"] for r in test}
+
+
+def test_gold_answer_and_prompt():
+    assert gold_answer("a\nb = 1,200\n#### 1,200") == "1200"
+    assert gold_answer("#### 3 ####  42 \nmore text") == "42"
+    assert gold_answer("no answer here") == ""
+    assert prompt_text(" What? ").startswith("What?\n")
+
+
+def test_read_jsonl_gsm8k():
+    if not os.path.exists(GSM8K_TEST):
+        pytest.skip(f"GSM8K test file not found at {GSM8K_TEST}")
+    rows = read_jsonl(GSM8K_TEST)
+    assert len(rows) == 1319
+    assert gold_answer(rows[0]["answer"]) == "18"
+
+
+def test_jsonl_round_trip_and_errors(tmp_path):
+    rows = synthetic_split("test", 5)
+    write_jsonl(rows, tmp_path / "data.jsonl")
+    assert read_jsonl(tmp_path / "data.jsonl") == rows
+    good = json.dumps({"question": "q", "answer": "#### 1"})
+    cases = [
+        ("{not json", r"data\.jsonl:3: not valid JSON"),
+        ("[1, 2]", r"data\.jsonl:3: expected a JSON object"),
+        (json.dumps({"question": "q"}), r"data\.jsonl:3: field 'answer'"),
+        (json.dumps({"question": 1, "answer": "a"}), r"data\.jsonl:3: field 'question'"),
+    ]
+    for bad, message in cases:
+        (tmp_path / "data.jsonl").write_text(f"{good}\n\n{bad}\n{good}\n")  # line 2 is blank: skipped
+        with pytest.raises(InputError, match=message):
+            read_jsonl(tmp_path / "data.jsonl")
+    with pytest.raises(InputError, match="nope.jsonl"):
+        read_jsonl(tmp_path / "nope.jsonl")
