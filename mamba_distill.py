@@ -453,6 +453,8 @@ def _atomic_write_text(path, text):
 
 def read_config(path) -> ModelConfig:
     cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise InputError(f"{path}: no such checkpoint directory")
     if not os.path.isfile(cfg_path):
         raise InputError(f"{cfg_path}: no such file (is {path} a checkpoint directory?)")
     try:
@@ -503,8 +505,8 @@ def find_tokenizer(path) -> str:
 
 def load_teacher(path, device="cpu", dtype=torch.float32):
     """A local HF-format Llama directory -> (LM, Tokenizer)."""
-    tokenizer = Tokenizer(find_tokenizer(path))
-    return load_model(path, device, dtype), tokenizer
+    model = load_model(path, device, dtype)
+    return model, Tokenizer(find_tokenizer(path))
 
 
 def save_model(model: LM, tokenizer, path, max_shard_bytes=None):

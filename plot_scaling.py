@@ -50,7 +50,7 @@ matplotlib.use("Agg")  # files only: no display needed, same output on every mac
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation  # noqa: E402
 
 
 class InputError(Exception):
@@ -230,9 +230,27 @@ def _one_or_many(values):
     return values[0] if len(values) == 1 else " / ".join(values)
 
 
-def _int_ticks(ax, axis):
-    fmt = FuncFormatter(lambda v, _: f"{v:g}")  # 1, 2, 4, ... 4096 instead of 2^12
-    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(fmt)
+def _plain(v):
+    return f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e4 else f"{v:g}"
+
+
+class PlainLogFormatter(LogFormatterSciNotation):
+    """matplotlib's choice of which log-axis ticks get a label, written 0.5, 200, 30k instead of 5x10^-1."""
+
+    def __call__(self, x, pos=None):
+        return _plain(x) if super().__call__(x, pos) else ""
+
+
+def plain_log_ticks(axis):
+    """Label a log axis in plain numbers (axis: ax.xaxis or ax.yaxis, already set to log scale)."""
+    if axis.get_scale() == "log" and axis.get_transform().base == 2:
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4 ... 4096, not 2^12
+    else:
+        axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+        axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+LABEL_BOX = dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.75)
 
 
 def save_png(fig, path, dpi):
@@ -264,17 +282,20 @@ def plot_accuracy(runs, x_key, path, cfg):
             if x_key == "time_s" and cfg.label_k:
                 for i, (x, y, k) in enumerate(zip(xs, ys, run["k"])):
                     ax.annotate(f"k={k}" if i == 0 else str(k), (x, y), textcoords="offset points",
-                                xytext=(-4, 6), ha="right", fontsize=8, color=colours[run["name"]])
+                                xytext=(-4, 5), ha="right", fontsize=8, color=colours[run["name"]],
+                                bbox=LABEL_BOX)
         ax.set_ylabel(ylabel)
         ax.set_ylim(0, 105)
         ax.grid(True, which="major", alpha=0.3)
         if x_key == "time_s":
             ax.set_xscale("log")
+            ax.margins(x=0.08)  # room for the k=1 label left of the first point
+            plain_log_ticks(ax.xaxis)
             ax.set_xlabel("wall-clock time to draw k samples for every problem (s, log scale)")
         else:
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted({k for r in runs for k in r["k"]}))
-            _int_ticks(ax, "x")
+            plain_log_ticks(ax.xaxis)
             ax.set_xlabel("k = samples per problem (log2 scale)")
         ax.set_title({"coverage": "coverage: any of k samples correct",
                       "majority": "majority vote over k samples"}[metric])
@@ -326,49 +347,49 @@ def plot_decode(bench, rows, hf, path, cfg):
     for r in rows:
         groups.setdefault((r["model"], r["shape"]), []).append(r)
     keys = sorted(groups, key=lambda k: (k[1], model_order(k[0])))
-    fig, (ax_b, ax_l) = plt.subplots(1, 2, figsize=(13, 5.8), layout="constrained")
+    sweeps = {key: _batch_sweep(groups[key]) for key in keys}
+    # the batch sweep's settings go in the panel title when every line shares them, else in the legend
+    settings = {key: f"prompt {sweep[0]['prompt_len']:g}, gen_len {sweep[0]['gen_len']:g}"
+                for key, sweep in sweeps.items()}
+    shared = _one_or_many(settings.values()) if len(set(settings.values())) == 1 else ""
+    fig, (ax_b, ax_l) = plt.subplots(1, 2, figsize=(13, 6), layout="constrained")
     handles = []
     for key in keys:
         model, shape = key
         style = dict(color=colours[model], marker=markers[shape])
         label = f"{model}, {shape}" if len(shapes) > 1 else model
-        sweep = _batch_sweep(groups[key])
-        ax_b.plot([r["batch"] for r in sweep], [r["tokens_per_s"] for r in sweep], "-", **style)
-        ax_b.plot([r["batch"] for r in sweep], [r["roofline_tokens_per_s"] for r in sweep], "--",
-                  color=colours[model], alpha=0.6)
-        lens = _length_sweep(groups[key])
-        ax_l.plot([r["gen_len"] for r in lens], [r["tokens_per_s"] for r in lens], "-", **style)
-        ax_l.plot([r["gen_len"] for r in lens], [r["roofline_tokens_per_s"] for r in lens], "--",
-                  color=colours[model], alpha=0.6)
+        sweep, lens = sweeps[key], _length_sweep(groups[key])
+        for ax, x_key, points in ((ax_b, "batch", sweep), (ax_l, "gen_len", lens)):
+            xs = [r[x_key] for r in points]
+            ax.plot(xs, [r["tokens_per_s"] for r in points], "-", **style)
+            ax.plot(xs, [r["roofline_tokens_per_s"] for r in points], "--", color=colours[model], alpha=0.6)
         for r in lens:
             ax_l.annotate(f"b={r['batch']:g}", (r["gen_len"], r["tokens_per_s"]), textcoords="offset points",
-                          xytext=(4, -10), fontsize=7, color=colours[model])
-        gen_lens = _one_or_many(f"{r['gen_len']:g}" for r in sweep)
-        handles.append(Line2D([], [], linestyle="-", label=f"{label} (batch sweep at gen_len {gen_lens})",
+                          xytext=(0, 7), ha="center", fontsize=7, color=colours[model], bbox=LABEL_BOX)
+        handles.append(Line2D([], [], linestyle="-", label=label + ("" if shared else f" ({settings[key]})"),
                               **style))
     if rows:
-        handles.append(Line2D([], [], color="grey", linestyle="--", label="roofline (memory-bandwidth bound), "
-                                                                           "same colour"))
+        handles.append(Line2D([], [], color="grey", linestyle="--",
+                              label="roofline (memory-bandwidth bound), colour of its model"))
     hf_markers = dict(zip(sorted({str(r.get("cache", "?")) for r in hf}), "XP*h"))
     for r in hf:
         cache = str(r.get("cache", "?"))
         style = dict(color="black", marker=hf_markers[cache], markersize=9, linestyle="none")
         ax_b.plot([r["batch"]], [r["tokens_per_s"]], **style)
         ax_l.plot([r["gen_len"]], [r["tokens_per_s"]], **style)
-        ax_l.annotate(f"b={r['batch']:g}", (r["gen_len"], r["tokens_per_s"]), textcoords="offset points",
-                      xytext=(6, 2), fontsize=7)
         handles.append(Line2D([], [], label=f"HF transformers generate, {cache} cache (b={r['batch']:g}, "
                                             f"prompt {r['prompt_len']:g}, gen_len {r['gen_len']:g})", **style))
-    prompts = _one_or_many(f"{r['prompt_len']:g}" for r in rows) if rows else "-"
-    ax_b.set_title(f"against batch size (prompt {prompts} tokens)")
+    ax_b.set_title("against batch size" + (f" ({shared} tokens)" if shared else ""))
     ax_b.set_xlabel("batch size b = sequences decoded together (log2 scale)")
-    ax_l.set_title("against generation length, at the largest batch measured (b= next to points)")
+    ax_l.set_title("against generation length, each at the largest batch b measured")
     ax_l.set_xlabel("generated tokens per sequence, gen_len (log2 scale)")
     for ax in (ax_b, ax_l):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        _int_ticks(ax, "x")
-        ax.set_ylabel("decode throughput (generated tokens/s, whole batch)")
+        ax.margins(x=0.06, y=0.08)
+        plain_log_ticks(ax.xaxis)
+        plain_log_ticks(ax.yaxis)
+        ax.set_ylabel("decode throughput (generated tokens/s, whole batch, log scale)")
         ax.grid(True, which="major", alpha=0.3)
     date = f", {bench['date']}" if bench.get("date") else ""
     copy = f", measured copy bandwidth {bench['copy_GBps']:g} GB/s" if "copy_GBps" in bench else ""

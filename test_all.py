@@ -444,3 +444,84 @@ def test_jsonl_round_trip_and_errors(tmp_path):
             read_jsonl(tmp_path / "data.jsonl")
     with pytest.raises(InputError, match="nope.jsonl"):
         read_jsonl(tmp_path / "nope.jsonl")
+
+
+# -----------------------------------------------------------------------------
+# teacher files: our Llama against HF transformers' on the same weights, both ways
+
+
+def byte_tokenizer(path):
+    """A valid tokenizer file holding just the 256 single bytes (n_words = 512)."""
+    import base64
+    with open(path, "w") as fh:
+        fh.writelines(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
+    return Tokenizer(str(path))
+
+
+def hf_llama(tied, seed=0):
+    transformers = pytest.importorskip("transformers", reason="HF transformers is the test oracle")
+    cfg = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32},
+        tie_word_embeddings=tied, initializer_range=0.1, rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_load_teacher_matches_hf(tmp_path, tied):
+    hf = hf_llama(tied)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")  # sharded, with an index file
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    byte_tokenizer(tmp_path / "tokenizer.model")
+    model, tok = md.load_teacher(str(tmp_path))
+    assert tok.n_words == 512 and model.cfg.tie_word_embeddings == tied
+    idx = torch.randint(0, 512, (2, 48))  # past original_max_position_embeddings: llama3 scaling matters
+    with torch.no_grad():
+        expected = hf(idx).logits
+        assert_close(model(idx), expected, atol=1e-4, rtol=0, what="load_teacher vs HF")
+    md.save_teacher(model, tok, str(tmp_path / "ours"))
+    from transformers import LlamaForCausalLM
+    again = LlamaForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert_close(again(idx).logits, expected, atol=1e-4, rtol=0, what="HF loading save_teacher")
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    model = tiny_models()["hybrid"]
+    tok = byte_tokenizer(tmp_path / "tok.model")
+    path = str(tmp_path / "ckpt")
+    md.save_model(model, tok, path)
+    assert md.load_model(path).cfg.ssm_layers == [0, 2]
+    with pytest.raises(InputError, match="no such checkpoint directory"):
+        md.load_teacher(str(tmp_path / "nowhere"))
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    json.dump({**cfg, "ssm_layers": [1]}, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(InputError, match="config.json does not match the weights"):
+        md.load_model(path)
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    weights = os.path.join(path, "model.safetensors")
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[:len(data) // 2])
+    with pytest.raises(InputError, match="model.safetensors"):
+        md.load_model(path)
+    open(os.path.join(path, "config.json"), "w").write("{not json")
+    with pytest.raises(InputError, match="config.json: not valid JSON"):
+        md.load_model(path)
+
+
+def test_cli_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        md.parse_config(md.DistillConfig, ["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    assert all(f"--{f.name}" in help_text for f in md.fields(md.DistillConfig))
+    with pytest.raises(SystemExit) as e:
+        md.parse_config(md.DistillConfig, ["--no_such_flag", "1"])
+    assert e.value.code == 2
+    cfg = md.parse_config(md.DistillConfig, ["--kl_steps", "7", "--resume", "--init=random"])
+    assert (cfg.kl_steps, cfg.resume, cfg.init) == (7, True, "random")
+    with pytest.raises(InputError, match="--preset"):
+        md.main(["--preset", "huge"])
