@@ -589,6 +589,7 @@ def atomic_write(path, chunks):
     """Write an iterable of bytes-like chunks to `path` through a temp file in the same directory
     and os.replace, so a crash mid-write never leaves a half-written file under the real name."""
     path = str(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -1208,7 +1209,7 @@ PRESETS = {  # fields that a preset changes, unless the command line set them
                   eval_n=100, d_model=256, n_layers=6, n_heads=4, d_ff=768, ckpt_every=0),
     "tiny": dict(n_train=64, n_test=8, vocab_size=300, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1,
                  d_ff=64, teacher_steps=4, align_steps=2, kl_steps=3, sft_steps=2, batch_size=4,
-                 grad_accum=2, seq_len=160, eval_n=2, max_new_tokens=8, log_every=1, ckpt_every=2),
+                 grad_accum=2, seq_len=320, eval_n=2, max_new_tokens=8, log_every=1, ckpt_every=2),
 }
 
 
@@ -1387,14 +1388,14 @@ class StageLoss(nn.Module):
         self.student, self.loss_fn = student, loss_fn
 
     def forward(self, x, y, m):
-        return self.loss_fn(self.student, x, y, m)
+        return self.loss_fn(self.student, x, y, m)  # (loss summed over tokens, token count)
 
 
 def run_stage(stage, student, loss_fn, steps, peak_lr, cfg, env, batches, tok, ckpt, logger, resume=None):
     """The training loop every stage shares: accumulate, clip, step, log, checkpoint.
 
-    loss_fn(student, inputs, targets, mask) -> scalar loss for one micro-batch; the parameters that
-    require grad are trained. resume: state.json of a checkpoint of this stage to continue from.
+    loss_fn(student, inputs, targets, mask) -> (sum of the loss over a micro-batch's tokens, how many
+    tokens that is); the parameters that require grad are trained. resume: state.json of a checkpoint of this stage to continue from.
     """
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     opt = make_optimizer(params, peak_lr, cfg.weight_decay, env.device)
@@ -1413,19 +1414,29 @@ def run_stage(stage, student, loss_fn, steps, peak_lr, cfg, env, batches, tok, c
         lr = lr_at(step, steps, peak_lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        total = torch.zeros((), device=env.device)
+        loss_sum = torch.zeros((), device=env.device)
+        count = torch.zeros((), device=env.device)
         for micro in range(cfg.grad_accum):
             x, y, m = (t.to(env.device) for t in
                        batches.get(stage, step, cfg.batch_size, env.rank, env.world, micro, cfg.grad_accum))
             last_micro = micro == cfg.grad_accum - 1
             # gradients are averaged across GPUs only once, on the last micro-batch
             with (module.no_sync() if env.world > 1 and not last_micro else nullcontext()), env.autocast():
-                loss = module(x, y, m) / cfg.grad_accum
-            loss.backward()
-            total += loss.detach()
+                s, n = module(x, y, m)
+            s.backward()
+            loss_sum += s.detach()
+            count += n
+        # The losses are sums over tokens; dividing the summed gradient by the step's token count
+        # afterwards gives the mean over every token of the step, however they fall in micro-batches
+        # and GPUs (DDP has averaged the sums over GPUs, so divide by the mean count per GPU).
         if env.world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
-        loss_value = total.item()  # one host sync per step: the NaN check and the log need it
+            stats = torch.stack([loss_sum, count])
+            dist.all_reduce(stats)
+            loss_sum, count = stats[0], stats[1] / env.world
+        for p in trainable:
+            if p.grad is not None:
+                p.grad.div_(count.clamp(min=1))
+        loss_value = (loss_sum / (count * env.world).clamp(min=1)).item()  # the step's one host sync
         if not math.isfinite(loss_value):
             raise TrainingError(f"{logger.model} {stage} step {step + 1}: loss is {loss_value}; "
                                 f"the last good checkpoint is {ckpt}")
@@ -1445,9 +1456,10 @@ def run_stage(stage, student, loss_fn, steps, peak_lr, cfg, env, batches, tok, c
 
 
 def ce_loss(model, x, y, m):
+    """Cross-entropy on the solution tokens (m = 1), not on the prompt."""
     logits = model(x)  # (b, l, v)
     ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (b*l,)
-    return (ce * m.flatten()).sum() / m.sum().clamp(min=1)
+    return (ce * m.flatten()).sum(), m.sum()
 
 
 def kl_loss_fn(teacher, direction, temperature, pad_id):
@@ -1463,7 +1475,7 @@ def kl_loss_fn(teacher, direction, temperature, pad_id):
         else:  # KL(p_S || p_T): mode-seeking
             kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)  # (b, l)
         real = (x != pad_id).float()  # (b, l) every real token, the prompt's included
-        return temperature ** 2 * (kl * real).sum() / real.sum().clamp(min=1)
+        return temperature ** 2 * (kl * real).sum(), real.sum()
     return loss_fn
 
 
@@ -1480,7 +1492,8 @@ def align_loss_fn(teacher, ssm_layers):
             out = student.model.layers[i].mixer(h_in)  # (b, l, d)
             # normalised by the target's power so that every layer counts alike
             loss = loss + F.mse_loss(out.float(), target.float()) / target.float().pow(2).mean()
-        return loss / len(ssm_layers)
+        n = torch.tensor(float(x.numel()), device=x.device)
+        return loss / len(ssm_layers) * n, n
     return loss_fn
 
 
