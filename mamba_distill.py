@@ -1323,7 +1323,7 @@ def save_checkpoint(model, opt, tok, path, state):
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tok, tmp)
     flat = {}
-    for i, s in enumerate(opt.state_dict()["state"].values()):
+    for i, s in opt.state_dict()["state"].items():  # i: the parameter's index in opt.param_groups
         for k, v in s.items():
             flat[f"{i}.{k}"] = v.detach().float().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
     save_safetensors(flat, os.path.join(tmp, "optimizer.safetensors"))
@@ -1587,6 +1587,7 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, tim
         if env.main:
             print(f"{name}: already distilled in {path} (delete it to distil again)")
         return load_model(path, env.device)
+    torch.manual_seed(cfg.seed + zlib.crc32(name.encode()))  # the same init whatever ran before
     student = transfer_attention_to_mamba(teacher, ssm_layers, init).float().to(env.device)
     if env.main:
         n_ssm = len(ssm_layers)

@@ -1,9 +1,9 @@
 """
 Plot the measurements of mamba_distill.py and sample.py: accuracy against time, decode speed, losses.
 
-Reads what the other scripts wrote under one output directory (file formats: see the docstrings of
-mamba_distill.py / sample.py) and writes PNG files into <out_dir>/plots/, printing the same numbers
-as plain-text tables on stdout. Nothing here needs torch or a GPU.
+Reads what the other scripts wrote under one output directory (formats: the docstrings of
+mamba_distill.py and sample.py) and writes PNG files into <out_dir>/plots/, printing the same numbers
+as plain-text tables on stdout. No GPU needed (torch comes in only through mamba_distill's flag parser).
 
 Run:
   python plot_scaling.py                     # reads out/, writes out/plots/*.png
@@ -11,20 +11,20 @@ Run:
   python plot_scaling.py --help              # every option of PlotConfig below
 
 Figures (a figure whose input files are absent is skipped with a one-line note naming them):
-  accuracy_vs_time.png   the paper's headline figure (Paliotta et al. 2025, fig. 1): coverage@k (pass@k:
-                         at least one of k samples is right) and majority-vote accuracy@k against the
-                         measured wall-clock time each model needed to draw k samples for every problem,
-                         log time axis, one line per model, each point labelled with its k. A faster
-                         student can afford a larger k in the same time budget: its curve lies to the
-                         left of the teacher's. Input: <out_dir>/eval/*/summary.json.
+  accuracy_vs_time.png   the paper's headline figure: coverage@k (pass@k: at least one of k samples is
+                         right) and majority-vote accuracy@k against the measured wall-clock time each
+                         model needed to draw k samples for every problem, log time axis, one line per
+                         model, each point labelled with its k. A faster student can afford a larger k
+                         in the same time budget: its curve lies to the left of the teacher's.
+                         Input: <out_dir>/eval/*/summary.json.
   accuracy_vs_k.png      the same two accuracies against k (log2 axis): how much the distilled students
                          lose per sample, regardless of speed. Same input.
-  decode_throughput.png  generated tokens/s (all sequences of a batch together) against batch size, and
-                         against generation length at the largest batch measured for that length, one
-                         line per model kind and shape; dashed lines: the memory-bandwidth roofline
-                         (bytes of weights + KV cache or SSM state read per decode step / measured copy
-                         bandwidth); crosses: HF transformers' generate when the bench ran it.
-                         Input: <out_dir>/bench/decode.json.
+  decode_throughput.png  generated tokens/s (all sequences of a batch together, whole generate calls as
+                         sample.py --bench times them) against batch size, and against generation length
+                         at the largest batch measured for that length, one line per model kind and
+                         shape; dashed: the memory-bandwidth roofline (bytes of weights + KV cache or SSM
+                         state moved per decode step / measured copy bandwidth); black markers: HF
+                         transformers' generate when the bench ran it. Input: <out_dir>/bench/decode.json.
   distill_loss.png       training loss against wall time since the start of each model's run, one panel
                          per stage (teacher training, layer alignment, KL distillation, SFT), colour by
                          model, solid = mixer initialised from attention, dashed = random init.
@@ -36,13 +36,12 @@ figure at all could be drawn the script exits with status 1.
 Glossary: k samples per problem, b batch size (sequences decoded together), gen_len new tokens per
 sequence, coverage@k = pass@k, majority@k = accuracy of the most frequent extracted answer of k.
 """
-import argparse
 import glob
 import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import matplotlib
 
@@ -52,43 +51,20 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation  # noqa: E402
 
-
-class InputError(Exception):
-    """Bad user input (a file, a flag). The message is one line naming what is wrong."""
+# One command-line convention for the whole project: --help and flags generated from the dataclass.
+# (mamba_distill imports torch, so this script needs it installed although it draws no tensors.)
+from mamba_distill import InputError, parse_config  # noqa: E402
 
 
 @dataclass
 class PlotConfig:
+    """Every option of this script; defaults read the default run's out/."""
     out_dir: str = field(default="out", metadata={"help": "directory mamba_distill.py and sample.py wrote"})
     plots_dir: str = field(default="", metadata={"help": "where the PNGs go (empty: <out_dir>/plots)"})
     dpi: int = field(default=150, metadata={"help": "resolution of the PNGs (dots per inch)"})
     smooth: int = field(default=1, metadata={"help": "loss curves: trailing moving average over this many "
                                                      "logged steps (1 = raw)"})
     label_k: bool = field(default=True, metadata={"help": "accuracy-vs-time figure: write k next to each point"})
-
-
-# -----------------------------------------------------------------------------
-# Command line: flags generated from the dataclass. mamba_distill.py has no parse_config helper (and
-# importing it would pull in torch), so this file carries its own.
-
-
-def _parse_bool(text):
-    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
-
-
-def parse_config(cls, argv=None, description=None):
-    """One --flag per dataclass field (type from its default, help from its metadata); --help lists
-    them all with defaults, an unknown flag or a bad value exits with argparse's one-line error."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(cls):
-        kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", " "),
-                            metavar="BOOL" if kind is _parse_bool else kind.__name__.upper())
-    return cls(**vars(parser.parse_args(argv)))
 
 
 # -----------------------------------------------------------------------------
@@ -247,7 +223,7 @@ def plain_log_ticks(axis):
         axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4 ... 4096, not 2^12
     else:
         axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
-        axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
 
 
 LABEL_BOX = dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.75)
@@ -300,10 +276,11 @@ def plot_accuracy(runs, x_key, path, cfg):
         ax.set_title({"coverage": "coverage: any of k samples correct",
                       "majority": "majority vote over k samples"}[metric])
     axes[1].yaxis.set_tick_params(labelleft=True)
-    n_problems = _one_or_many(r["n_problems"] for r in runs)
+    counts = [r["n_problems"] for r in runs if r["n_problems"] is not None]
+    details = [f"{_one_or_many(counts)} problems"] if counts else []
+    details += [] if several_devices else [runs[0]["device"]]
     against = "wall-clock time" if x_key == "time_s" else "samples per problem k"
-    on = "" if several_devices else f", {runs[0]['device']}"
-    fig.suptitle(f"Accuracy against {against} ({n_problems} problems{on})"
+    fig.suptitle(f"Accuracy against {against} ({', '.join(details)})"
                  + ("\nnumbers next to points: k" if x_key == "time_s" and cfg.label_k else ""))
     fig.legend(loc="outside lower center", ncol=min(len(runs), 6), title="model")
     save_png(fig, path, cfg.dpi)
@@ -389,7 +366,7 @@ def plot_decode(bench, rows, hf, path, cfg):
         ax.margins(x=0.06, y=0.08)
         plain_log_ticks(ax.xaxis)
         plain_log_ticks(ax.yaxis)
-        ax.set_ylabel("decode throughput (generated tokens/s, whole batch, log scale)")
+        ax.set_ylabel("generated tokens/s (whole batch, prefill + decode, log scale)")
         ax.grid(True, which="major", alpha=0.3)
     date = f", {bench['date']}" if bench.get("date") else ""
     copy = f", measured copy bandwidth {bench['copy_GBps']:g} GB/s" if "copy_GBps" in bench else ""
@@ -398,16 +375,22 @@ def plot_decode(bench, rows, hf, path, cfg):
     save_png(fig, path, cfg.dpi)
 
 
+def _optional(row, key, fmt):
+    return format(row[key], fmt) if isinstance(row.get(key), (int, float)) else "-"
+
+
 def decode_table(rows, hf):
+    """tokens/s: whole generate calls (prefill + decode); 'decode tok/s' and 'of roofline' (the decode
+    steps alone against the bandwidth bound) are printed when sample.py recorded them."""
     table = [(r["model"], r["shape"], f"{r['batch']:g}", f"{r['prompt_len']:g}", f"{r['gen_len']:g}",
-              f"{r['tokens_per_s']:.0f}", f"{r['roofline_tokens_per_s']:.0f}",
-              f"{r['tokens_per_s'] / r['roofline_tokens_per_s']:.2f}", f"{r['peak_mem_GB']:.1f}"
-              if isinstance(r.get("peak_mem_GB"), (int, float)) else "-")
+              f"{r['tokens_per_s']:.0f}", _optional(r, "decode_tokens_per_s", ".0f"),
+              f"{r['roofline_tokens_per_s']:.0f}", _optional(r, "roofline_frac", ".2f"),
+              _optional(r, "peak_mem_GB", ".1f"))
              for r in sorted(rows, key=lambda r: (r["shape"], model_order(r["model"]), r["gen_len"], r["batch"]))]
     table += [(f"HF {r.get('cache', '?')}", "", f"{r['batch']:g}", f"{r['prompt_len']:g}", f"{r['gen_len']:g}",
-               f"{r['tokens_per_s']:.0f}", "-", "-", "-") for r in hf]
-    return format_table(("model", "shape", "batch", "prompt", "gen_len", "tokens/s", "roofline tok/s",
-                         "of roofline", "peak mem GB"), table)
+               f"{r['tokens_per_s']:.0f}", "-", "-", "-", "-") for r in hf]
+    return format_table(("model", "shape", "batch", "prompt", "gen_len", "tokens/s", "decode tok/s",
+                         "roofline tok/s", "of roofline", "peak mem GB"), table)
 
 
 # -----------------------------------------------------------------------------
@@ -425,29 +408,36 @@ def _moving_average(values, window):
 def plot_losses(curves, path, cfg):
     stages = sorted({s for _, _, s in curves}, key=lambda s: (list(STAGES).index(s) if s in STAGES else 99, s))
     models = sorted({m for m, _, _ in curves}, key=model_order)
-    inits = sorted({i for _, i, _ in curves}, key=lambda i: (i != "attention", i))
+    # the init flag is about the students' mixers: the teacher's own training is drawn solid whatever it logs
+    inits = sorted({i for _, i, s in curves if s != "teacher"}, key=lambda i: (i != "attention", i))
     colours = model_colours(models)
     dashes = {init: ["-", "--", ":", "-."][i % 4] for i, init in enumerate(inits)}
-    fig, axes = plt.subplots(1, len(stages), figsize=(max(6.5, 4.6 * len(stages)), 5), layout="constrained",
-                             squeeze=False)
-    for ax, stage in zip(axes[0], stages):
+    ncols = len(stages) if len(stages) <= 3 else 2  # four panels as 2 x 2 stay readable when shrunk
+    nrows = math.ceil(len(stages) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(7, 5.5 * ncols), 0.8 + 4.2 * nrows),
+                             layout="constrained", squeeze=False)
+    for ax in axes.flat[len(stages):]:
+        ax.set_visible(False)
+    for ax, stage in zip(axes.flat, stages):
         positive = True
         for (model, init, s), points in sorted(curves.items(), key=lambda kv: model_order(kv[0][0])):
             if s != stage:
                 continue
             times, losses = [p[0] for p in points], [p[1] for p in points]
             positive &= all(v > 0 for v in losses)
-            ax.plot(times, _moving_average(losses, cfg.smooth), dashes[init], color=colours[model], lw=1.5)
+            ax.plot(times, _moving_average(losses, cfg.smooth), "-" if s == "teacher" else dashes[init],
+                    color=colours[model], lw=1.5)
         if positive:
             ax.set_yscale("log")
+            plain_log_ticks(ax.yaxis)
         ax.set_title(STAGES.get(stage, f"stage '{stage}'"))
         ax.set_xlabel("wall-clock time since the model's run started (s)")
         ax.set_ylabel("training loss" + (" (log scale)" if positive else ""))
         ax.grid(True, which="both", alpha=0.3)
     handles = [Line2D([], [], color=colours[m], lw=2, label=m) for m in models]
-    handles += [Line2D([], [], color="black", linestyle=dashes[i], label=f"{i} init") for i in inits]
-    smooth = f", moving average over {cfg.smooth} logged steps" if cfg.smooth > 1 else ""
-    fig.suptitle(f"Distillation loss curves: mixer initialised from attention vs random{smooth}")
+    handles += [Line2D([], [], color="black", linestyle=dashes[i], label=f"student mixer: {i} init") for i in inits]
+    smooth = f"\n(moving average over {cfg.smooth} logged steps)" if cfg.smooth > 1 else ""
+    fig.suptitle(f"Distillation loss curves: student mixers initialised from attention vs random{smooth}")
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
     save_png(fig, path, cfg.dpi)
 
@@ -476,9 +466,17 @@ def format_table(headers, rows):
 
 def make_plots(cfg):
     """Draw every figure whose inputs exist; returns the PNG paths written. Prints tables to stdout and
-    a one-line note per skipped figure to stderr."""
+    a one-line note per skipped figure to stderr. Every input is read and checked before anything is
+    drawn, so a malformed file leaves the existing plots untouched."""
     if cfg.dpi <= 0 or cfg.smooth < 1:
         raise InputError(f"--dpi must be > 0 and --smooth >= 1 (got {cfg.dpi}, {cfg.smooth})")
+    summaries = os.path.join(cfg.out_dir, "eval", "*", "summary.json")
+    bench_path = os.path.join(cfg.out_dir, "bench", "decode.json")
+    logs = os.path.join(cfg.out_dir, "logs", "*.jsonl")
+    runs = read_eval_summaries(cfg.out_dir)
+    bench, rows, hf = read_decode_bench(bench_path) if os.path.exists(bench_path) else (None, [], [])
+    curves = read_logs(cfg.out_dir)
+
     plots_dir = cfg.plots_dir or os.path.join(cfg.out_dir, "plots")
     written = []
 
@@ -487,31 +485,21 @@ def make_plots(cfg):
         written.append(os.path.join(plots_dir, name))
         return written[-1]
 
-    runs = read_eval_summaries(cfg.out_dir)
     if runs:
-        devices = _one_or_many(r["device"] for r in runs)
-        print(f"== accuracy per k ({os.path.join(cfg.out_dir, 'eval', '*', 'summary.json')}; {devices}) ==")
+        print(f"== accuracy per k ({summaries}; {_one_or_many(r['device'] for r in runs)}) ==")
         print(accuracy_table(runs), end="\n\n")
         plot_accuracy(runs, "time_s", target("accuracy_vs_time.png"), cfg)
         plot_accuracy(runs, "k", target("accuracy_vs_k.png"), cfg)
     else:
-        note(f"skipped accuracy_vs_time.png and accuracy_vs_k.png: no "
-             f"{os.path.join(cfg.out_dir, 'eval', '*', 'summary.json')} found (run sample.py)")
-
-    bench_path = os.path.join(cfg.out_dir, "bench", "decode.json")
-    if not os.path.exists(bench_path):
+        note(f"skipped accuracy_vs_time.png and accuracy_vs_k.png: no {summaries} found (run sample.py)")
+    if bench is None:
         note(f"skipped decode_throughput.png: {bench_path} not found (run sample.py --bench)")
+    elif rows or hf:
+        print(f"== decode throughput ({bench_path}; {bench.get('device', 'unknown device')}) ==")
+        print(decode_table(rows, hf), end="\n\n")
+        plot_decode(bench, rows, hf, target("decode_throughput.png"), cfg)
     else:
-        bench, rows, hf = read_decode_bench(bench_path)
-        if rows or hf:
-            print(f"== decode throughput ({bench_path}; {bench.get('device', 'unknown device')}) ==")
-            print(decode_table(rows, hf), end="\n\n")
-            plot_decode(bench, rows, hf, target("decode_throughput.png"), cfg)
-        else:
-            note(f"skipped decode_throughput.png: {bench_path} has no 'results' or 'hf' rows")
-
-    logs = os.path.join(cfg.out_dir, "logs", "*.jsonl")
-    curves = read_logs(cfg.out_dir)
+        note(f"skipped decode_throughput.png: {bench_path} has no 'results' or 'hf' rows")
     if curves:
         print(f"== distillation losses ({logs}) ==")
         print(loss_table(curves), end="\n\n")
@@ -530,7 +518,7 @@ def main(argv=None):
     try:
         written = make_plots(cfg)
         if not written:
-            raise InputError(f"nothing to plot: none of the input files exist under {cfg.out_dir}/")
+            raise InputError(f"nothing to plot: no usable input under {cfg.out_dir}/ (see the notes above)")
     except InputError as e:
         print(f"plot_scaling.py: error: {e}", file=sys.stderr)
         return 1

@@ -525,3 +525,55 @@ def test_cli_flags(capsys):
     assert (cfg.kl_steps, cfg.resume, cfg.init) == (7, True, "random")
     with pytest.raises(InputError, match="--preset"):
         md.main(["--preset", "huge"])
+
+
+# -----------------------------------------------------------------------------
+# the whole pipeline at a tiny size: artifacts, resume after a NaN
+
+
+def test_pipeline_tiny(tmp_path):
+    out = str(tmp_path / "out")
+    summary = md.main(["--preset", "tiny", "--out_dir", out])
+    for rel in ("data/train.jsonl", "data/test.jsonl", "tokenizer.model", "teacher/config.json",
+                "logs/teacher.jsonl", "logs/hybrid.jsonl", "logs/pure_random.jsonl", "distill_summary.json"):
+        assert os.path.isfile(os.path.join(out, rel)), rel
+    teacher, tok = md.load_teacher(os.path.join(out, "teacher"))
+    assert teacher.cfg.ssm_layers == [] and tok.n_words == teacher.cfg.vocab_size
+    for name, n_ssm in (("hybrid", 3), ("pure", 4), ("pure_random", 4)):
+        assert len(md.load_model(os.path.join(out, name)).cfg.ssm_layers) == n_ssm
+        assert 0.0 <= summary["models"][name]["greedy_acc"] <= 1.0
+    stages = {json.loads(line)["stage"] for line in open(os.path.join(out, "logs", "pure.jsonl"))}
+    assert stages == {"align", "kl", "sft"}
+    with open(os.path.join(out, "distill_summary.json")) as fh:
+        assert set(json.load(fh)["models"]) == {"teacher", "hybrid", "pure", "pure_random"}
+
+
+def test_resume_after_nan_matches_uninterrupted(tmp_path, monkeypatch):
+    """A NaN stops the run and keeps the last checkpoint; --resume then ends exactly where an
+    uninterrupted run ends (same batches, same schedule, same optimizer moments)."""
+    base = ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--align_steps", "0",
+            "--sft_steps", "0", "--kl_steps", "4", "--ckpt_every", "2", "--eval_n", "0"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    md.main(base + ["--out_dir", a])  # uninterrupted
+    for rel in ("teacher", "tokenizer.model", "data"):  # b reuses a's teacher: skips its training
+        src, dst = os.path.join(a, rel), os.path.join(b, rel)
+        (md.shutil.copytree if os.path.isdir(src) else md.shutil.copy)(src, dst)
+    real_kl, calls = md.kl_loss_fn, []
+
+    def kl_with_nan_at_step_3(*args):
+        fn = real_kl(*args)
+
+        def loss_fn(student, x, y, m):
+            calls.append(1)
+            s, n = fn(student, x, y, m)
+            return (s * float("nan") if len(calls) > 4 else s), n  # 2 micro-batches a step
+        return loss_fn
+    monkeypatch.setattr(md, "kl_loss_fn", kl_with_nan_at_step_3)
+    with pytest.raises(md.TrainingError, match="kl step 3: loss is nan"):
+        md.main(base + ["--out_dir", b])
+    assert json.load(open(os.path.join(b, "ckpt", "pure", "state.json"))) == {"stage": "kl", "step": 2}
+    monkeypatch.setattr(md, "kl_loss_fn", real_kl)
+    md.main(base + ["--out_dir", b, "--resume"])
+    wa, wb = md.load_state_dict(os.path.join(a, "pure")), md.load_state_dict(os.path.join(b, "pure"))
+    for k in wa:
+        assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-6, what=k)
