@@ -16,6 +16,7 @@ if not torch.cuda.is_available():  # must be set before triton is imported anywh
 
 import mamba_distill as md  # noqa: E402
 import plot_scaling as ps  # noqa: E402
+import sample  # noqa: E402
 from mamba_distill import (  # noqa: E402
     LLAMA3_SPLIT_PATTERN, SAFETENSORS_DTYPES, InputError, Tokenizer, gold_answer,
     load_safetensors, load_state_dict, load_tiktoken_bpe_file, make_problem, prompt_text, read_jsonl,
@@ -45,10 +46,12 @@ def tiny_config(**kw):
     return md.ModelConfig(**base)
 
 
-def tiny_models(seed=0):
-    """A random tiny teacher, and its hybrid (layers 0, 2 -> SSM) and pure students."""
+def tiny_models(seed=0, **kw):
+    """A random tiny teacher, and its hybrid (layers 0, 2 -> SSM) and pure students. Untied embeddings:
+    a random tied model only repeats its last token, which would make the greedy tests trivial."""
+    kw.setdefault("tie_word_embeddings", False)
     torch.manual_seed(seed)
-    teacher = md.LM(tiny_config()).eval()
+    teacher = md.LM(tiny_config(**kw)).eval()
     hybrid = md.transfer_attention_to_mamba(teacher, [0, 2]).eval()
     pure = md.transfer_attention_to_mamba(teacher, range(4)).eval()
     return {"teacher": teacher, "hybrid": hybrid, "pure": pure}
@@ -446,6 +449,195 @@ def test_jsonl_round_trip_and_errors(tmp_path):
             read_jsonl(tmp_path / "data.jsonl")
     with pytest.raises(InputError, match="nope.jsonl"):
         read_jsonl(tmp_path / "nope.jsonl")
+
+
+# -----------------------------------------------------------------------------
+# sample.py: cached and graph decoding against a naive generate, answers, pass@k, resume
+
+
+# ragged prompts: different lengths, so the batch is left-padded by 0, 4 and 8 tokens
+PROMPTS = [[5, 17, 3, 9, 44, 2, 71, 12, 60, 8, 30], [8, 1, 60, 4, 22, 93, 7], [33, 12, 90]]
+NEW = 20  # new tokens: slots 11..30 pass through four kv buckets of 8 (kv_step=8 below)
+
+
+@torch.no_grad()
+def naive_generate(model, prompt, n):
+    """Greedy with no cache: the whole sequence through the parallel forward for every new token."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids], device=next(model.parameters()).device))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def greedy(model, prompts, batch, **kw):
+    sampler = sample.Sampler(model, batch, 32, temperature=0, kv_step=8, **kw)
+    return sampler.generate(prompts, NEW)[0]
+
+
+@pytest.mark.parametrize("kind", ["teacher", "hybrid", "pure"])
+def test_greedy_equals_naive_generate(kind):
+    """Cached prefill + decode steps (through several kv buckets) == no cache, token for token."""
+    model = tiny_models()[kind]
+    outs = greedy(model, PROMPTS, batch=4)  # a ragged batch of 3 in 4 rows (one filler row)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out == naive_generate(model, prompt, NEW), kind
+
+
+@pytest.mark.parametrize("kind", ["teacher", "hybrid", "pure"])
+def test_ragged_batch_equals_each_prompt_alone(kind):
+    model = tiny_models()[kind]
+    together = greedy(model, PROMPTS, batch=3)
+    for prompt, out in zip(PROMPTS, together):
+        assert out == greedy(model, [prompt], batch=1)[0], kind
+
+
+def test_generate_in_batches():
+    """sample.generate (what mamba_distill's greedy evaluation calls) splits prompts into batches."""
+    model = tiny_models()["hybrid"]
+    outs = sample.generate(model, PROMPTS, max_new_tokens=6, batch_size=2)
+    assert outs == [naive_generate(model, p, 6) for p in PROMPTS]
+
+
+def test_sampling_seed_reproducible_and_top_k_1_is_greedy():
+    model = tiny_models()["hybrid"]
+    sampler = sample.Sampler(model, 3, 32, temperature=1.0, top_k=0, top_p=0.9, kv_step=8)
+    a = sampler.generate(PROMPTS, NEW, seed=7)[0]
+    assert sampler.generate(PROMPTS, NEW, seed=7)[0] == a
+    assert sampler.generate(PROMPTS, NEW, seed=8)[0] != a  # 60 tokens from a near-uniform random model
+    top1 = sample.Sampler(model, 3, 32, temperature=1.0, top_k=1, kv_step=8).generate(PROMPTS, NEW, seed=3)[0]
+    assert top1 == greedy(model, PROMPTS, batch=3)
+
+
+def test_sample_next_filters():
+    """top-k and top-p keep exactly the candidates they should; temperature 0 is argmax."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)  # (b, v)
+    torch.manual_seed(0)
+    counts = torch.bincount(sample.sample_next(logits, 1.0, 0, 0.7), minlength=4)
+    assert counts[2:].sum() == 0 and counts[1] > 0  # 0.5 < 0.7: token 1 is needed, 2 and 3 are not
+    counts = torch.bincount(sample.sample_next(logits, 1.0, 3, 1.0), minlength=4)
+    assert counts[3] == 0 and counts[2] > 0
+    frac = torch.bincount(sample.sample_next(logits, 1.0, 0, 1.0), minlength=4).float() / 4000
+    assert (frac - torch.tensor([0.5, 0.3, 0.15, 0.05])).abs().max() < 0.03, frac
+    assert (sample.sample_next(logits, 0.0, 0, 1.0) == 0).all()
+
+
+def test_stop_tokens_end_rows():
+    model = tiny_models()["teacher"]
+    full = greedy(model, PROMPTS, batch=3)
+    stop = full[0][5]  # a token row 0 produces: every row must end right before its first one
+    sampler = sample.Sampler(model, 3, 32, temperature=0, kv_step=8)
+    outs, stats = sampler.generate(PROMPTS, NEW, stop_ids={stop}, check_every=3)
+    for out, ref in zip(outs, full):
+        assert out == (ref[:ref.index(stop)] if stop in ref else ref)
+    if all(stop in ref for ref in full):
+        assert stats["steps"] < NEW
+
+
+class CharTokenizer:
+    """Token i is the character CHARS[i]: enough to test text-level stopping."""
+    CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 #$.,+=\n"
+
+    def encode(self, text):
+        return [self.CHARS.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.CHARS[i] for i in ids)
+
+
+def test_row_stops_at_end_of_answer_line():
+    tok = CharTokenizer()
+    row = sample.Row()
+    text = "so 3 + 4 = 7.\n#### 7\nmore text"
+    pieces = [text[i:i + 3] for i in range(0, len(text), 3)]  # arrives a few tokens at a time
+    done = [row.extend(tok.encode(p), (), tok) for p in pieces]
+    assert tok.decode(row.ids) == "so 3 + 4 = 7.\n#### 7\n"
+    assert done.index(True) == (len("so 3 + 4 = 7.\n#### 7\n") - 1) // 3
+    row = sample.Row()
+    assert not row.extend(tok.encode("#### the answer is"), (), tok)  # no number yet: keep going
+    assert not row.extend(tok.encode(" 12"), (), tok)
+    assert row.extend(tok.encode("\nx"), (), tok) and tok.decode(row.ids) == "#### the answer is 12\n"
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("3 + 4 = 7\n#### 7", "7"),
+    ("so it costs $1,200.\n#### $1,200", "1200"),
+    ("#### 18.00 dollars\nThe end, 5", "18"),
+    ("#### -3", "-3"),
+    ("#### 0.50", "0.5"),
+    ("The answer is \\boxed{42}.", "42"),
+    ("so \\boxed{\\frac{1}{2}} and 7", "\\frac{1}{2}"),
+    ("\\boxed{3} then \\boxed{1,000.0}", "1000"),
+    ("first 12 then 15.", "15"),
+    ("no numbers here", None),
+])
+def test_extract_answer(text, answer):
+    assert sample.extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_extract_answer_recovers_every_gsm8k_gold(split):
+    path = os.path.join(SHARED, "data", "gsm8k", f"{split}.jsonl")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} absent")
+    rows = md.read_jsonl(path)
+    wrong = [r["answer"][-40:] for r in rows
+             if sample.extract_answer(r["answer"]) != sample.normalize_number(md.gold_answer(r["answer"]))]
+    assert not wrong, f"{len(wrong)} of {len(rows)}: {wrong[:3]}"
+
+
+def test_pass_at_k_and_majority():
+    from itertools import combinations
+    n, c = 6, 2
+    for k in range(1, n + 1):  # the estimator == the share of k-subsets holding a correct sample
+        subsets = list(combinations([1] * c + [0] * (n - c), k))
+        assert abs(sample.pass_at_k(n, c, k) - sum(map(any, subsets)) / len(subsets)) < 1e-12
+    assert sample.majority_answer(["3", None, "4", "4", "3", None, None]) == "3"  # tie: the first seen
+    assert sample.majority_answer([None, None]) is None
+    samples = [{"problem": p, "sample": j, "answer": a, "gold": "1", "correct": a == "1", "time_s": 0.5}
+               for p, answers in enumerate([["1", "2", "2", "2"], ["2", "1", "1", "3"]]) for j, a in enumerate(answers)]
+    ks, cov, maj, times = sample.summarize(samples, 2, 4)
+    assert ks == [1, 2, 4] and times == [1.0, 2.0, 4.0]
+    assert cov[2] == 1.0 and abs(cov[0] - 0.375) < 1e-12  # (1/4 + 2/4) / 2
+    assert maj == [0.5, 0.5, 0.5]  # problem 0 is outvoted from k = 4, problem 1 wins only then
+
+
+def test_evaluate_writes_and_resumes(tmp_path):
+    """A tiny checkpoint and tokenizer end to end: samples.jsonl, summary.json, and a resumed run."""
+    rows = md.synthetic_split("test", 3, seed=1)
+    tok = md.train_bpe([r["question"] + r["answer"] for r in md.synthetic_split("train", 30)], 300,
+                       str(tmp_path / "tok.model"))
+    model = tiny_models(vocab_size=tok.n_words, max_position_embeddings=512)["hybrid"]
+    md.save_model(model, tok, str(tmp_path / "ckpt"))
+    md.write_jsonl(rows, str(tmp_path / "test.jsonl"))
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "test.jsonl"), "--out_dir",
+            str(tmp_path), "--name", "m", "--k", "4", "--max_new_tokens", "6", "--batch_size", "5", "--device", "cpu"]
+    sample.main(argv)
+    path = tmp_path / "eval" / "m" / "samples.jsonl"
+    lines = path.read_text().splitlines()
+    assert sorted((json.loads(x)["problem"], json.loads(x)["sample"]) for x in lines) == \
+        [(p, j) for p in range(3) for j in range(4)]
+    summary = json.loads((tmp_path / "eval" / "m" / "summary.json").read_text())
+    assert summary["k"] == [1, 2, 4] and summary["n_problems"] == 3 and len(summary["time_s"]) == 3
+    assert summary["time_s"] == sorted(summary["time_s"])
+    path.write_text("\n".join(lines[:7]) + "\n" + lines[7][:10])  # interrupted mid-line
+    sample.main(argv)
+    resumed = path.read_text().splitlines()
+    assert resumed[:7] == lines[:7]  # kept, not regenerated
+    assert sorted((json.loads(x)["problem"], json.loads(x)["sample"]) for x in resumed) == \
+        [(p, j) for p in range(3) for j in range(4)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["teacher", "hybrid", "pure"])
+def test_cuda_graph_decode_equals_naive(kind):
+    """On GPU, in fp32: the captured decode graphs give the naive greedy continuation."""
+    model = tiny_models()[kind].cuda()
+    outs = greedy(model, PROMPTS, batch=4, cuda_graph=True)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out == naive_generate(model, prompt, NEW), kind
+    sampler = sample.Sampler(model, 3, 32, temperature=1.0, top_p=0.9, kv_step=8)
+    assert sampler.graphs is not None
+    assert sampler.generate(PROMPTS, NEW, seed=5)[0] == sampler.generate(PROMPTS, NEW, seed=5)[0]
 
 
 # -----------------------------------------------------------------------------

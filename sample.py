@@ -1,0 +1,728 @@
+"""
+Sample many chain-of-thought solutions fast, score them, and time them ("Thinking Slow, Fast",
+Paliotta et al. 2025): the test-time-scaling measurements, plus the decode speed benchmark.
+
+What is in this file, top to bottom:
+  1. sampling: one batched generation loop for every model kind (Llama teacher, hybrid and pure Mamba
+     students): a left-padded prefill with the parallel forward, then one token per step from a
+     preallocated cache (KV slots for attention layers, a fixed-size conv + SSM state for Mamba
+     layers); on GPU each decode step is a captured CUDA graph;
+  2. evaluation: answer extraction, coverage@k (unbiased pass@k), majority@k, and the measured
+     wall-clock time to produce k samples for every problem;
+  3. the speed benchmark (--bench): decode tokens/s against batch size and generation length for
+     Llama-3.2-1B/3B shapes with random weights, the memory-bandwidth roofline, and HF transformers'
+     `generate` side by side.
+
+Run:
+  python sample.py --checkpoint out/hybrid                     # eval on out/data/test.jsonl
+  python sample.py --checkpoint out/teacher --data ../shared/data/gsm8k/test.jsonl --k 64
+  python sample.py --bench                                     # speed benchmark, Llama-3.2-1B shapes (GPU)
+  python sample.py --bench --bench_shapes llama-3.2-3b --bench_models teacher,pure --bench_hf false
+  python sample.py --help                                      # every option
+
+Outputs (FORMATS.md): out/eval/<name>/samples.jsonl (appended as samples come: a rerun resumes),
+out/eval/<name>/summary.json, out/bench/decode.json.
+
+Glossary (letters in shape comments):
+  b  batch (rows generated together)     l  prompt length after left padding
+  v  vocabulary size                     d  model width
+  s  cache slots (prompt + new tokens)   S  slots a decode step reads (its kv-length bucket, <= s)
+  t  the cache slot written by a decode step (0-d long tensor, so that a CUDA graph can replay it)
+  c  candidate tokens kept by top-k before top-p
+  k  (evaluation) samples per problem; coverage@k, majority@k
+
+Why graphs per kv-length bucket: a captured graph has fixed shapes, and the model's decode step reads
+every slot of the cache it is given. Giving the step a view of the first S slots (S = the smallest
+bucket above t) makes a teacher step read only about as many keys as exist, instead of all s; buckets
+are spaced 8 per octave (at most ~12% extra keys read). A pure Mamba student has no KV cache: one graph.
+"""
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import torch
+
+import mamba_distill as md
+
+
+opt = md.opt
+
+
+@dataclass
+class SampleConfig:
+    # evaluation
+    checkpoint: str = opt("out/hybrid", "checkpoint directory (teacher or student)")
+    name: str = opt("", "model name in out_dir/eval/<name>/; empty = the checkpoint directory's name")
+    data: str = opt("out/data/test.jsonl", "GSM8K-format jsonl (the real set: ../shared/data/gsm8k/test.jsonl)")
+    out_dir: str = opt("out", "where eval/ and bench/ results go")
+    n_problems: int = opt(200, "the first n problems of --data (0 = all)")
+    k: int = opt(64, "samples per problem (a power of two); results at k = 1, 2, 4, ..., k")
+    # sampling
+    temperature: float = opt(0.8, "0 = greedy")
+    top_p: float = opt(0.95, "nucleus sampling mass (1 = off)")
+    top_k: int = opt(64, "candidates kept before top-p, which is exact within them; 0 = the whole vocabulary (a full sort: slow)")
+    max_new_tokens: int = opt(512, "new tokens per sample at most")
+    batch_size: int = opt(0, "rows per batch; 0 = the largest that fits in GPU memory")
+    max_batch: int = opt(4096, "upper bound for the automatic batch size")
+    seed: int = opt(0, "sampling seed (each batch derives its own from it)")
+    cuda_graph: bool = opt(True, "run the decode step as captured CUDA graphs (GPU only)")
+    prefill_tokens: int = opt(32768, "prefill this many tokens at a time (rows are split to fit)")
+    device: str = opt("auto", "auto, cuda or cpu")
+    # speed benchmark
+    bench: bool = opt(False, "run the decode speed benchmark instead of an evaluation")
+    bench_shapes: str = opt("llama-3.2-1b", "model shapes, random weights (also: llama-3.2-3b)")
+    bench_models: str = opt("teacher,pure,hybrid", "which models of each shape")
+    bench_batches: str = opt("64,256", "batch sweep (plus the largest that fits) at prompt 128, 512 new tokens")
+    bench_gen_lens: str = opt("512,2048,4096,8192", "generation-length sweep, each at the largest batch that fits")
+    bench_e2e: bool = opt(False, "length sweep by full generate calls instead of timing each kv bucket's step (slow)")
+    bench_hf: bool = opt(True, "HF transformers generate side by side (batch 256, prompt 128, 512 new tokens)")
+    hybrid_attention: int = opt(4, "bench hybrids keep one attention layer in this many")
+
+
+# -----------------------------------------------------------------------------
+# 1. Sampling
+
+
+def sample_next(logits, temperature, top_k, top_p):
+    """logits (b, v) -> next tokens (b,). Greedy at temperature 0; else top-k, then top-p (nucleus,
+    Holtzman et al. 2020) within those, at the given temperature. No host sync (graph-safe)."""
+    if temperature == 0:
+        return logits.argmax(-1)  # (b,)
+    if top_k > 0:  # top-k on the raw logits: dividing by a positive temperature keeps the order
+        vals, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (b, c) sorted, descending
+    else:
+        vals, ids = logits.sort(dim=-1, descending=True)  # (b, v)
+    vals = vals.float() / temperature
+    if top_p < 1.0:
+        probs = vals.softmax(-1)  # (b, c)
+        # drop a candidate when the ones ranked above it already hold top_p of the mass
+        vals = vals.masked_fill(probs.cumsum(-1) - probs > top_p, -math.inf)
+    probs = vals.softmax(-1)  # (b, c)
+    # exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, and unlike
+    # torch.multinomial it never synchronises with the host
+    choice = (probs / torch.empty_like(probs).exponential_()).argmax(-1)  # (b,)
+    return ids.gather(-1, choice[:, None])[:, 0]  # (b,)
+
+
+def kv_buckets(max_len, step=64):
+    """Lengths S of the cache views the decode graphs read: multiples of `step`, 8 per octave."""
+    out, s = [], step
+    while s < max_len:
+        out.append(s)
+        s += max(step, (1 << (s.bit_length() - 1)) // 8)
+    return out + [max_len]
+
+
+def cache_bytes_per_row(model, max_len, dtype):
+    """Bytes of cache one row needs: KV slots for attention layers, conv + SSM state for Mamba ones."""
+    cache = model.allocate_cache(1, max_len, dtype, "meta")
+    return sum(t.numel() * t.element_size() for layer in cache for t in layer)
+
+
+def largest_batch(model, max_len, dtype, device, cap, prefill_tokens):
+    """The most rows whose cache and decode-step workspace fit in the free GPU memory (multiple of 8)."""
+    if torch.device(device).type != "cuda":
+        return min(cap, 64)
+    c = model.cfg
+    # per row: the cache, logits (bf16 + fp32 copies, top-k), and the step's activations
+    per_row = cache_bytes_per_row(model, max_len, dtype) + 12 * c.vocab_size + 64 * (c.hidden_size + c.intermediate_size)
+    # prefill works on `prefill_tokens` tokens at a time: activations of one layer plus a scan's chunk states
+    m = next((blk.mixer for blk in model.model.layers if hasattr(blk, "mixer")), None)
+    per_token = 2 * (12 * c.hidden_size + 4 * c.intermediate_size) + (0 if m is None else 4 * m.h * m.p * m.n // 16)
+    free = torch.cuda.mem_get_info(device)[0] - prefill_tokens * per_token - (2 << 30)
+    return max(8, min(cap, int(0.9 * free / per_row) // 8 * 8))
+
+
+class Sampler:
+    """Batched generation with a fixed batch size and cache length, reused across calls (the cache
+    and the captured graphs are allocated once). Usage: Sampler(model, ...).generate(prompts, n)."""
+
+    def __init__(self, model, batch, max_len, temperature=1.0, top_k=0, top_p=1.0, cuda_graph=True,
+                 prefill_tokens=32768, kv_step=64, dtype=None):
+        p = next(model.parameters())
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.device, self.dtype = p.device, dtype or p.dtype
+        # an fp32 model (e.g. mid-training) computes under autocast in the cache's dtype; the
+        # autocast weight cache stays off, as a captured graph needs
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != p.dtype,
+                                       cache_enabled=False)
+        self.sampling = (temperature, top_k, top_p)
+        self.prefill_tokens = prefill_tokens
+        self.cache = model.allocate_cache(batch, max_len, self.dtype, self.device)
+        self.is_ssm = [hasattr(blk, "mixer") for blk in model.model.layers]
+        # the decode step's inputs and outputs live in fixed buffers, so that graphs can replay it
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # (b, 1) last token
+        self.t = torch.zeros((), dtype=torch.long, device=self.device)  # cache slot of that token
+        self.col = torch.zeros((), dtype=torch.long, device=self.device)  # its index among new tokens
+        self.pad = torch.zeros(batch, dtype=torch.long, device=self.device)  # (b,) left padding per row
+        self.out = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)  # (b, s) new tokens
+        # attention reads a bucket of slots; a model without attention needs one bucket only
+        self.buckets = kv_buckets(max_len, kv_step) if not all(self.is_ssm) else [max_len]
+        self.graphs = None
+        self.capture_s = 0.0
+        if cuda_graph and self.device.type == "cuda":
+            self._capture()
+
+    def _view(self, S, rows=slice(None)):
+        """The cache restricted to some rows and, for attention layers, to the first S slots."""
+        return [tuple(x[rows] for x in c) if ssm else tuple(x[rows, :, :S] for x in c)
+                for c, ssm in zip(self.cache, self.is_ssm)]
+
+    def _step(self, S):
+        """One decode step on every row: feed self.tok at slot self.t, sample, advance."""
+        with self.autocast:
+            logits = self.model(self.tok, self._view(S), start=self.t, pad=self.pad)[:, -1]  # (b, v)
+        nxt = sample_next(logits, *self.sampling)  # (b,)
+        self.tok.copy_(nxt[:, None])
+        self.out.index_copy_(1, self.col.view(1), nxt[:, None])
+        self.t.add_(1)
+        self.col.add_(1)
+
+    @torch.no_grad()
+    def _capture(self):
+        """One graph per kv bucket, captured on garbage state before any real use (a warm-up run
+        writes to the cache and SSM state), all in one memory pool since they never run at once."""
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs = {}
+        side = torch.cuda.Stream()
+        for S in self.buckets:
+            self.t.fill_(S - 1)
+            self.col.fill_(0)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: kernel selection / compilation outside the capture
+                self._step(S)
+            torch.cuda.current_stream().wait_stream(side)
+            self.t.fill_(S - 1)
+            self.col.fill_(0)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self._step(S)
+            self.graphs[S] = g
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
+
+    def bucket(self, t):
+        """The smallest kv bucket that contains slot t."""
+        return next(S for S in self.buckets if S > t)
+
+    def run_step(self, S):
+        if self.graphs is None:
+            self._step(S)
+        else:
+            self.graphs[S].replay()
+
+    @torch.no_grad()
+    def prefill(self, prompts, seed):
+        """Left-pad the prompts into the batch, run the parallel forward into the cache and sample each
+        row's first new token. Rows beyond len(prompts) repeat prompt 0 (the batch shape is fixed).
+        Returns the padded prompt length l."""
+        rows = list(prompts) + [prompts[0]] * (self.batch - len(prompts))
+        l = max(len(r) for r in rows)
+        pad = torch.tensor([l - len(r) for r in rows], dtype=torch.long)  # (b,)
+        # the pad id does not matter: padding reaches neither attention nor the SSM state
+        idx = torch.tensor([[0] * (l - len(r)) + list(r) for r in rows], dtype=torch.long)  # (b, l)
+        idx, pad = idx.to(self.device), pad.to(self.device)
+        torch.manual_seed(seed)  # every generator: CPU and each GPU's (graphs draw from it too)
+        for c, ssm in zip(self.cache, self.is_ssm):
+            if ssm:  # a prefill continues from the state in the cache, so start from zero
+                for x in c:
+                    x.zero_()
+        step = max(1, self.prefill_tokens // l)
+        for i in range(0, self.batch, step):
+            rows_i = slice(i, i + step)
+            with self.autocast:
+                hidden = self.model(idx[rows_i], self._view(self.max_len, rows_i), start=0, pad=pad[rows_i],
+                                    return_hidden=True)  # (r, l, d)
+                logits = self.model.lm_head(hidden[:, -1])  # (r, v): only the last position is needed
+            self.tok[rows_i, 0] = sample_next(logits, *self.sampling)
+        self.pad.copy_(pad)
+        self.out[:, 0] = self.tok[:, 0]
+        self.t.fill_(l)
+        self.col.fill_(1)
+        return l
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, seed=0, stop_ids=(), tokenizer=None, check_every=16):
+        """prompts: lists of token ids (at most self.batch). Returns (new token lists, stats).
+        A row stops at a token in stop_ids (not kept) or, with a tokenizer, at the newline that ends
+        its "#### <number>" answer line (kept); the batch ends when every row has stopped. Stops are
+        checked on the host every `check_every` steps (steps past a row's stop are discarded)."""
+        if not 0 < len(prompts) <= self.batch:
+            raise ValueError(f"got {len(prompts)} prompts for a batch of {self.batch}")
+        l0 = max(len(p) for p in prompts)
+        if l0 + max_new_tokens > self.max_len:
+            raise md.InputError(f"prompt {l0} + --max_new_tokens {max_new_tokens} > cache length {self.max_len}")
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        l = self.prefill(prompts, seed)
+        sync()
+        t1 = time.perf_counter()
+        n = len(prompts)
+        checking = bool(stop_ids) or tokenizer is not None
+        rows = [Row() for _ in range(n)]
+        seen, steps = 0, 1
+        for i in range(1, max_new_tokens):
+            self.run_step(self.bucket(l + i - 1))
+            steps += 1
+            if checking and (steps % check_every == 0 or steps == max_new_tokens):
+                new = self.out[:n, seen:steps].tolist()  # (n, steps - seen): syncs with the device
+                seen = steps
+                stopped = [r.extend(ids, stop_ids, tokenizer) for r, ids in zip(rows, new)]  # every row
+                if all(stopped):
+                    break
+        if not checking or seen < steps:  # no stops asked for (or a tail left): the remaining tokens
+            for r, ids in zip(rows, self.out[:n, seen:steps].tolist()):
+                r.extend(ids, stop_ids, tokenizer)
+        sync()
+        t2 = time.perf_counter()
+        stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "prompt_len": l}
+        return [r.ids for r in rows], stats
+
+
+@torch.no_grad()
+def generate(model, prompts, tokenizer=None, max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+             batch_size=0, dtype=None, cuda_graph=True):
+    """New token lists for every prompt (lists of ids), in batches of batch_size (0 = the largest that
+    fits). With a tokenizer a row stops at its stop tokens and at the end of its answer line."""
+    p = next(model.parameters())
+    max_len = max(map(len, prompts)) + max_new_tokens
+    batch = batch_size or largest_batch(model, max_len, dtype or p.dtype, p.device, 4096, 32768)
+    sampler = Sampler(model, min(batch, len(prompts)), max_len, temperature, top_k, top_p, cuda_graph, dtype=dtype)
+    stop_ids = tokenizer.stop_ids if tokenizer is not None else ()
+    out = []
+    for i in range(0, len(prompts), sampler.batch):
+        ids, _ = sampler.generate(prompts[i:i + sampler.batch], max_new_tokens, seed + i, stop_ids, tokenizer)
+        out += ids
+    return out
+
+
+ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")  # "#### <number>" and the newline that ends it
+
+
+class Row:
+    """The new tokens of one row, and whether (and where) it has stopped."""
+
+    def __init__(self):
+        self.ids, self.done, self.scan_from = [], False, 0
+
+    def extend(self, new, stop_ids, tokenizer):
+        """Append new tokens up to the first stop; returns whether the row has stopped."""
+        if self.done:
+            return True
+        for j, tok in enumerate(new):
+            if tok in stop_ids:
+                new, self.done = new[:j], True
+                break
+        self.ids += new
+        if tokenizer is not None:
+            end = self._answer_end(tokenizer)
+            if end is not None:
+                self.ids, self.done = self.ids[:end], True
+        return self.done
+
+    def _answer_end(self, tokenizer):
+        """Tokens up to the newline that ends a "#### <number>" line, or None. Decodes only the tokens
+        since the last check (a few back, since "####" may straddle two checks), and keeps the start
+        fixed once "####" appeared, until its line ends."""
+        lo = max(0, self.scan_from - 4)
+        text = tokenizer.decode(self.ids[lo:])
+        if "####" not in text:
+            self.scan_from = len(self.ids)
+            return None
+        if not ANSWER_LINE.search(text):
+            return None
+        return next(j for j in range(lo + 1, len(self.ids) + 1)
+                    if ANSWER_LINE.search(tokenizer.decode(self.ids[lo:j])))
+
+
+# -----------------------------------------------------------------------------
+# 2. Evaluation
+
+
+def normalize_number(s: str) -> str:
+    """'$1,200.00' -> '1200', '0.50' -> '0.5', ' 42. ' -> '42': the form answers are compared in."""
+    s = s.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    if re.fullmatch(r"-?\d+\.\d+", s):
+        s = s.rstrip("0").rstrip(".")
+    return s
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def boxed_contents(text: str) -> str | None:
+    """The contents of the last \\boxed{...}, matching nested braces; None if there is none."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # unbalanced: the sample was cut off inside the box
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a solution: what follows the last "####" on its line (GSM8K), else the
+    last \\boxed{...} (MATH), else the last number in the text; normalised (normalize_number)."""
+    if "####" in text:
+        line = text.rsplit("####", 1)[1].split("\n", 1)[0]
+        nums = NUMBER.findall(line)
+        if nums:
+            return normalize_number(nums[0])
+        if line.strip():
+            return normalize_number(line)
+    boxed = boxed_contents(text)
+    if boxed is not None and boxed.strip():
+        nums = NUMBER.findall(boxed)
+        # a plain number inside the box is normalised; anything else (\frac{1}{2}, x+1) kept as written
+        if len(nums) == 1 and NUMBER.fullmatch(boxed.strip().replace("$", "").replace(" ", "").rstrip(".")):
+            return normalize_number(nums[0])
+        return boxed.strip()
+    nums = NUMBER.findall(text)
+    return normalize_number(nums[-1]) if nums else None
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code"): 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_answer(answers):
+    """The most frequent non-None answer (ties: the one seen first); None if there is none."""
+    votes = Counter(a for a in answers if a is not None)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def ks_up_to(k):
+    return [2 ** i for i in range(int(math.log2(k)) + 1)]
+
+
+def summarize(samples, n_problems, k_max):
+    """coverage@k, majority@k and time@k from sample rows (dicts as in samples.jsonl).
+    time@k sums each sample's share of its batch's wall time over every sample with index < k:
+    the measured time it took to have k samples of every problem (rounds run k = 1, 2, 4, ...)."""
+    by_problem = [[] for _ in range(n_problems)]
+    for s in sorted(samples, key=lambda s: (s["problem"], s["sample"])):
+        by_problem[s["problem"]].append(s)
+    ks = ks_up_to(k_max)
+    coverage = [sum(pass_at_k(len(ss), sum(s["correct"] for s in ss), k) for ss in by_problem) / n_problems
+                for k in ks]
+    majority = [sum(majority_answer([s["answer"] for s in ss[:k]]) == ss[0]["gold"] for ss in by_problem) / n_problems
+                for k in ks]
+    time_s = [sum(s["time_s"] for s in samples if s["sample"] < k) for k in ks]
+    return ks, coverage, majority, time_s
+
+
+def read_samples(path):
+    """The samples an earlier (possibly interrupted) run wrote; a torn last line is ignored."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+@torch.no_grad()
+def evaluate(cfg: SampleConfig):
+    if cfg.k < 1 or cfg.k & (cfg.k - 1):
+        raise md.InputError(f"--k: expected a power of two, got {cfg.k}")
+    device = torch.device(cfg.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = md.read_jsonl(cfg.data)
+    rows = rows[:cfg.n_problems] if cfg.n_problems > 0 else rows
+    name = cfg.name or os.path.basename(os.path.normpath(cfg.checkpoint))
+    out_dir = os.path.join(cfg.out_dir, "eval", name)
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = md.Tokenizer(md.find_tokenizer(cfg.checkpoint))
+    model = md.load_model(cfg.checkpoint, device, dtype).eval()
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": md.prompt_text(r["question"])}]) for r in rows]
+    golds = [normalize_number(md.gold_answer(r["answer"])) for r in rows]
+    max_len = max(map(len, prompts)) + cfg.max_new_tokens
+    batch = cfg.batch_size or largest_batch(model, max_len, dtype, device, cfg.max_batch, cfg.prefill_tokens)
+    batch = min(batch, len(rows) * cfg.k)
+    sampler = Sampler(model, batch, max_len, cfg.temperature, cfg.top_k, cfg.top_p, cfg.cuda_graph, cfg.prefill_tokens)
+    path = os.path.join(out_dir, "samples.jsonl")
+    samples = read_samples(path)
+    if samples:  # keep what an interrupted run wrote, without the line it was writing
+        write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
+        print(f"resuming: {len(samples)} samples already in {path}")
+    done = {(s["problem"], s["sample"]) for s in samples}
+    print(f"{name}: {len(rows)} problems x {cfg.k} samples, batch {batch}, cache {max_len} slots, "
+          f"graphs captured in {sampler.capture_s:.1f}s")
+    t_start, n_new, n_tokens = time.perf_counter(), 0, 0
+    with open(path, "a") as fh:
+        for k in ks_up_to(cfg.k):  # round k brings every problem from k/2 samples (0 at k=1) to k
+            todo = [(p, j) for j in range(k // 2 if k > 1 else 0, k) for p in range(len(rows)) if (p, j) not in done]
+            for b0 in range(0, len(todo), batch):
+                chunk = todo[b0:b0 + batch]
+                seed = cfg.seed * 1_000_003 + chunk[0][1] * 10_007 + chunk[0][0]  # differs per batch, fixed per rerun
+                t0 = time.perf_counter()
+                outs, stats = sampler.generate([prompts[p] for p, _ in chunk], cfg.max_new_tokens, seed,
+                                               tokenizer.stop_ids, tokenizer)
+                share = (time.perf_counter() - t0) / len(chunk)
+                for (p, j), ids in zip(chunk, outs):
+                    text = tokenizer.decode(ids)
+                    answer = extract_answer(text)
+                    s = {"problem": p, "sample": j, "text": text, "answer": answer, "gold": golds[p],
+                         "correct": answer == golds[p], "tokens": len(ids), "time_s": share}
+                    fh.write(json.dumps(s) + "\n")
+                    samples.append(s)
+                    n_tokens += len(ids)
+                fh.flush()  # a crash loses at most the batch being generated
+                n_new += len(chunk)
+                el = time.perf_counter() - t_start
+                left = sum(len(rows) * (k - (k // 2 if k > 1 else 0)) for k in ks_up_to(cfg.k)) - len(samples)
+                print(f"k={k} samples {len(samples)} (+{len(chunk)}) {n_tokens / el:.0f} new tok/s "
+                      f"decode {stats['steps']} steps in {stats['decode_s']:.1f}s ETA {left * el / n_new:.0f}s", flush=True)
+    ks, coverage, majority, time_s = summarize(samples, len(rows), cfg.k)
+    summary = {"model": name, "checkpoint": cfg.checkpoint, "device": device_name(device),
+               "n_problems": len(rows), "k": ks, "coverage": coverage, "majority": majority, "time_s": time_s,
+               "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+               "max_new_tokens": cfg.max_new_tokens, "batch_size": batch}
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    for k, c, m, t in zip(ks, coverage, majority, time_s):
+        print(f"k={k:5d} coverage {c:.3f} majority {m:.3f} time {t:.1f}s")
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def write_text(path, text):
+    md.atomic_write(path, [text.encode()])  # readers see the old file or the new one, never half of one
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
+
+
+# -----------------------------------------------------------------------------
+# 3. Speed benchmark
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+SHAPES = {  # Llama-3.2 1B / 3B (Meta's config.json values)
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128),
+}
+
+
+def shape_config(shape, kind, hybrid_attention):
+    if shape not in SHAPES:
+        raise md.InputError(f"--bench_shapes: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+    cfg = md.ModelConfig(vocab_size=128256, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
+                         max_position_embeddings=131072, tie_word_embeddings=True, **SHAPES[shape])
+    L = cfg.num_hidden_layers
+    keep = {"teacher": list(range(L)), "hybrid": md.spread_layers(L, L // hybrid_attention), "pure": []}
+    if kind not in keep:
+        raise md.InputError(f"--bench_models: unknown model {kind!r} (teacher, hybrid, pure)")
+    return replace(cfg, ssm_layers=[i for i in range(L) if i not in keep[kind]])
+
+
+def random_model(cfg, device, dtype):
+    with torch.device(device):
+        model = md.LM(cfg)
+    model = model.to(dtype).eval()
+    model.inv_freq = md.rope_inv_freq(cfg).to(device)  # RoPE frequencies stay fp32
+    return model
+
+
+def copy_bandwidth(device, n_bytes=1 << 31):
+    """Device memory bandwidth of a plain copy, (read + write bytes) / time, in GB/s."""
+    a = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * n_bytes * 10 / (time.perf_counter() - t0) / 1e9
+
+
+def step_bytes(model, batch, kv_len):
+    """Bytes one decode step must move at least: every weight once (the tied embedding is read as the
+    LM head), the KV cache of kv_len tokens per row, and each SSM/conv state read and written."""
+    w = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = model.allocate_cache(batch, max(kv_len, 1), next(model.parameters()).dtype, "meta")
+    kv = ssm = 0
+    for c, blk in zip(cache, model.model.layers):
+        nbytes = sum(t.numel() * t.element_size() for t in c)
+        if hasattr(blk, "mixer"):
+            ssm += 2 * nbytes
+        else:
+            kv += nbytes
+    return w + kv + ssm
+
+
+def bench_generate(model, batch, prompt_len, gen_len, cfg):
+    """Tokens/s of one full generate call (prefill + decode, every row producing gen_len tokens).
+    Sampling as HF's default: temperature 1, top-k 50. The graphs were captured when the sampler was
+    built; a short warm-up call of the same batch and prompt length runs the prefill's kernels once."""
+    sampler = Sampler(model, batch, prompt_len + gen_len, 1.0, 50, 1.0, cfg.cuda_graph, cfg.prefill_tokens)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 128000, (batch, prompt_len), generator=g).tolist()
+    sampler.generate(prompts, 8)
+    torch.cuda.reset_peak_memory_stats()
+    outs, st = sampler.generate(prompts, gen_len, seed=1)
+    assert all(len(o) == gen_len for o in outs)
+    wall = st["prefill_s"] + st["decode_s"]
+    return {"tokens_per_s": batch * gen_len / wall, "decode_tokens_per_s": batch * (gen_len - 1) / st["decode_s"],
+            "prefill_s": st["prefill_s"], "decode_s": st["decode_s"], "graph_capture_s": sampler.capture_s,
+            "method": "generate"}
+
+
+def bench_buckets(model, batch, prompt_len, gen_len, cfg):
+    """Tokens/s for gen_len new tokens from the measured prefill plus the measured step time of every
+    kv bucket the decode passes through (each bucket's graph replayed 4 times, the median of the last 3
+    kept), weighted by the number of steps in it: what a full call measures, in a fraction of its time."""
+    sampler = Sampler(model, batch, prompt_len + gen_len, 1.0, 50, 1.0, True, cfg.prefill_tokens)
+    prompts = torch.randint(0, 128000, (batch, prompt_len)).tolist()
+    sampler.generate(prompts, 2)
+    torch.cuda.reset_peak_memory_stats()
+    _, st = sampler.generate(prompts, 2)
+    steps = Counter(sampler.bucket(t) for t in range(prompt_len, prompt_len + gen_len - 1))
+    decode = 0.0
+    for S, n in steps.items():
+        times = []
+        for _ in range(4):
+            sampler.t.fill_(S - 1)
+            sampler.col.fill_(1)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sampler.run_step(S)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        decode += n * sorted(times[1:])[1]  # median of 3 after one warm-up replay
+    wall = st["prefill_s"] + decode
+    return {"tokens_per_s": batch * gen_len / wall, "decode_tokens_per_s": batch * (gen_len - 1) / decode,
+            "prefill_s": st["prefill_s"], "decode_s": decode, "graph_capture_s": sampler.capture_s,
+            "method": "per-bucket step times"}
+
+
+def bench_hf(shape, batch=256, prompt_len=128, gen_len=512):
+    """HF transformers' generate on the same Llama config (sdpa, sampling on), static and default cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = shape_config(shape, "teacher", 4).to_dict()
+    config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128000, (batch, prompt_len), device="cuda")
+    out = []
+    for cache in ("static", "dynamic"):
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=gen_len,
+                  min_new_tokens=gen_len, pad_token_id=0)
+        if cache == "static":
+            kw["cache_implementation"] = "static"
+        model.generate(ids, **kw)  # warm-up (the static cache compiles here)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        out.append({"cache": cache, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
+                    "tokens_per_s": batch * gen_len / dt})
+        print(f"HF {cache:8s} cache: {out[-1]['tokens_per_s']:9.0f} tok/s", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench(cfg: SampleConfig):
+    device = torch.device(cfg.device)
+    if device.type != "cuda":
+        raise md.InputError("--bench needs a CUDA GPU (--device cuda)")
+    dtype = torch.bfloat16
+    bw = copy_bandwidth(device)
+    result = {"device": device_name(device), "copy_GBps": bw, "date": time.strftime("%Y-%m-%d"),
+              "torch": torch.__version__, "results": [], "hf": []}
+    path = os.path.join(cfg.out_dir, "bench", "decode.json")
+    print(f"{result['device']}: copy bandwidth {bw:.0f} GB/s", flush=True)
+    prompt_len = 128
+    for shape in cfg.bench_shapes.split(","):
+        if cfg.bench_hf and shape == "llama-3.2-1b":
+            try:
+                result["hf"] = bench_hf(shape)
+            except Exception as e:  # an oracle we cannot run must not cost the rest of the bench
+                print(f"HF generate failed: {type(e).__name__}: {e}", flush=True)
+                result["hf"] = [{"error": f"{type(e).__name__}: {e}"}]
+                torch.cuda.empty_cache()
+        for kind in cfg.bench_models.split(","):
+            model = random_model(shape_config(shape, kind, cfg.hybrid_attention), device, dtype)
+            runs = []
+            fit = largest_batch(model, prompt_len + 512, dtype, device, cfg.max_batch, cfg.prefill_tokens)
+            for b in sorted({b for b in map(int, cfg.bench_batches.split(",")) if b < fit} | {fit}):
+                runs.append((b, 512, bench_generate))
+            for n in map(int, cfg.bench_gen_lens.split(",")):
+                b = largest_batch(model, prompt_len + n, dtype, device, cfg.max_batch, cfg.prefill_tokens)
+                if (b, n) not in {(r[0], r[1]) for r in runs}:
+                    runs.append((b, n, bench_generate if cfg.bench_e2e or not cfg.cuda_graph else bench_buckets))
+            for b, n, fn in runs:
+                try:
+                    r = fn(model, b, prompt_len, n, cfg)
+                except torch.OutOfMemoryError:
+                    print(f"{shape} {kind} batch {b} gen {n}: out of memory", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                roof = b / (step_bytes(model, b, prompt_len + n // 2) / (bw * 1e9))  # mean kv length
+                r = {"shape": shape, "model": kind, "batch": b, "prompt_len": prompt_len, "gen_len": n,
+                     "tokens_per_s": r.pop("tokens_per_s"), "roofline_tokens_per_s": roof,
+                     "roofline_frac": r["decode_tokens_per_s"] / roof,
+                     "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9, **r}
+                result["results"].append(r)
+                write_json(path, result)
+                print(f"{shape} {kind:7s} batch {b:5d} gen {n:5d}: {r['tokens_per_s']:9.0f} tok/s "
+                      f"(decode {r['decode_tokens_per_s']:9.0f}, {r['roofline_frac']:.0%} of roofline "
+                      f"{roof:9.0f}; {r['method']}) peak {r['peak_mem_GB']:.1f} GB", flush=True)
+                torch.cuda.empty_cache()
+            del model
+            torch.cuda.empty_cache()
+    ratios = {}
+    for r in result["results"]:  # the issue's targets, side by side
+        if r["model"] == "teacher" and (r["batch"], r["gen_len"]) == (256, 512) and result["hf"] and "tokens_per_s" in result["hf"][0]:
+            ratios[f"{r['shape']} teacher / HF static, batch 256, 512 new"] = r["tokens_per_s"] / result["hf"][0]["tokens_per_s"]
+        if r["model"] == "pure" and r["gen_len"] == 4096:
+            t = [x for x in result["results"] if (x["shape"], x["model"], x["gen_len"]) == (r["shape"], "teacher", 4096)]
+            if t:
+                ratios[f"{r['shape']} pure / teacher, 4096 new, largest batches"] = r["tokens_per_s"] / t[0]["tokens_per_s"]
+    result["ratios"] = ratios
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    write_json(path, result)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    cfg = md.parse_config(SampleConfig, argv, description=__doc__.strip().splitlines()[0])
+    if cfg.device == "auto":
+        cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        bench(cfg) if cfg.bench else evaluate(cfg)
+    except md.InputError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
