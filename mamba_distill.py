@@ -1479,21 +1479,22 @@ def kl_loss_fn(teacher, direction, temperature, pad_id):
     return loss_fn
 
 
-def align_loss_fn(teacher, ssm_layers):
+def align_loss_fn(teacher, ssm_layers, pad_id):
     """Stage 1 (MOHAWK's hidden-state alignment): each student mixer gets the teacher's own input to
-    that layer's attention and must reproduce the attention's output. Layers train independently."""
+    that layer's attention and must reproduce the attention's output. Layers train independently.
+    The error of each token is relative to the size of its target, so that every layer counts alike."""
     def loss_fn(student, x, y, m):
         collect = []
         with torch.no_grad():
             teacher(x, collect=collect)
+        real = (x != pad_id).float()  # (b, l)
         loss = 0.0
         for i in ssm_layers:
             h_in, target = collect[i]  # (b, l, d) each
             out = student.model.layers[i].mixer(h_in)  # (b, l, d)
-            # normalised by the target's power so that every layer counts alike
-            loss = loss + F.mse_loss(out.float(), target.float()) / target.float().pow(2).mean()
-        n = torch.tensor(float(x.numel()), device=x.device)
-        return loss / len(ssm_layers) * n, n
+            err = (out.float() - target.float()).pow(2).sum(-1) / target.float().pow(2).sum(-1).clamp(min=1e-6)
+            loss = loss + (err * real).sum()  # err (b, l)
+        return loss / len(ssm_layers), real.sum()
     return loss_fn
 
 
@@ -1596,7 +1597,7 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, tim
     ckpt = os.path.join(cfg.out_dir, "ckpt", name)
     logger = Logger(os.path.join(cfg.out_dir, "logs", f"{name}.jsonl"), env, name, init)
     state = read_state(ckpt) if cfg.resume else None
-    plan = [("align", cfg.align_steps, cfg.align_lr, align_loss_fn(teacher, ssm_layers)),
+    plan = [("align", cfg.align_steps, cfg.align_lr, align_loss_fn(teacher, ssm_layers, tok.pad_id)),
             ("kl", cfg.kl_steps, cfg.kl_lr, kl_loss_fn(teacher, cfg.kl, cfg.temperature, tok.pad_id)),
             ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
     for stage, steps, lr, loss_fn in plan:

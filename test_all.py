@@ -921,3 +921,22 @@ def test_plot_flags(capsys):
     assert e.value.code == 2 and "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
     cfg = ps.parse_config(ps.PlotConfig, ["--dpi", "72", "--label_k", "false", "--plots_dir", "p"])
     assert (cfg.dpi, cfg.label_k, cfg.plots_dir, cfg.out_dir) == (72, False, "p", "out")
+
+
+def test_ddp_matches_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo) trains to the same weights as one process: the global
+    batch, its order and the token-exact loss normalisation do not depend on how work is split."""
+    import subprocess
+    import sys
+    flags = ["--preset", "tiny", "--device", "cpu", "--students", "pure", "--random_baseline", "",
+             "--sft_steps", "0", "--eval_n", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    subprocess.run([sys.executable, "mamba_distill.py", *flags, "--out_dir", one], cwd=HERE, env=env,
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "mamba_distill.py",
+                    *flags, "--out_dir", two], cwd=HERE, env=env, check=True, capture_output=True)
+    for name in ("teacher", "pure"):
+        wa, wb = md.load_state_dict(os.path.join(one, name)), md.load_state_dict(os.path.join(two, name))
+        for k in wa:
+            assert_close(wb[k], wa[k], atol=2e-4, rtol=1e-3, what=f"{name} {k}")
