@@ -29,7 +29,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("SHARED_DIR", os.path.join(HERE, "..", "shared"))
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 def assert_close(actual, expected, atol=1e-5, rtol=1e-5, what=""):
