@@ -6,13 +6,29 @@ What is in this file, top to bottom:
      teacher) and a Mamba / hybrid student when some layers' attention became a Mamba-2 mixer;
   2. checkpoint files: HF-format directories (config.json + safetensors + a tiktoken BPE file);
   3. attention -> SSM weight transfer (MambaInLlama / MOHAWK): an explicit mapping table;
-  4. data: a synthetic GSM8K-style reasoning set, GSM8K jsonl reading, the project's own tokenizer;
-  5. the distillation loop (teacher training for the default run, then staged distillation).
+  4. files: the tokenizer (tiktoken BPE with Llama 3's specials), safetensors, the synthetic
+     GSM8K-style reasoning set and GSM8K jsonl reading;
+  5. the command line: one config dataclass, flags generated from it;
+  6. the training loop every stage shares (accumulation, DDP, checkpoints, resume, NaN stop);
+  7. the pipeline: data -> teacher -> students (1 align, 2 KL, 3 SFT) -> greedy accuracy;
+  8. the distillation-throughput benchmark.
 
 Run:
   python mamba_distill.py               # default: makes data, trains a small teacher, distils students
   python mamba_distill.py --help        # every option of the config below
   python mamba_distill.py --teacher /path/to/Llama-3.2-1B-Instruct --data gsm8k/train.jsonl
+  torchrun --nproc_per_node=2 mamba_distill.py   # the same run over 2 GPUs (DDP)
+  python mamba_distill.py --bench       # distillation throughput at the Llama-3.2-1B shape
+
+Outputs, under --out_dir (default out/), read by sample.py and plot_scaling.py:
+  data/train.jsonl, data/test.jsonl     the synthetic problems (GSM8K format)
+  tokenizer.model                       the project's own BPE (tiktoken format), default run only
+  teacher/, hybrid/, pure/, pure_random/   HF-style model directories: config.json,
+                                        model.safetensors, tokenizer.model
+  logs/<model>.jsonl                    one line per logged step: model, init, stage, step, loss, lr,
+                                        tokens, time_s (wall seconds since that model's run began)
+  ckpt/<model>/                         the latest checkpoint (+ optimizer.safetensors, state.json)
+  distill_summary.json                  greedy accuracy, parameters and stage wall times per model
 
 Glossary (letters in shape comments):
   b  batch                          l  sequence length (tokens)
@@ -1158,7 +1174,7 @@ def opt(default, help):
 @dataclass
 class DistillConfig:
     out_dir: str = opt("out", "where data, checkpoints, logs and the summary go")
-    preset: str = opt("default", "default (about 15 min on one H100), smoke (about 2 min) or tiny (CPU tests)")
+    preset: str = opt("default", "default (about 5 min on one H200), smoke (about 1 min) or tiny (CPU tests)")
     teacher: str = opt("", "a local HF Llama directory; empty = train a small teacher on the data first")
     data: str = opt("", "a GSM8K-format jsonl for training; empty = the synthetic set written to out_dir/data")
     test_data: str = opt("", "a GSM8K-format jsonl to evaluate greedy accuracy; empty = the synthetic test split")
