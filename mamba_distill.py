@@ -463,8 +463,8 @@ class LM(nn.Module):
 TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model")  # ours, Meta's HF repos
 
 
-def _atomic_write_text(path, text):
-    atomic_write(path, [text.encode()])
+def write_text(path, text):
+    atomic_write(path, [text.encode()])  # readers see the old file or the new one, never half of one
 
 
 def read_config(path) -> ModelConfig:
@@ -534,7 +534,7 @@ def save_model(model: LM, tokenizer, path, max_shard_bytes=None):
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     save_state_dict(sd, path, max_shard_bytes)
     tokenizer.save(os.path.join(path, "tokenizer.model"))
-    _atomic_write_text(os.path.join(path, "config.json"),
+    write_text(os.path.join(path, "config.json"),
                        json.dumps({**model.cfg.to_dict(), "torch_dtype": dtype}, indent=2))
 
 
@@ -1343,7 +1343,7 @@ def save_checkpoint(model, opt, tok, path, state):
         for k, v in s.items():
             flat[f"{i}.{k}"] = v.detach().float().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
     save_safetensors(flat, os.path.join(tmp, "optimizer.safetensors"))
-    _atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state))
+    write_text(os.path.join(tmp, "state.json"), json.dumps(state))
     if os.path.isdir(path):
         os.replace(path, old)
     os.replace(tmp, path)
@@ -1699,7 +1699,7 @@ def main(argv=None):
         times["eval"] = time.time() - t0
         times["total"] = time.time() - t_start
         summary["stage_times_s"] = {k: round(v, 1) for k, v in times.items()}
-        _atomic_write_text(os.path.join(cfg.out_dir, "distill_summary.json"), json.dumps(summary, indent=2))
+        write_text(os.path.join(cfg.out_dir, "distill_summary.json"), json.dumps(summary, indent=2))
         print("stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     if env.world > 1:
         dist.destroy_process_group()

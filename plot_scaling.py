@@ -1,8 +1,8 @@
 """
 Plot the measurements of mamba_distill.py and sample.py: accuracy against time, decode speed, losses.
 
-Reads what the other scripts wrote under one output directory (formats: the docstrings of
-mamba_distill.py and sample.py) and writes PNG files into <out_dir>/plots/, printing the same numbers
+Reads what the other scripts wrote under one output directory (formats: the "Outputs" parts of the
+docstrings of mamba_distill.py and sample.py) and writes PNG files into <out_dir>/plots/, printing the same numbers
 as plain-text tables on stdout. No GPU needed (torch comes in only through mamba_distill's flag parser).
 
 Run:
@@ -19,8 +19,10 @@ Figures (a figure whose input files are absent is skipped with a one-line note n
                          Input: <out_dir>/eval/*/summary.json.
   accuracy_vs_k.png      the same two accuracies against k (log2 axis): how much the distilled students
                          lose per sample, regardless of speed. Same input.
-  decode_throughput.png  generated tokens/s (all sequences of a batch together, whole generate calls as
-                         sample.py --bench times them) against batch size, and against generation length
+  decode_throughput.png  generated tokens/s (all sequences of a batch together, prefill + decode as
+                         sample.py --bench measures them: whole generate calls for the batch sweep, and,
+                         unless it ran with --bench_e2e, per-kv-bucket step times weighted by the steps
+                         spent in each bucket for the length sweep) against batch size, and against length
                          at the largest batch measured for that length, one line per model kind and
                          shape; dashed: the memory-bandwidth roofline (bytes of weights + KV cache or SSM
                          state moved per decode step / measured copy bandwidth); black markers: HF
@@ -160,9 +162,12 @@ def read_decode_bench(path):
         where = f"{path}: hf[{i}]"
         if not isinstance(r, dict):
             raise InputError(f"{where}: expected a JSON object")
+        if "error" in r:  # sample.py records a failed HF run this way: nothing to draw for it
+            note(f"{where}: HF transformers' run failed ({str(r['error'])[:80]}); not drawn")
+            continue
         for key in ("batch", "prompt_len", "gen_len", "tokens_per_s"):
             _number(r, key, where)
-    return bench, rows, hf
+    return bench, rows, [r for r in hf if "error" not in r]
 
 
 def read_logs(out_dir):

@@ -20,8 +20,17 @@ Run:
   python sample.py --bench --bench_shapes llama-3.2-3b --bench_models teacher,pure --bench_hf false
   python sample.py --help                                      # every option
 
-Outputs (FORMATS.md): out/eval/<name>/samples.jsonl (appended as samples come: a rerun resumes),
-out/eval/<name>/summary.json, out/bench/decode.json.
+Outputs (read by plot_scaling.py):
+  out/eval/<name>/samples.jsonl  one line per sample, appended as batches finish (a rerun resumes):
+      problem, sample (its index j < k), text, answer, gold, correct, tokens, time_s (its share of
+      its batch's wall time)
+  out/eval/<name>/meta.json      the checkpoint, data and sampling settings; a resume must match them
+  out/eval/<name>/summary.json   model, checkpoint, device, n_problems, k [1, 2, 4, ...], coverage,
+      majority, time_s (per k: measured seconds to draw k samples of every problem, in rounds
+      k = 1, 2, 4, ...; each round runs as full, padded batches), and the sampling settings
+  out/bench/decode.json          device, copy_GBps, date, torch, results (one row per shape, model,
+      batch, prompt_len, gen_len: tokens_per_s, decode_tokens_per_s, roofline_tokens_per_s,
+      roofline_frac, peak_mem_GB, method) and hf (HF generate: cache, batch, ..., tokens_per_s, or error)
 
 Glossary (letters in shape comments):
   b  batch (rows generated together)     l  prompt length after left padding
@@ -29,12 +38,14 @@ Glossary (letters in shape comments):
   s  cache slots (prompt + new tokens)   S  slots a decode step reads (its kv-length bucket, <= s)
   t  the cache slot written by a decode step (0-d long tensor, so that a CUDA graph can replay it)
   c  candidate tokens kept by top-k before top-p
+  r  rows of one prefill chunk           n  rows in this call (<= b)
   k  (evaluation) samples per problem; coverage@k, majority@k
 
 Why graphs per kv-length bucket: a captured graph has fixed shapes, and the model's decode step reads
 every slot of the cache it is given. Giving the step a view of the first S slots (S = the smallest
 bucket above t) makes a teacher step read only about as many keys as exist, instead of all s; buckets
-are spaced 8 per octave (at most ~12% extra keys read). A pure Mamba student has no KV cache: one graph.
+are 64 slots apart up to 1024, then 8 per octave (at most 64 slots, or 1/8, more keys than exist are
+read). A pure Mamba student has no KV cache: one graph.
 """
 import json
 import math
@@ -395,6 +406,8 @@ def extract_answer(text: str) -> str | None:
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, "Evaluating Large
     Language Models Trained on Code"): 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
@@ -460,10 +473,25 @@ def evaluate(cfg: SampleConfig):
     batch = min(batch, len(rows) * cfg.k)
     sampler = Sampler(model, batch, max_len, cfg.temperature, cfg.top_k, cfg.top_p, cfg.cuda_graph, cfg.prefill_tokens)
     path = os.path.join(out_dir, "samples.jsonl")
-    samples = read_samples(path)
-    if samples:  # keep what an interrupted run wrote, without the line it was writing
-        write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
-        print(f"resuming: {len(samples)} samples already in {path}")
+    meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), "seed": cfg.seed,
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+            "max_new_tokens": cfg.max_new_tokens}
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(path) and os.path.exists(meta_path):  # resume only what the same settings drew
+        with open(meta_path) as fh:
+            old = json.load(fh)
+        differ = sorted(key for key in meta if old.get(key) != meta[key])
+        if differ:
+            raise md.InputError(f"{meta_path}: earlier samples were drawn with other {', '.join(differ)}; "
+                                f"use another --name or delete {out_dir}")
+    write_json(meta_path, meta)
+    # keep what an interrupted run wrote, without the line it was writing and without samples this
+    # run does not ask for (a smaller --n_problems or --k)
+    samples = [s for s in read_samples(path) if s["problem"] < len(rows) and s["sample"] < cfg.k]
+    if os.path.exists(path):
+        md.write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
+        if samples:
+            print(f"resuming: {len(samples)} samples already in {path}")
     done = {(s["problem"], s["sample"]) for s in samples}
     print(f"{name}: {len(rows)} problems x {cfg.k} samples, batch {batch}, cache {max_len} slots, "
           f"graphs captured in {sampler.capture_s:.1f}s")
@@ -506,12 +534,8 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def write_text(path, text):
-    md.atomic_write(path, [text.encode()])  # readers see the old file or the new one, never half of one
-
-
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2))
+    md.write_text(path, json.dumps(obj, indent=2))
 
 
 # -----------------------------------------------------------------------------
@@ -654,6 +678,11 @@ def bench(cfg: SampleConfig):
     device = torch.device(cfg.device)
     if device.type != "cuda":
         raise md.InputError("--bench needs a CUDA GPU (--device cuda)")
+    with torch.cuda.device(device):  # HF's run and the synchronize/memory calls use the current device
+        return _bench(cfg, device)
+
+
+def _bench(cfg, device):
     dtype = torch.bfloat16
     bw = copy_bandwidth(device)
     result = {"device": device_name(device), "copy_GBps": bw, "date": time.strftime("%Y-%m-%d"),
@@ -718,11 +747,12 @@ def main(argv=None):
     cfg = md.parse_config(SampleConfig, argv, description=__doc__.strip().splitlines()[0])
     if cfg.device == "auto":
         cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        bench(cfg) if cfg.bench else evaluate(cfg)
-    except md.InputError as e:
-        sys.exit(f"error: {e}")
+    return bench(cfg) if cfg.bench else evaluate(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except md.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -7,7 +7,7 @@ The student's mixer is the selective state-space recurrence of Mamba-2, per batc
 
 Run:  python scan_kernel.py --check           quick correctness check on the current device
       python scan_kernel.py --bench [--mamba_path DIR]   speed vs the PyTorch path and mamba_ssm
-      python -m pytest -q test_scan.py          the tests (CPU: Triton interpreter, tiny shapes)
+      python -m pytest -q test_all.py -k scan    the tests (CPU: Triton interpreter, tiny shapes)
 
 Glossary: b batch, l length, h heads, p head dim (x, y), n state dim (B, C), g groups (head h
 reads B and C of group h // (h/g); the MambaInLlama student has g == h), c chunk length, k chunk
@@ -48,7 +48,6 @@ The forward saves the entering state of every chunk for the backward: b*h*ceil(l
 Under the interpreter (TRITON_INTERPRET=1) kernels loop with `while` or over constexpr bounds:
 `range(runtime int)` fails there with numpy 2.4 (int() of a 1-element array), works with 2.3.
 """
-import argparse
 import dataclasses
 import importlib
 import math
@@ -388,19 +387,26 @@ def _default_chunk(p, n):
 PASS_STEP, PASS_BLOCK = 16, 256  # passing kernel: chunks per step (tl.dot needs >= 16), state entries per program
 
 
+def _expect_shapes(want, of):
+    """want: {name: (tensor or None, expected shape)}; a wrong shape would read out of bounds."""
+    for name, (t, shape) in want.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"scan_kernel.py: {name} has shape {tuple(t.shape)}, expected {shape} for {of}")
+
+
+def _check_groups(h, g, p, n):
+    if h % g:
+        raise ValueError(f"scan_kernel.py: heads h={h} must be a multiple of groups g={g}")
+    if p > 128 or n > 128:
+        raise ValueError(f"scan_kernel.py: p={p} and n={n} must be at most 128 (one tile per head)")
+
+
 def _check_scan_args(x, dt, A, B, C, D, initial_state, chunk):
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    want = {"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "C": (C, (b, l, g, n))}
-    if D is not None:
-        want["D"] = (D, (h,))
-    if initial_state is not None:
-        want["initial_state"] = (initial_state, (b, h, p, n))
-    for name, (t, shape) in want.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"scan_kernel.py: {name} has shape {tuple(t.shape)}, expected {shape} for x {tuple(x.shape)}")
-    if h % g:
-        raise ValueError(f"scan_kernel.py: heads h={h} must be a multiple of groups g={g}")
+    _expect_shapes({"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "C": (C, (b, l, g, n)),
+                    "D": (D, (h,)), "initial_state": (initial_state, (b, h, p, n))}, f"x {tuple(x.shape)}")
+    _check_groups(h, g, p, n)
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"scan_kernel.py: chunk_size={chunk} must be a power of two >= 16")
 
@@ -487,6 +493,8 @@ def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, return_final_state=Fals
     (default 64 on GPU, 32 when p or n > 64, 16 under the interpreter)."""
     chunk = chunk_size or _default_chunk(x.shape[3], B.shape[3])
     _check_scan_args(x, dt, A, B, C, D, initial_state, chunk)
+    # the kernels index A and D as plain (h,) arrays: any other stride would read the wrong heads
+    A, D = A.contiguous(), (None if D is None else D.contiguous())
     y, final = _SSDScanFn.apply(x, dt, A, B, C, D, initial_state, chunk)
     return (y, final) if return_final_state else y
 
@@ -501,10 +509,12 @@ def ssd_step(state, x, dt, A, B, C, D=None):
     No host sync, no autotune, one fixed-size output: safe inside a captured CUDA graph."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    if tuple(state.shape) != (b, h, p, n) or state.dtype != torch.float32:
-        raise ValueError(f"scan_kernel.py: state must be fp32 {(b, h, p, n)}, got {state.dtype} {tuple(state.shape)}")
-    if h % g:
-        raise ValueError(f"scan_kernel.py: heads h={h} must be a multiple of groups g={g}")
+    if state.dtype != torch.float32:
+        raise ValueError(f"scan_kernel.py: state must be fp32, got {state.dtype}")
+    _expect_shapes({"state": (state, (b, h, p, n)), "dt": (dt, (b, h)), "A": (A, (h,)), "B": (B, (b, g, n)),
+                    "C": (C, (b, g, n)), "D": (D, (h,))}, f"x {tuple(x.shape)}")
+    _check_groups(h, g, p, n)
+    A, D = A.contiguous(), (None if D is None else D.contiguous())  # indexed as plain (h,) arrays
     BLOCK_N = triton.next_power_of_2(n)
     BLOCK_P = min(triton.next_power_of_2(p), max(1, STEP_TILE // BLOCK_N))
     y = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
@@ -576,7 +586,7 @@ class Config:
     check: bool = _opt(False, "run the correctness check on the current device")
     bench: bool = _opt(False, "run the speed benchmark (needs CUDA)")
     mamba_path: str = _opt("", "dir holding mamba_ssm/ops/triton and mamba_ssm/utils: compare with mamba_ssm")
-    chunk_size: int = _opt(64, "our chunk length (power of two >= 16)")
+    chunk_size: int = _opt(0, "our chunk length (power of two >= 16; 0 = the default for p, n)")
     peer_chunk_size: int = _opt(256, "mamba_ssm's chunk length (its Mamba-2 default)")
     shapes: str = _opt("4,2048,32,64,64,8;1,8192,32,64,64,8", "scan shapes b,l,h,p,n,g separated by ';'")
     step_batches: str = _opt("64,256,1024", "batch sizes of the decode-step benchmark")
@@ -622,7 +632,7 @@ def bench(cfg):
     peer_scan = peer_step = None
     if cfg.mamba_path:
         peer_scan, peer_step = load_mamba(cfg.mamba_path)
-    print(f"scan (ms, median of do_bench; ours chunk {cfg.chunk_size}, mamba_ssm chunk {cfg.peer_chunk_size}; "
+    print(f"scan (ms, median of do_bench; ours chunk {cfg.chunk_size or 'auto'}, mamba_ssm chunk {cfg.peer_chunk_size}; "
           "torch = the chunked PyTorch path in fp32; ratio = ours / other)")
     for shape in cfg.shapes.split(";"):
         b, l, h, p, n, g = map(int, shape.split(","))
@@ -630,7 +640,7 @@ def bench(cfg):
         dy = torch.randn_like(x)
         ins = [t.requires_grad_() for t in (x, dt, A, B, C, D)]
         paths = {"ours": lambda *a: ssd_scan(*a, chunk_size=cfg.chunk_size),
-                 "torch": lambda *a: ssd_scan_chunked_torch(*a, chunk_size=cfg.chunk_size)[0]}
+                 "torch": lambda *a: ssd_scan_chunked_torch(*a, chunk_size=cfg.chunk_size or 64)[0]}
         if peer_scan is not None:
             paths["mamba_ssm"] = lambda x, dt, A, B, C, D: peer_scan(x, dt, A, B, C, cfg.peer_chunk_size, D=D)
         y_ours = paths["ours"](*ins).detach()
@@ -684,16 +694,11 @@ def bench(cfg):
         print(line)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"] + " (default %(default)s)")
-    cfg = Config(**vars(parser.parse_args()))
+def main(argv=None):
+    from mamba_distill import parse_config  # the project's one flag convention (imported late: it imports us)
+    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
     if not (cfg.check or cfg.bench):
-        parser.error("give --check and/or --bench")
+        raise SystemExit("scan_kernel.py: give --check and/or --bench")
     if cfg.check:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cpu" and not INTERPRET:
