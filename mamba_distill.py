@@ -1521,21 +1521,16 @@ STAGES = ("align", "kl", "sft")
 
 
 def load_data(cfg, env):
-    """Training and test rows: the synthetic set (written to out_dir/data) or the given jsonl files."""
-    data_dir = os.path.join(cfg.out_dir, "data")
-    if cfg.data:
-        train = read_jsonl(cfg.data)
-    else:
-        train = synthetic_split("train", cfg.n_train, cfg.seed)
-        if env.main:
-            write_jsonl(train, os.path.join(data_dir, "train.jsonl"))
-    if cfg.test_data:
-        test = read_jsonl(cfg.test_data)
-    else:
-        test = synthetic_split("test", cfg.n_test, cfg.seed)
-        if env.main:
-            write_jsonl(test, os.path.join(data_dir, "test.jsonl"))
-    return train, test
+    """Training and test rows: the given jsonl files, or the synthetic splits (written to out_dir/data)."""
+    rows = {}
+    for split, path, n in (("train", cfg.data, cfg.n_train), ("test", cfg.test_data, cfg.n_test)):
+        if path:
+            rows[split] = read_jsonl(path)
+        else:
+            rows[split] = synthetic_split(split, n, cfg.seed)
+            if env.main:
+                write_jsonl(rows[split], os.path.join(cfg.out_dir, "data", f"{split}.jsonl"))
+    return rows["train"], rows["test"]
 
 
 def barrier(env):
