@@ -104,8 +104,9 @@ def ssd_step_ref(state, x, dt, A, B, C, D=None):
 
 
 def ssd_scan_chunked_torch(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
-    """The chunked algorithm of the docstring in plain PyTorch (fp32): the benchmark's PyTorch path,
-    since the sequential reference is far too slow at l = 8192."""
+    """The chunked algorithm of the docstring in plain PyTorch (fp32), returning (y, final state):
+    what the model runs on a CPU, and the benchmark's PyTorch path (the sequential reference is far
+    too slow at l = 8192)."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     c = chunk_size
