@@ -142,9 +142,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Rotary frequencies (e/2,), with Llama 3's long-context rescaling when rope_scaling asks for it."""
+    """Rotary frequencies (e/2,) in fp32 on the CPU, with Llama 3's long-context rescaling when
+    rope_scaling asks for it."""
     e = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.float32) / e)  # (e/2,)
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.float32, device="cpu") / e)  # (e/2,)
     rs = cfg.rope_scaling
     if not rs or rs.get("rope_type", rs.get("type")) in (None, "default"):
         return inv_freq
@@ -385,10 +386,14 @@ class LM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (e/2,)
+        # (e/2,) fp32. A plain attribute, not a buffer: model.to(torch.bfloat16) must not round the
+        # frequencies (at position 2047 bf16 rounding moves the angle by radians)
+        self.inv_freq = rope_inv_freq(cfg)
 
     def rope(self, pos, dtype):
         """cos, sin (b, 1, l, e) for integer positions pos (b, l), computed in fp32."""
+        if self.inv_freq.device != pos.device:  # moved once, on the first call on a new device
+            self.inv_freq = self.inv_freq.to(pos.device)
         ang = pos[..., None].float() * self.inv_freq  # (b, l, e/2)
         ang = torch.cat([ang, ang], dim=-1)[:, None]  # (b, 1, l, e)
         return ang.cos().to(dtype), ang.sin().to(dtype)
@@ -509,7 +514,6 @@ def load_model(path, device="cpu", dtype=torch.float32) -> LM:
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg)
     return model.to(device)
 
 

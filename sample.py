@@ -566,9 +566,7 @@ def shape_config(shape, kind, hybrid_attention):
 def random_model(cfg, device, dtype):
     with torch.device(device):
         model = md.LM(cfg)
-    model = model.to(dtype).eval()
-    model.inv_freq = md.rope_inv_freq(cfg).to(device)  # RoPE frequencies stay fp32
-    return model
+    return model.to(dtype).eval()  # RoPE frequencies stay fp32 (LM.inv_freq is no buffer)
 
 
 def copy_bandwidth(device, n_bytes=1 << 31):

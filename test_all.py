@@ -128,6 +128,15 @@ def test_linear_attention_identity():
         assert_close(mixer(u), expected, atol=1e-4, rtol=1e-4, what="linear attention")
 
 
+def test_rope_frequencies_stay_fp32():
+    """A bf16 teacher (as on a GPU) must not hand its students bf16-rounded RoPE frequencies."""
+    teacher = tiny_models()["teacher"].to(torch.bfloat16)
+    student = md.transfer_attention_to_mamba(teacher, [0, 2])
+    exact = md.rope_inv_freq(teacher.cfg)
+    assert teacher.inv_freq.dtype == student.inv_freq.dtype == torch.float32
+    assert torch.equal(teacher.inv_freq, exact) and torch.equal(student.inv_freq, exact)
+
+
 def test_transfer_mapping_table():
     teacher = tiny_models()["teacher"]
     student = md.transfer_attention_to_mamba(teacher, [0, 3])
