@@ -1151,7 +1151,7 @@ def prompt_text(question: str) -> str:
 
 def parse_config(cls, argv=None, description=None):
     """--field value flags for every field of a dataclass; unknown flags are an error (exit 2)."""
-    parser = argparse.ArgumentParser(description=description,
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,  # presets need exact names
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -1234,11 +1234,31 @@ PRESETS = {  # fields that a preset changes, unless the command line set them
 }
 
 
+BENCH_BATCH = dict(batch_size=16, seq_len=2048, grad_accum=4)  # --bench: 16 x 2048 tokens a step, 4 micro-batches
+
+
 def apply_preset(cfg: DistillConfig, argv) -> DistillConfig:
+    """The preset's values for every field the command line did not set."""
     if cfg.preset not in PRESETS:
         raise InputError(f"--preset: expected one of {sorted(PRESETS)}, got {cfg.preset!r}")
-    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    return replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items() if k not in given})
+    preset = dict(PRESETS[cfg.preset], **(BENCH_BATCH if cfg.bench else {}))
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}  # parse_config allows no abbreviations
+    return replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+
+
+def check_config(cfg: DistillConfig):
+    """Bad flags fail here, in one line, before any data or teacher work."""
+    choices = {"kl": ("forward", "reverse"), "init": ("attention", "random"),
+               "random_baseline": ("", "hybrid", "pure"), "device": ("auto", "cuda", "cpu")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise InputError(f"--{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
+    unknown = set(filter(None, cfg.students.split(","))) - {"hybrid", "pure"}
+    if unknown:
+        raise InputError(f"--students: unknown {sorted(unknown)} (expected hybrid and/or pure)")
+    if cfg.batch_size % (int(os.environ.get("WORLD_SIZE", 1)) * cfg.grad_accum):
+        raise InputError(f"--batch_size {cfg.batch_size} must be a multiple of grad_accum ({cfg.grad_accum}) "
+                         f"x the number of processes ({os.environ.get('WORLD_SIZE', 1)})")
 
 
 # -----------------------------------------------------------------------------
@@ -1355,18 +1375,30 @@ def save_checkpoint(model, opt, tok, path, state):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(model, opt, path):
-    """Restore weights and optimizer moments written by save_checkpoint; returns state.json."""
-    for p in (path, path + ".old"):  # .old survives a crash between the two renames
+def checkpoint_dir(ckpt):
+    """The complete checkpoint under this name, if any (.old survives a crash between two renames)."""
+    for p in (ckpt, ckpt + ".old"):
         if os.path.isfile(os.path.join(p, "state.json")):
-            path = p
-            break
-    else:
+            return p
+    return None
+
+
+def read_state(ckpt):
+    """state.json of the checkpoint (stage, step, tokens, time_s), or None."""
+    path = checkpoint_dir(ckpt)
+    if path is None:
         return None
+    with open(os.path.join(path, "state.json")) as fh:
+        return json.load(fh)
+
+
+def load_checkpoint(model, opt, ckpt):
+    """Restore the weights, and the optimizer's moments when opt is given, of save_checkpoint's files."""
+    path = checkpoint_dir(ckpt)
     loaded = load_model(path, dtype=next(model.parameters()).dtype)
     model.load_state_dict(loaded.state_dict(), strict=True)
     if opt is None:
-        return None
+        return
     flat = load_safetensors(os.path.join(path, "optimizer.safetensors"))
     sd = opt.state_dict()
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -1376,8 +1408,6 @@ def load_checkpoint(model, opt, path):
                               "exp_avg": flat[f"{i}.exp_avg"].view_as(p).to(p),
                               "exp_avg_sq": flat[f"{i}.exp_avg_sq"].view_as(p).to(p)}
     opt.load_state_dict(sd)
-    with open(os.path.join(path, "state.json")) as fh:
-        return json.load(fh)
 
 
 class Logger:
@@ -1387,10 +1417,23 @@ class Logger:
         self.path, self.env, self.model, self.init = path, env, model_name, init
         self.t0 = time.time()
 
+    def elapsed(self):
+        return time.time() - self.t0
+
+    def resume(self, stage, step, elapsed):
+        """Continue the clock of a checkpoint and drop the lines logged after it (they are redone)."""
+        self.t0 = time.time() - elapsed
+        if not self.env.main or not os.path.exists(self.path):
+            return
+        with open(self.path) as fh:
+            lines = [ln for ln in fh if ln.strip()]
+        keep = [ln for ln in lines if not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > step)]
+        write_text(self.path, "".join(keep))
+
     def log(self, stage, step, steps, loss, lr, tokens, tok_s):
         if not self.env.main:
             return
-        t = time.time() - self.t0
+        t = self.elapsed()
         eta = (steps - step - 1) * (tokens / max(step + 1, 1)) / max(tok_s, 1e-9)
         print(f"{self.model:>12} {stage:>7} step {step + 1:5d}/{steps} loss {loss:.4f} lr {lr:.2e} "
               f"{tok_s / 1e3:7.1f}k tok/s  eta {eta / 60:5.1f} min", flush=True)
@@ -1416,21 +1459,23 @@ def run_stage(stage, student, loss_fn, steps, peak_lr, cfg, env, batches, tok, c
     """The training loop every stage shares: accumulate, clip, step, log, checkpoint.
 
     loss_fn(student, inputs, targets, mask) -> (sum of the loss over a micro-batch's tokens, how many
-    tokens that is); the parameters that require grad are trained. resume: state.json of a checkpoint of this stage to continue from.
+    tokens that is); the parameters that require grad are trained.
+    resume: state.json of a checkpoint of this stage to continue from (same batches, same schedule).
     """
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     opt = make_optimizer(params, peak_lr, cfg.weight_decay, env.device)
-    step0 = 0
+    step0, tokens = 0, 0
     if resume is not None and resume.get("stage") == stage:
         load_checkpoint(student, opt, ckpt)
-        step0 = resume["step"]
+        step0, tokens = resume["step"], resume.get("tokens", 0)
+        logger.resume(stage, step0, resume.get("time_s", 0.0))
         if env.main:
             print(f"{logger.model}: resuming {stage} after step {step0}")
     module = StageLoss(student, loss_fn)
     if env.world > 1:
         module = DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     trainable = [p for _, p in params]
-    tokens, t_last, tok_last = 0, time.time(), 0
+    t_last, tok_last = time.time(), tokens
     for step in range(step0, steps):
         lr = lr_at(step, steps, peak_lr, cfg.warmup)
         for g in opt.param_groups:
@@ -1469,10 +1514,11 @@ def run_stage(stage, student, loss_fn, steps, peak_lr, cfg, env, batches, tok, c
             now = time.time()
             logger.log(stage, step, steps, loss_value, lr, tokens, (tokens - tok_last) / max(now - t_last, 1e-9))
             t_last, tok_last = now, tokens
-        done = step + 1 == steps
-        if ckpt and env.main and (done or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
-            save_checkpoint(student, opt, tok, ckpt, {"stage": stage, "step": step + 1})
-        if ckpt and env.world > 1:
+        save = ckpt and (step + 1 == steps or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0))
+        if save and env.main:
+            save_checkpoint(student, opt, tok, ckpt, {"stage": stage, "step": step + 1, "tokens": tokens,
+                                                      "time_s": round(logger.elapsed(), 3)})
+        if save and env.world > 1:
             dist.barrier()  # nobody reads a checkpoint that is still being written
 
 
@@ -1589,14 +1635,6 @@ def get_teacher(cfg, env, train_rows, times):
     return load_teacher(path, env.device, dtype)
 
 
-def read_state(ckpt):
-    for p in (ckpt, ckpt + ".old"):
-        if os.path.isfile(os.path.join(p, "state.json")):
-            with open(os.path.join(p, "state.json")) as fh:
-                return json.load(fh)
-    return None
-
-
 def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, times):
     """Transfer, then the three stages; each stage trains what it needs and checkpoints."""
     path = os.path.join(cfg.out_dir, name)
@@ -1623,6 +1661,7 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, tim
             continue  # finished before the checkpoint
         if state and stage == state["stage"] and state["step"] >= steps:
             load_checkpoint(student, None, ckpt)  # this stage finished: take its weights, go on
+            logger.resume(stage, state["step"], state.get("time_s", 0.0))
             continue
         t0 = time.time()
         for pname, p in student.named_parameters():
@@ -1655,17 +1694,7 @@ def greedy_accuracy(model, tok, rows, cfg, env):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = apply_preset(parse_config(DistillConfig, argv, __doc__.strip().splitlines()[0]), argv)
-    if cfg.kl not in ("forward", "reverse"):
-        raise InputError(f"--kl: expected forward or reverse, got {cfg.kl!r}")
-    unknown = set(filter(None, cfg.students.split(","))) - {"hybrid", "pure"}
-    if unknown:
-        raise InputError(f"--students: unknown {sorted(unknown)} (expected hybrid and/or pure)")
-    if cfg.batch_size % (int(os.environ.get("WORLD_SIZE", 1)) * cfg.grad_accum):
-        raise InputError("--batch_size must be a multiple of grad_accum x the number of GPUs")
-    if cfg.bench:  # 4 x 2048-token micro-batches per GPU unless the flags say otherwise
-        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-        cfg = replace(cfg, **{k: v for k, v in dict(batch_size=16, seq_len=2048, grad_accum=4).items()
-                              if k not in given})
+    check_config(cfg)
     env = setup_env(cfg.device)
     if cfg.bench:
         return bench(cfg, env)
@@ -1691,7 +1720,7 @@ def main(argv=None):
         rows = test_rows[:cfg.eval_n]
         for name, model in models.items():
             entry = {"params": model.num_params(), "ssm_layers": model.cfg.ssm_layers,
-                     "path": cfg.teacher or os.path.join(cfg.out_dir, name)}
+                     "path": cfg.teacher if name == "teacher" and cfg.teacher else os.path.join(cfg.out_dir, name)}
             if rows:
                 entry["greedy_acc"] = greedy_accuracy(model, tok, rows, cfg, env)
                 print(f"{name:>12}: greedy accuracy {entry['greedy_acc']:.3f} on {len(rows)} test problems")

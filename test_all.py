@@ -952,17 +952,20 @@ def test_pipeline_tiny(tmp_path):
     assert teacher.cfg.ssm_layers == [] and tok.n_words == teacher.cfg.vocab_size
     for name, n_ssm in (("hybrid", 3), ("pure", 4), ("pure_random", 4)):
         assert len(md.load_model(os.path.join(out, name)).cfg.ssm_layers) == n_ssm
-        assert 0.0 <= summary["models"][name]["greedy_acc"] <= 1.0
+        acc = summary["models"][name]["greedy_acc"]
+        assert acc * 2 in (0, 1, 2)  # a share of the preset's 2 test problems
     stages = {json.loads(line)["stage"] for line in open(os.path.join(out, "logs", "pure.jsonl"))}
     assert stages == {"align", "kl", "sft"}
     with open(os.path.join(out, "distill_summary.json")) as fh:
         assert set(json.load(fh)["models"]) == {"teacher", "hybrid", "pure", "pure_random"}
 
 
-def test_resume_after_nan_matches_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("nan_step", [1, 3])  # 1: the last checkpoint ends stage 1; 3: it is inside stage 2
+def test_resume_after_nan_matches_uninterrupted(tmp_path, monkeypatch, nan_step):
     """A NaN stops the run and keeps the last checkpoint; --resume then ends exactly where an
-    uninterrupted run ends (same batches, same schedule, same optimizer moments)."""
-    base = ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--align_steps", "0",
+    uninterrupted run ends (same batches, same schedule, same optimizer moments), and the log reads as
+    one run: no step twice, time going forward."""
+    base = ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--align_steps", "2",
             "--sft_steps", "0", "--kl_steps", "4", "--ckpt_every", "2", "--eval_n", "0"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     md.main(base + ["--out_dir", a])  # uninterrupted
@@ -971,23 +974,59 @@ def test_resume_after_nan_matches_uninterrupted(tmp_path, monkeypatch):
         (md.shutil.copytree if os.path.isdir(src) else md.shutil.copy)(src, dst)
     real_kl, calls = md.kl_loss_fn, []
 
-    def kl_with_nan_at_step_3(*args):
+    def kl_with_nan(*args):
         fn = real_kl(*args)
 
         def loss_fn(student, x, y, m):
             calls.append(1)
             s, n = fn(student, x, y, m)
-            return (s * float("nan") if len(calls) > 4 else s), n  # 2 micro-batches a step
+            return (s * float("nan") if len(calls) > 2 * (nan_step - 1) else s), n  # 2 micro-batches a step
         return loss_fn
-    monkeypatch.setattr(md, "kl_loss_fn", kl_with_nan_at_step_3)
-    with pytest.raises(md.TrainingError, match="kl step 3: loss is nan"):
+    monkeypatch.setattr(md, "kl_loss_fn", kl_with_nan)
+    with pytest.raises(md.TrainingError, match=f"kl step {nan_step}: loss is nan"):
         md.main(base + ["--out_dir", b])
-    assert json.load(open(os.path.join(b, "ckpt", "pure", "state.json"))) == {"stage": "kl", "step": 2}
+    state = json.load(open(os.path.join(b, "ckpt", "pure", "state.json")))
+    assert (state["stage"], state["step"]) == (("align", 2) if nan_step == 1 else ("kl", 2))
     monkeypatch.setattr(md, "kl_loss_fn", real_kl)
     md.main(base + ["--out_dir", b, "--resume"])
     wa, wb = md.load_state_dict(os.path.join(a, "pure")), md.load_state_dict(os.path.join(b, "pure"))
     for k in wa:
         assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-6, what=k)
+    log = [json.loads(line) for line in open(os.path.join(b, "logs", "pure.jsonl"))]
+    assert [(r["stage"], r["step"]) for r in log] == [("align", 1), ("align", 2)] + [("kl", s) for s in range(1, 5)]
+    assert [r["time_s"] for r in log] == sorted(r["time_s"] for r in log)
+    assert [r["tokens"] for r in log if r["stage"] == "kl"] == [r["tokens"] for r in
+                                                                 map(json.loads, open(os.path.join(a, "logs", "pure.jsonl")))
+                                                                 if r["stage"] == "kl"]
+
+
+def test_flags_beat_presets():
+    cfg = md.apply_preset(md.parse_config(md.DistillConfig, ["--preset", "tiny", "--kl_steps", "50"]),
+                          ["--preset", "tiny", "--kl_steps", "50"])
+    assert (cfg.kl_steps, cfg.align_steps) == (50, md.PRESETS["tiny"]["align_steps"])
+    with pytest.raises(SystemExit):  # an abbreviation would slip past the preset: refused
+        md.parse_config(md.DistillConfig, ["--kl_step", "50"])
+    with pytest.raises(InputError, match="--random_baseline"):
+        md.main(["--random_baseline", "hybird"])
+
+
+def test_ddp_matches_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo) trains to the same weights as one process: the global
+    batch, its order and the token-exact loss normalisation do not depend on how work is split."""
+    import subprocess
+    import sys
+    flags = ["--preset", "tiny", "--device", "cpu", "--students", "pure", "--random_baseline", "",
+             "--sft_steps", "0", "--eval_n", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    subprocess.run([sys.executable, "mamba_distill.py", *flags, "--out_dir", one], cwd=HERE, env=env,
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "mamba_distill.py",
+                    *flags, "--out_dir", two], cwd=HERE, env=env, check=True, capture_output=True)
+    for name in ("teacher", "pure"):
+        wa, wb = md.load_state_dict(os.path.join(one, name)), md.load_state_dict(os.path.join(two, name))
+        for k in wa:
+            assert_close(wb[k], wa[k], atol=2e-4, rtol=1e-3, what=f"{name} {k}")
 
 
 # -----------------------------------------------------------------------------
@@ -1149,22 +1188,3 @@ def test_plot_flags(capsys):
     assert e.value.code == 2 and "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
     cfg = ps.parse_config(ps.PlotConfig, ["--dpi", "72", "--label_k", "false", "--plots_dir", "p"])
     assert (cfg.dpi, cfg.label_k, cfg.plots_dir, cfg.out_dir) == (72, False, "p", "out")
-
-
-def test_ddp_matches_one_process(tmp_path):
-    """torchrun with 2 CPU processes (gloo) trains to the same weights as one process: the global
-    batch, its order and the token-exact loss normalisation do not depend on how work is split."""
-    import subprocess
-    import sys
-    flags = ["--preset", "tiny", "--device", "cpu", "--students", "pure", "--random_baseline", "",
-             "--sft_steps", "0", "--eval_n", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    subprocess.run([sys.executable, "mamba_distill.py", *flags, "--out_dir", one], cwd=HERE, env=env,
-                   check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "mamba_distill.py",
-                    *flags, "--out_dir", two], cwd=HERE, env=env, check=True, capture_output=True)
-    for name in ("teacher", "pure"):
-        wa, wb = md.load_state_dict(os.path.join(one, name)), md.load_state_dict(os.path.join(two, name))
-        for k in wa:
-            assert_close(wb[k], wa[k], atol=2e-4, rtol=1e-3, what=f"{name} {k}")
