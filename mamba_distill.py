@@ -29,6 +29,7 @@ Outputs, under --out_dir (default out/), read by sample.py and plot_scaling.py:
                                         tokens, time_s (wall seconds since that model's run began)
   ckpt/<model>/                         the latest checkpoint (+ optimizer.safetensors, state.json)
   distill_summary.json                  greedy accuracy, parameters and stage wall times per model
+  bench/distill.json                    --bench: tokens/s, MFU and peak memory per student
 
 Glossary (letters in shape comments):
   b  batch                          l  sequence length (tokens)
@@ -530,20 +531,20 @@ def load_teacher(path, device="cpu", dtype=torch.float32):
     return model, Tokenizer(find_tokenizer(path))
 
 
-def save_model(model: LM, tokenizer, path, max_shard_bytes=None):
+def save_model(model: LM, tokenizer, path):
     """Write an HF-style directory; a teacher written here loads in HF's LlamaForCausalLM too."""
     os.makedirs(path, exist_ok=True)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if model.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    save_state_dict(sd, path, max_shard_bytes)
+    save_state_dict(sd, path)
     tokenizer.save(os.path.join(path, "tokenizer.model"))
     write_text(os.path.join(path, "config.json"),
                        json.dumps({**model.cfg.to_dict(), "torch_dtype": dtype}, indent=2))
 
 
-save_teacher = save_model  # a teacher is an LM with no ssm_layers
+save_teacher = save_model  # the public name for teachers: a teacher is an LM with no ssm_layers
 
 
 # -----------------------------------------------------------------------------
@@ -566,9 +567,10 @@ def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention") -> LM
     mixer takes Q, K, V, O from the attention it replaces (table above); with init="random" the
     mixer keeps its fresh initialisation, which is the baseline that shows what the transfer is worth.
     Tensors attention has no counterpart for (z's rows, dt, A, D, conv, the gated norm) keep Mamba-2's
-    initialisation (MambaMixer.reset_ssm_parameters): MambaInLlama found the attention weights to be
-    what matters, and a mixer with random z, dt and A still starts far closer to the teacher than one
-    with random projections, so that stage 1 only has to learn the decay and the gate.
+    initialisation (MambaMixer.reset_ssm_parameters), as in MambaInLlama, which found the attention
+    weights to be what matters. Stage 1 then trains every mixer tensor, but from a mixer that already
+    reads and writes its state with the teacher's own projections: in the recorded default run its
+    stage-1 loss started at 0.48 against 0.65 from random mixers and ended at 0.157 against 0.191.
     """
     if init not in ("attention", "random"):
         raise InputError(f"--init: expected 'attention' or 'random', got {init!r}")
@@ -1791,6 +1793,10 @@ def bench(cfg, env, warmup=2, steps=8):
                   f"{tok_s:,.0f} tok/s, MFU {mfu:.1%} (6N_s+2N_t), peak memory {mem:.1f} GiB/GPU")
         del student
         torch.cuda.empty_cache()
+    if env.main:  # next to sample.py's decode.json, for the record
+        write_text(os.path.join(cfg.out_dir, "bench", "distill.json"), json.dumps(
+            {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shape": "llama-3.2-1b",
+             "flops_per_token": "6 N_student + 2 N_teacher", "peak_flops": peak, "results": results}, indent=2))
     if env.world > 1:
         dist.destroy_process_group()
     return results
