@@ -155,10 +155,10 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     # Llama 3.1: slow (long-wavelength) frequencies are divided by `factor`, fast ones kept, and the
     # band in between interpolated smoothly, so the model sees longer contexts as it saw 8k.
     factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+    wavelen = 2 * math.pi / inv_freq  # (e/2,) tokens per turn
+    scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)  # (e/2,)
+    smooth = (old / wavelen - lo) / (hi - lo)  # (e/2,) 0 at the slow end of the band, 1 at the fast end
+    mid = (wavelen >= old / hi) & (wavelen <= old / lo)  # (e/2,) the band that is interpolated
     return torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
@@ -256,7 +256,7 @@ class MambaMixer(nn.Module):
 
     def forward(self, u, cache=None, ctx=None):
         b, l, _ = u.shape
-        z, xBC, dt = torch.split(self.in_proj(u), [self.sizes["z"], self.conv_dim, self.h], dim=-1)
+        z, xBC, dt = torch.split(self.in_proj(u), [self.sizes["z"], self.conv_dim, self.h], dim=-1)  # (b, l, h*p), (b, l, conv_dim), (b, l, h)
         if ctx is not None and ctx.valid is not None:
             # left padding must leave no trace: a zero conv input looks like "before the start",
             # and dt = 0 means the state neither decays nor receives anything (exp(0) = 1).
@@ -274,7 +274,7 @@ class MambaMixer(nn.Module):
         xBC = xBC.transpose(1, 2)  # (b, l, conv_dim)
         if self.conv_act:
             xBC = F.silu(xBC)
-        x, B, C = torch.split(xBC, [self.k * self.p, self.k * self.n, self.h * self.n], dim=-1)
+        x, B, C = torch.split(xBC, [self.k * self.p, self.k * self.n, self.h * self.n], dim=-1)  # (b, l, k*p), (b, l, k*n), (b, l, h*n)
         r = self.h // self.k
         x = x.view(b, l, self.k, self.p).repeat_interleave(r, dim=2)  # (b, l, h, p) shared in a group
         B = B.view(b, l, self.k, self.n).repeat_interleave(r, dim=2)  # (b, l, h, n)
@@ -301,7 +301,7 @@ class MambaMixer(nn.Module):
         xBC = (window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias  # (b, conv_dim)
         if self.conv_act:
             xBC = F.silu(xBC)
-        x, B, C = torch.split(xBC, [self.k * self.p, self.k * self.n, self.h * self.n], dim=-1)
+        x, B, C = torch.split(xBC, [self.k * self.p, self.k * self.n, self.h * self.n], dim=-1)  # (b, k*p), (b, k*n), (b, h*n)
         r = self.h // self.k
         x = x.view(b, self.k, self.p).repeat_interleave(r, dim=1).to(z.dtype)  # (b, h, p)
         B = B.view(b, self.k, self.n).repeat_interleave(r, dim=1).to(z.dtype)  # (b, h, n)
@@ -350,8 +350,8 @@ class Block(nn.Module):
         return self.self_attn(h, rope, cache, ctx)
 
     def forward(self, x, rope, cache=None, ctx=None, collect=None):
-        h = self.input_layernorm(x)
-        m = self.mix(h, rope, cache, ctx)
+        h = self.input_layernorm(x)  # (b, l, d)
+        m = self.mix(h, rope, cache, ctx)  # (b, l, d)
         if collect is not None:  # stage-1 alignment needs each mixer's input and output
             collect.append((h, m))
         x = x + m
@@ -1537,8 +1537,8 @@ def kl_loss_fn(teacher, direction, temperature, pad_id):
         with torch.no_grad():
             t_logits = teacher(x)  # (b, l, v)
         s_logits = student(x)  # (b, l, v)
-        t_logp = F.log_softmax(t_logits.float() / temperature, -1)
-        s_logp = F.log_softmax(s_logits.float() / temperature, -1)
+        t_logp = F.log_softmax(t_logits.float() / temperature, -1)  # (b, l, v)
+        s_logp = F.log_softmax(s_logits.float() / temperature, -1)  # (b, l, v)
         if direction == "forward":  # KL(p_T || p_S): mass-covering
             kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (b, l)
         else:  # KL(p_S || p_T): mode-seeking
@@ -1561,8 +1561,8 @@ def align_loss_fn(teacher, ssm_layers, pad_id):
         for i in ssm_layers:
             h_in, target = collect[i]  # (b, l, d) each
             out = student.model.layers[i].mixer(h_in)  # (b, l, d)
-            err = (out.float() - target.float()).pow(2).sum(-1) / target.float().pow(2).sum(-1).clamp(min=1e-6)
-            loss = loss + (err * real).sum()  # err (b, l)
+            err = (out.float() - target.float()).pow(2).sum(-1) / target.float().pow(2).sum(-1).clamp(min=1e-6)  # (b, l)
+            loss = loss + (err * real).sum()
         return loss / len(ssm_layers), real.sum()
     return loss_fn
 
