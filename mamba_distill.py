@@ -402,6 +402,7 @@ class LM(nn.Module):
     def allocate_cache(self, batch, max_len, dtype, device):
         """Per layer: (k, v) (b, k, s, e) for attention, (conv, state) for a mixer, state in fp32."""
         c = self.cfg
+        self.inv_freq = self.inv_freq.to(device)  # now, not inside a CUDA graph capture that may follow
         cache = []
         for blk in self.model.layers:
             if hasattr(blk, "mixer"):
