@@ -1285,8 +1285,7 @@ class Env:
 
 
 def setup_env(device: str) -> Env:
-    if device not in ("auto", "cuda", "cpu"):
-        raise InputError(f"--device: expected auto, cuda or cpu, got {device!r}")
+    """device is auto, cuda or cpu (check_config has seen to that)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
