@@ -73,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from scan_kernel import ssd_scan, ssd_scan_chunked_torch, ssd_step, ssd_step_ref
+from scan_kernel import decode_attention, ssd_scan, ssd_scan_chunked_torch, ssd_step, ssd_step_ref
 
 
 class InputError(Exception):
@@ -193,8 +193,11 @@ class Attention(nn.Module):
             k_cache.index_copy_(2, ctx.slots, k.to(k_cache.dtype))
             v_cache.index_copy_(2, ctx.slots, v.to(v_cache.dtype))
             kv = ctx.kv_len
-            if l == 1:
-                # Decode: fold the r query heads of a group into the "query length" so that every
+            if ctx.mask is None:  # GPU decode: flash-decoding kernel, reads only slots pad..t of each row
+                y = decode_attention(q.view(b, self.h, self.e), k_cache, v_cache, ctx.slots, ctx.pad)  # (b, h, e)
+                y = y.view(b, self.h, 1, self.e)  # (b, h, 1, e)
+            elif l == 1:
+                # Decode on a CPU: fold the r query heads of a group into the "query length" so that every
                 # backend reads each cached key once, with no repeat of the cache (r, e per group).
                 qg = q.view(b, self.k, self.h // self.k, self.e)  # (b, k, r, e)
                 y = F.scaled_dot_product_attention(qg, k_cache[:, :, :kv], v_cache[:, :, :kv],
@@ -372,8 +375,10 @@ class StepContext:
     """What every layer needs to read/write a cache at the current positions (built by LM.forward)."""
     slots: torch.Tensor  # (l,) cache slots written by this call
     kv_len: int          # attention reads cache slots [0, kv_len)
-    mask: torch.Tensor   # (b, 1, l, kv_len) bool, True = may attend
+    mask: torch.Tensor | None  # (b, 1, l, kv_len) bool, True = may attend; None for a one-token step
+                               # on a GPU, where decode_attention masks by pad and slots itself
     valid: torch.Tensor | None  # (b, l) float, 0 at left padding (None when there is none)
+    pad: torch.Tensor    # (b,) long, left padding per row: row i's first real slot
 
 
 class LM(nn.Module):
@@ -440,8 +445,7 @@ class LM(nn.Module):
         return self.lm_head(x)  # (b, l, v)
 
     def _context(self, b, l, start, pad, cache, device):
-        s = max((kv[0].shape[2] for kv, blk in zip(cache, self.model.layers) if not hasattr(blk, "mixer")),
-                default=0)
+        s = max([kv[0].shape[2] for kv, blk in zip(cache, self.model.layers) if not hasattr(blk, "mixer")] or [0])
         if torch.is_tensor(start):  # decode step under a CUDA graph: fixed shapes, read all s slots
             assert l == 1, "a tensor start is for one-token decode steps"
             slots = start.view(1)  # (1,)
@@ -451,15 +455,17 @@ class LM(nn.Module):
             kv_len = start + l
         pad = torch.zeros(b, dtype=torch.long, device=device) if pad is None else pad
         pos = (slots[None, :] - pad[:, None]).clamp(min=0)  # (b, l) positions from each row's start
-        key = torch.arange(max(kv_len, 1), device=device)[:kv_len]  # (kv_len,)
-        mask = (key[None, None, :] <= slots[None, :, None]) & (key[None, None, :] >= pad[:, None, None])
-        # a padding query sees only itself: a row with nothing to attend to would give NaN, and a
-        # NaN value, even masked out later, poisons every real query through 0 * NaN
-        mask = mask | (key[None, None, :] == slots[None, :, None])  # (b, l, kv_len)
+        mask = None
+        if l > 1 or device.type != "cuda":
+            key = torch.arange(max(kv_len, 1), device=device)[:kv_len]  # (kv_len,)
+            mask = (key[None, None, :] <= slots[None, :, None]) & (key[None, None, :] >= pad[:, None, None])
+            # a padding query sees only itself: a row with nothing to attend to would give NaN, and a
+            # NaN value, even masked out later, poisons every real query through 0 * NaN
+            mask = (mask | (key[None, None, :] == slots[None, :, None]))[:, None]  # (b, 1, l, kv_len)
         valid = None
         if l > 1 and bool(pad.any()):  # only a prefill can contain padding
             valid = (slots[None, :] >= pad[:, None]).float()  # (b, l)
-        return StepContext(slots, kv_len, mask[:, None], valid), pos  # mask (b, 1, l, kv_len)
+        return StepContext(slots, kv_len, mask, valid, pad), pos
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -21,8 +21,8 @@ Figures (a figure whose input files are absent is skipped with a one-line note n
                          lose per sample, regardless of speed. Same input.
   decode_throughput.png  generated tokens/s (all sequences of a batch together, prefill + decode as
                          sample.py --bench measures them: whole generate calls for the batch sweep, and,
-                         unless it ran with --bench_e2e, per-kv-bucket step times weighted by the steps
-                         spent in each bucket for the length sweep) against batch size, and against length
+                         unless it ran with --bench_e2e, the decode step timed at 8 slots for the
+                         length sweep) against batch size, and against length
                          at the largest batch measured for that length, one line per model kind and
                          shape; dashed: the memory-bandwidth roofline (bytes of weights + KV cache or SSM
                          state moved per decode step / measured copy bandwidth); black markers: HF

@@ -137,6 +137,20 @@ def ssd_scan_chunked_torch(x, dt, A, B, C, D=None, initial_state=None, chunk_siz
     return y.reshape(b, k * c, h, p)[:, :l].to(x.dtype), state
 
 
+def decode_attention_ref(q, k_cache, v_cache, t, pad, scale=None):
+    """One decode step of grouped-query attention, fp32 math: q (b, h, e) against the cached keys
+    k_cache, v_cache (b, g, s, e) at slots pad[i]..t of row i (t a 1-element tensor). (b, h, e)."""
+    b, h, e = q.shape
+    g, s = k_cache.shape[1], k_cache.shape[2]
+    slots = torch.arange(s, device=q.device)  # (s,)
+    ok = (slots[None, :] >= pad[:, None]) & (slots[None, :] <= t)  # (b, s) the keys row i may see
+    qg = q.float().view(b, g, h // g, e)  # (b, g, r, e): the r query heads that share kv head g
+    scores = torch.einsum("bgre,bgse->bgrs", qg, k_cache.float()) * (scale or e ** -0.5)  # (b, g, r, s)
+    scores = scores.masked_fill(~ok[:, None, None, :], -math.inf)
+    y = torch.einsum("bgrs,bgse->bgre", scores.softmax(-1), v_cache.float())  # (b, g, r, e)
+    return y.reshape(b, h, e).to(q.dtype)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -367,6 +381,74 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, H,
     tl.store(y_ptr + bh * P + offs_p, y.to(y_ptr.dtype.element_ty), mask=p_mask)
 
 
+@triton.jit
+def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, t_ptr, pad_ptr, acc_ptr, m_ptr, l_ptr, G, R, E, scale,
+                        s_q_b, s_q_h, s_k_b, s_k_g, s_k_s, s_v_b, s_v_g, s_v_s,
+                        NSPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """One (row b, kv head g, split j): the r query heads of group g against split j's share of the
+    row's keys [pad_b, t], with an online softmax; writes unnormalised partials for the combine."""
+    bg, j = tl.program_id(0), tl.program_id(1)
+    b, g = bg // G, bg % G
+    t = tl.load(t_ptr)  # the newest slot, read from memory: one captured graph serves every step
+    lo = tl.load(pad_ptr + b)
+    per = tl.cdiv(tl.cdiv(t + 1 - lo, NSPLIT), BLOCK_S) * BLOCK_S  # keys per split, whole blocks
+    start = lo + j * per
+    end = tl.minimum(start + per, t + 1)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_s = tl.arange(0, BLOCK_S)
+    r_mask, e_mask = offs_r < R, offs_e < E
+    q = tl.load(q_ptr + b * s_q_b + (g * R + offs_r[:, None]) * s_q_h + offs_e[None, :],
+                mask=r_mask[:, None] & e_mask[None, :], other=0.0)  # (r, e), rows past R are zero
+    m = tl.full([BLOCK_R], -float("inf"), tl.float32)  # running max of the scores
+    l = tl.zeros([BLOCK_R], dtype=tl.float32)  # running sum of exp(score - m)
+    acc = tl.zeros([BLOCK_R, BLOCK_E], dtype=tl.float32)  # running sum of exp(score - m) * v
+    k_base = k_ptr + b * s_k_b + g * s_k_g
+    v_base = v_ptr + b * s_v_b + g * s_v_g
+    s0 = start
+    while s0 < end:
+        slots = s0 + offs_s
+        s_mask = slots < end
+        kv_mask = s_mask[:, None] & e_mask[None, :]
+        k = tl.load(k_base + slots[:, None] * s_k_s + offs_e[None, :], mask=kv_mask, other=0.0)  # (s, e)
+        v = tl.load(v_base + slots[:, None] * s_v_s + offs_e[None, :], mask=kv_mask, other=0.0)  # (s, e)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (r, s) fp32
+        scores = tl.where(s_mask[None, :], scores, -float("inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))  # finite: the block holds at least one key
+        alpha = tl.exp(m - m_new)  # rescales what was summed under the old max (0 on the first block)
+        prob = tl.exp(scores - m_new[:, None])  # (r, s)
+        l = l * alpha + tl.sum(prob, 1)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+        s0 += BLOCK_S
+    part = bg * NSPLIT + j  # an empty split leaves m = -inf, l = 0, acc = 0: it weighs nothing below
+    tl.store(acc_ptr + (part * BLOCK_R + offs_r[:, None]) * BLOCK_E + offs_e[None, :], acc)
+    tl.store(m_ptr + part * BLOCK_R + offs_r, m)
+    tl.store(l_ptr + part * BLOCK_R + offs_r, l)
+
+
+@triton.jit
+def _decode_attn_combine_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, G, R, E, s_o_b, s_o_h,
+                                NSPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One (row b, kv head g): merge the splits' partial softmaxes, rescaled to their common max."""
+    bg = tl.program_id(0)
+    b, g = bg // G, bg % G
+    offs_j = tl.arange(0, NSPLIT)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_E)
+    ml = (bg * NSPLIT + offs_j[:, None]) * BLOCK_R + offs_r[None, :]  # (j, r)
+    m = tl.load(m_ptr + ml)
+    l = tl.load(l_ptr + ml)
+    m_all = tl.max(m, 0)  # (r,) finite: slot t itself is a key of every row
+    w = tl.exp(m - m_all[None, :])  # (j, r) 0 for empty splits
+    acc = tl.load(acc_ptr + ml[:, :, None] * BLOCK_E + offs_e[None, None, :])  # (j, r, e)
+    y = tl.sum(acc * w[:, :, None], 0) / tl.sum(l * w, 0)[:, None]  # (r, e)
+    mask = (offs_r[:, None] < R) & (offs_e[None, :] < E)
+    tl.store(o_ptr + b * s_o_b + (g * R + offs_r[:, None]) * s_o_h + offs_e[None, :],
+             y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 # Fixed launch options for the chunk kernels, measured on an H200 (triton 3.6), no autotune (it made
@@ -522,6 +604,44 @@ def ssd_step(state, x, dt, A, B, C, D=None):
     _step_kernel[(b * h, triton.cdiv(p, BLOCK_P))](state, x, dt, A, B, C, A if D is None else D, y, h, h // g, p, n,
                                                    *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
                                                    HAS_D=D is not None, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **STEP_OPTS)
+    return y
+
+
+
+# keys per block of the decode attention and the programs a launch should have at least (about 4
+# per SM of an H100/H200): with fewer (b * g) rows than that, each row's keys are split among programs
+ATTN_BLOCK_S, ATTN_PROGRAMS, ATTN_OPTS = 64, 512, dict(num_warps=4)
+
+
+def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
+    """One decode step of grouped-query attention (flash-decoding: split the keys, merge the splits).
+
+    q (b, h, e): this step's queries; k_cache, v_cache (b, g, s, e): the cache, this step's key and
+    value already written at slot t; t: 1-element long tensor; pad (b,) long: row i's keys start at
+    slot pad[i] (left padding). Row i attends to slots pad[i]..t. Returns (b, h, e) in q's dtype.
+    t and pad are read on the device: no host sync, and one captured graph serves every step.
+    fp32 inputs get full-precision dots (not tf32): the tests compare greedy tokens with SDPA's."""
+    b, h, e = q.shape
+    g, s = k_cache.shape[1], k_cache.shape[2]
+    _expect_shapes({"k_cache": (k_cache, (b, g, s, e)), "v_cache": (v_cache, (b, g, s, e)), "t": (t, (1,)),
+                    "pad": (pad, (b,))}, f"q {tuple(q.shape)}")
+    if h % g:
+        raise ValueError(f"scan_kernel.py: query heads h={h} must be a multiple of kv heads g={g}")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("scan_kernel.py: decode_attention needs the head dim e contiguous")
+    r = h // g
+    BLOCK_R, BLOCK_E = max(16, triton.next_power_of_2(r)), max(16, triton.next_power_of_2(e))  # tl.dot needs >= 16
+    nsplit = min(triton.next_power_of_2(triton.cdiv(ATTN_PROGRAMS, b * g)), triton.next_power_of_2(triton.cdiv(s, ATTN_BLOCK_S)))
+    acc = torch.empty(b * g, nsplit, BLOCK_R, BLOCK_E, device=q.device, dtype=torch.float32)
+    m = torch.empty(b * g, nsplit, BLOCK_R, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    _decode_attn_kernel[(b * g, nsplit)](q, k_cache, v_cache, t, pad, acc, m, l, g, r, e, scale or e ** -0.5,
+                                         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
+                                         NSPLIT=nsplit, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E, BLOCK_S=ATTN_BLOCK_S,
+                                         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **ATTN_OPTS)
+    y = torch.empty(b, h, e, device=q.device, dtype=q.dtype)
+    _decode_attn_combine_kernel[(b * g,)](acc, m, l, y, g, r, e, *y.stride()[:2],
+                                          NSPLIT=nsplit, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E)
     return y
 
 

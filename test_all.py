@@ -16,6 +16,7 @@ import matplotlib.image
 import pytest
 import regex
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():  # must be set before triton is imported anywhere
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,8 +24,8 @@ if not torch.cuda.is_available():  # must be set before triton is imported anywh
 import mamba_distill as md  # noqa: E402
 import plot_scaling as ps  # noqa: E402
 import sample  # noqa: E402
-from scan_kernel import (ssd_scan, ssd_scan_chunked_torch, ssd_scan_ref, ssd_step, ssd_step_ref,  # noqa: E402
-                         random_inputs)
+from scan_kernel import (decode_attention, decode_attention_ref, random_inputs, ssd_scan,  # noqa: E402
+                         ssd_scan_chunked_torch, ssd_scan_ref, ssd_step, ssd_step_ref)
 from mamba_distill import (  # noqa: E402
     LLAMA3_SPLIT_PATTERN, SAFETENSORS_DTYPES, InputError, Tokenizer, gold_answer,
     load_safetensors, load_state_dict, load_tiktoken_bpe_file, make_problem, prompt_text, read_jsonl,
@@ -663,13 +664,69 @@ def test_gpu_step_in_cuda_graph():
     assert_rel_close("graph state", state, state_r, 1e-5)
 
 
+
+# -----------------------------------------------------------------------------
+# decode attention (flash-decoding kernel) against its reference, and the reference against SDPA
+
+
+def decode_inputs(b, h, g, e, s, t, device, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, e, generator=gen)
+    k, v = torch.randn(2, b, g, s, e, generator=gen)
+    pad = torch.randint(0, t // 2 + 1, (b,), generator=gen)
+    return [x.to(device, dtype) for x in (q, k, v)] + [torch.tensor([t], device=device), pad.to(device)]
+
+
+# (b, h, g, e, s, t): GQA 4:1 and 3:1, MHA, e not a power of two; few rows, so keys are split among
+# up to 8 programs (some of them empty); t at the first and the last slot
+DECODE_SHAPES = [(3, 8, 2, 64, 100, 77), (2, 6, 2, 24, 50, 49), (1, 4, 4, 16, 300, 250), (5, 12, 4, 32, 40, 0)]
+
+
+@pytest.mark.parametrize("b, h, g, e, s, t", DECODE_SHAPES)
+def test_decode_attention_vs_reference(b, h, g, e, s, t):
+    q, k, v, tt, pad = decode_inputs(b, h, g, e, s, t, DEVICE, torch.float32, seed=s)
+    if t == 0:
+        pad.zero_()  # the first slot: each row's only key is the one just written
+    y = decode_attention(q, k, v, tt, pad)
+    assert_close(y, decode_attention_ref(q, k, v, tt, pad), what="decode attention")
+
+
+def test_decode_attention_reference_vs_sdpa():
+    """The reference against PyTorch's own attention with an explicit mask (an independent oracle)."""
+    b, h, g, e, s, t = 3, 8, 2, 16, 20, 13
+    q, k, v, tt, pad = decode_inputs(b, h, g, e, s, t, "cpu", torch.float32, seed=1)
+    ok = (torch.arange(s)[None, :] >= pad[:, None]) & (torch.arange(s)[None, :] <= t)  # (b, s)
+    y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=ok[:, None, None], enable_gqa=True)  # (b, h, 1, e)
+    assert_close(decode_attention_ref(q, k, v, tt, pad), y[:, :, 0], what="reference vs SDPA")
+    with pytest.raises(ValueError, match="v_cache has shape"):
+        decode_attention(q, k, v[:, :, :5], tt, pad)
+    with pytest.raises(ValueError, match="pad has shape"):
+        decode_attention(q, k, v, tt, pad[:1])
+
+
+@needs_cuda
+@pytest.mark.parametrize("b, s", [(2, 8192), (256, 640)])  # split among many programs / one per row
+def test_gpu_decode_attention_bf16_in_graph(b, s):
+    """bf16 against the fp32 reference, replayed from one CUDA graph while t advances on the device."""
+    q, k, v, tt, pad = decode_inputs(b, 32, 8, 64, s, s // 2, DEVICE, torch.bfloat16, seed=b)
+    decode_attention(q, k, v, tt, pad)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = decode_attention(q, k, v, tt, pad)
+    for t in (s // 2, s // 2 + 1, s - 1):
+        tt.fill_(t)
+        graph.replay()
+        assert_rel_close(f"decode attention at t={t}", y, decode_attention_ref(q.float(), k.float(), v.float(), tt, pad), 1e-2)
+
+
 # -----------------------------------------------------------------------------
 # sample.py: cached and graph decoding against a naive generate, answers, pass@k, resume
 
 
 # ragged prompts: different lengths, so the batch is left-padded by 0, 4 and 8 tokens
 PROMPTS = [[5, 17, 3, 9, 44, 2, 71, 12, 60, 8, 30], [8, 1, 60, 4, 22, 93, 7], [33, 12, 90]]
-NEW = 20  # new tokens: slots 11..30 pass through four kv buckets of 8 (kv_step=8 below)
+NEW = 20  # new tokens: slots 11..30 of a 32-slot cache
 
 
 @torch.no_grad()
@@ -682,13 +739,13 @@ def naive_generate(model, prompt, n):
 
 
 def greedy(model, prompts, batch, **kw):
-    sampler = sample.Sampler(model, batch, 32, temperature=0, kv_step=8, **kw)
+    sampler = sample.Sampler(model, batch, 32, temperature=0, **kw)
     return sampler.generate(prompts, NEW)[0]
 
 
 @pytest.mark.parametrize("kind", ["teacher", "hybrid", "pure"])
 def test_greedy_equals_naive_generate(kind):
-    """Cached prefill + decode steps (through several kv buckets) == no cache, token for token."""
+    """Cached prefill + decode steps == no cache, token for token."""
     model = tiny_models()[kind]
     outs = greedy(model, PROMPTS, batch=4)  # a ragged batch of 3 in 4 rows (one filler row)
     for prompt, out in zip(PROMPTS, outs):
@@ -712,11 +769,11 @@ def test_generate_in_batches():
 
 def test_sampling_seed_reproducible_and_top_k_1_is_greedy():
     model = tiny_models()["hybrid"]
-    sampler = sample.Sampler(model, 3, 32, temperature=1.0, top_k=0, top_p=0.9, kv_step=8)
+    sampler = sample.Sampler(model, 3, 32, temperature=1.0, top_k=0, top_p=0.9)
     a = sampler.generate(PROMPTS, NEW, seed=7)[0]
     assert sampler.generate(PROMPTS, NEW, seed=7)[0] == a
     assert sampler.generate(PROMPTS, NEW, seed=8)[0] != a  # 60 tokens from a near-uniform random model
-    top1 = sample.Sampler(model, 3, 32, temperature=1.0, top_k=1, kv_step=8).generate(PROMPTS, NEW, seed=3)[0]
+    top1 = sample.Sampler(model, 3, 32, temperature=1.0, top_k=1).generate(PROMPTS, NEW, seed=3)[0]
     assert top1 == greedy(model, PROMPTS, batch=3)
 
 
@@ -737,7 +794,7 @@ def test_stop_tokens_end_rows():
     model = tiny_models()["teacher"]
     full = greedy(model, PROMPTS, batch=3)
     stops = {ref[3] for ref in full}  # every row meets one by its 4th token
-    sampler = sample.Sampler(model, 3, 32, temperature=0, kv_step=8)
+    sampler = sample.Sampler(model, 3, 32, temperature=0)
     outs, stats = sampler.generate(PROMPTS, NEW, stop_ids=stops, check_every=3)
     for out, ref in zip(outs, full):
         first = min(i for i, t in enumerate(ref) if t in stops)
@@ -845,15 +902,16 @@ def test_evaluate_writes_and_resumes(tmp_path):
 
 
 @needs_cuda
+@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("kind", ["teacher", "hybrid", "pure"])
-def test_cuda_graph_decode_equals_naive(kind):
-    """On GPU, in fp32: the captured decode graphs give the naive greedy continuation."""
+def test_cuda_graph_decode_equals_naive(kind, compile):
+    """On GPU, in fp32: the captured (and compiled) decode step gives the naive greedy continuation."""
     model = tiny_models()[kind].cuda()
-    outs = greedy(model, PROMPTS, batch=4, cuda_graph=True)
+    outs = greedy(model, PROMPTS, batch=4, cuda_graph=True, compile=compile)
     for prompt, out in zip(PROMPTS, outs):
         assert out == naive_generate(model, prompt, NEW), kind
-    sampler = sample.Sampler(model, 3, 32, temperature=1.0, top_p=0.9, kv_step=8)
-    assert sampler.graphs is not None
+    sampler = sample.Sampler(model, 3, 32, temperature=1.0, top_p=0.9, compile=compile)
+    assert sampler.graph is not None
     assert sampler.generate(PROMPTS, NEW, seed=5)[0] == sampler.generate(PROMPTS, NEW, seed=5)[0]
 
 
