@@ -286,7 +286,7 @@ class MambaMixer(nn.Module):
         if ctx is not None and ctx.valid is not None:
             dt = dt * ctx.valid[..., None]
         A = -torch.exp(self.A_log.float())  # (h,) < 0: a decay per head
-        state = None if cache is None else cache[1]  # (b, h, p, n) fp32
+        state = None if cache is None else cache[1]  # (b, h, p, n)
         if x.is_cuda:  # the Triton kernels (scan_kernel.py)
             y, final = ssd_scan(x, dt, A, B, C, self.D.float(), initial_state=state, return_final_state=True)
         else:  # the same chunked algorithm in plain PyTorch: ~15x faster on a CPU than the sequential spec
@@ -297,7 +297,7 @@ class MambaMixer(nn.Module):
 
     def _step(self, z, xBC, dt, cache):
         """One decode token: roll the conv window, then one SSM recurrence step (in place)."""
-        conv_state, ssm_state = cache  # (b, conv_dim, w-1), (b, h, p, n) fp32
+        conv_state, ssm_state = cache  # (b, conv_dim, w-1), (b, h, p, n)
         b = z.shape[0]
         window = torch.cat([conv_state, xBC.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (b, conv_dim, w)
         conv_state.copy_(window[:, :, 1:])
@@ -404,8 +404,9 @@ class LM(nn.Module):
         ang = torch.cat([ang, ang], dim=-1)[:, None]  # (b, 1, l, e)
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
-    def allocate_cache(self, batch, max_len, dtype, device):
-        """Per layer: (k, v) (b, k, s, e) for attention, (conv, state) for a mixer, state in fp32."""
+    def allocate_cache(self, batch, max_len, dtype, device, state_dtype=torch.float32):
+        """Per layer: (k, v) (b, k, s, e) for attention, (conv, state) for a mixer. The SSM state is
+        fp32 unless state_dtype says otherwise (bf16 halves a pure student's decode traffic)."""
         c = self.cfg
         self.inv_freq = self.inv_freq.to(device)  # now, not inside a CUDA graph capture that may follow
         cache = []
@@ -413,7 +414,7 @@ class LM(nn.Module):
             if hasattr(blk, "mixer"):
                 m = blk.mixer
                 cache.append((torch.zeros(batch, m.conv_dim, m.w - 1, dtype=dtype, device=device),
-                              torch.zeros(batch, m.h, m.p, m.n, dtype=torch.float32, device=device)))
+                              torch.zeros(batch, m.h, m.p, m.n, dtype=state_dtype, device=device)))
             else:
                 shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
                 cache.append((torch.zeros(shape, dtype=dtype, device=device),

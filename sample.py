@@ -85,6 +85,8 @@ class SampleConfig:
     seed: int = opt(0, "sampling seed (each batch derives its own from it)")
     cuda_graph: bool = opt(True, "run the decode step as a captured CUDA graph (GPU only)")
     compile: bool = opt(True, "torch.compile the decode step before capturing it (GPU only; ~20 s per model)")
+    state_dtype: str = opt("model", "SSM state while decoding: model (the sampling dtype, bf16 on GPU, as mamba_ssm's "
+                                    "inference cache) or float32")
     prefill_tokens: int = opt(32768, "prefill this many tokens at a time (rows are split to fit)")
     device: str = opt("auto", "auto, cuda or cpu")
     # speed benchmark
@@ -123,19 +125,26 @@ def sample_next(logits, temperature, top_k, top_p):
     return ids.gather(-1, choice[:, None])[:, 0]  # (b,)
 
 
-def cache_bytes_per_row(model, max_len, dtype):
+def resolve_state_dtype(name, dtype):
+    """--state_dtype: "model" -> the sampling dtype, "float32" -> fp32."""
+    if name not in ("model", "float32"):
+        raise md.InputError(f"--state_dtype: expected model or float32, got {name!r}")
+    return dtype if name == "model" else torch.float32
+
+
+def cache_bytes_per_row(model, max_len, dtype, state_dtype):
     """Bytes of cache one row needs: KV slots for attention layers, conv + SSM state for Mamba ones."""
-    cache = model.allocate_cache(1, max_len, dtype, "meta")
+    cache = model.allocate_cache(1, max_len, dtype, "meta", state_dtype)
     return sum(t.numel() * t.element_size() for layer in cache for t in layer)
 
 
-def largest_batch(model, max_len, dtype, device, cap, prefill_tokens):
+def largest_batch(model, max_len, dtype, device, cap, prefill_tokens, state_dtype=torch.float32):
     """The most rows whose cache and decode-step workspace fit in the free GPU memory (multiple of 8)."""
     if torch.device(device).type != "cuda":
         return min(cap, 64)
     c = model.cfg
     # per row: the cache, logits (bf16 + fp32 copies, top-k), and the step's activations
-    per_row = cache_bytes_per_row(model, max_len, dtype) + 12 * c.vocab_size + 64 * (c.hidden_size + c.intermediate_size)
+    per_row = cache_bytes_per_row(model, max_len, dtype, state_dtype) + 12 * c.vocab_size + 64 * (c.hidden_size + c.intermediate_size)
     # prefill works on `prefill_tokens` tokens at a time: activations of one layer plus a scan's chunk states
     m = next((blk.mixer for blk in model.model.layers if hasattr(blk, "mixer")), None)
     per_token = 2 * (12 * c.hidden_size + 4 * c.intermediate_size) + (0 if m is None else 4 * m.h * m.p * m.n // 16)
@@ -148,7 +157,7 @@ class Sampler:
     and the captured graphs are allocated once). Usage: Sampler(model, ...).generate(prompts, n)."""
 
     def __init__(self, model, batch, max_len, temperature=1.0, top_k=0, top_p=1.0, cuda_graph=True,
-                 prefill_tokens=32768, dtype=None, compile=False):
+                 prefill_tokens=32768, dtype=None, compile=False, state_dtype=torch.float32):
         p = next(model.parameters())
         self.model, self.batch, self.max_len = model, batch, max_len
         self.device, self.dtype = p.device, dtype or p.dtype
@@ -158,7 +167,7 @@ class Sampler:
                                        cache_enabled=False)
         self.sampling = (temperature, top_k, top_p)
         self.prefill_tokens = prefill_tokens
-        self.cache = model.allocate_cache(batch, max_len, self.dtype, self.device)
+        self.cache = model.allocate_cache(batch, max_len, self.dtype, self.device, state_dtype)
         self.is_ssm = [hasattr(blk, "mixer") for blk in model.model.layers]
         # the decode step's inputs and outputs live in fixed buffers, so that graphs can replay it
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # (b, 1) last token
@@ -457,14 +466,15 @@ def evaluate(cfg: SampleConfig):
     prompts = [tokenizer.encode_chat([{"role": "user", "content": md.prompt_text(r["question"])}]) for r in rows]
     golds = [normalize_number(md.gold_answer(r["answer"])) for r in rows]
     max_len = max(map(len, prompts)) + cfg.max_new_tokens
-    batch = cfg.batch_size or largest_batch(model, max_len, dtype, device, cfg.max_batch, cfg.prefill_tokens)
+    state_dtype = resolve_state_dtype(cfg.state_dtype, dtype)
+    batch = cfg.batch_size or largest_batch(model, max_len, dtype, device, cfg.max_batch, cfg.prefill_tokens, state_dtype)
     batch = min(batch, len(rows) * cfg.k)
     sampler = Sampler(model, batch, max_len, cfg.temperature, cfg.top_k, cfg.top_p, cfg.cuda_graph, cfg.prefill_tokens,
-                      compile=cfg.compile)
+                      compile=cfg.compile, state_dtype=state_dtype)
     path = os.path.join(out_dir, "samples.jsonl")
     meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), "seed": cfg.seed,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-            "max_new_tokens": cfg.max_new_tokens}
+            "max_new_tokens": cfg.max_new_tokens, "state_dtype": str(state_dtype)}
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(path) and os.path.exists(meta_path):  # resume only what the same settings drew
         with open(meta_path) as fh:
@@ -572,11 +582,11 @@ def copy_bandwidth(device, n_bytes=1 << 31):
     return 2 * n_bytes * 10 / (time.perf_counter() - t0) / 1e9
 
 
-def step_bytes(model, batch, kv_len):
+def step_bytes(model, batch, kv_len, state_dtype):
     """Bytes one decode step must move at least: every weight once (the tied embedding is read as the
     LM head), the KV cache of kv_len tokens per row, and each SSM/conv state read and written."""
     w = sum(p.numel() * p.element_size() for p in model.parameters())
-    cache = model.allocate_cache(batch, max(kv_len, 1), next(model.parameters()).dtype, "meta")
+    cache = model.allocate_cache(batch, max(kv_len, 1), next(model.parameters()).dtype, "meta", state_dtype)
     kv = ssm = 0
     for c, blk in zip(cache, model.model.layers):
         nbytes = sum(t.numel() * t.element_size() for t in c)
@@ -592,7 +602,7 @@ def bench_generate(model, batch, prompt_len, gen_len, cfg):
     Sampling as HF's default: temperature 1, top-k 50. The graphs were captured when the sampler was
     built; a short warm-up call of the same batch and prompt length runs the prefill's kernels once."""
     sampler = Sampler(model, batch, prompt_len + gen_len, 1.0, 50, 1.0, cfg.cuda_graph, cfg.prefill_tokens,
-                      compile=cfg.compile)
+                      compile=cfg.compile, state_dtype=resolve_state_dtype(cfg.state_dtype, torch.bfloat16))
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 128000, (batch, prompt_len), generator=g).tolist()
     sampler.generate(prompts, 8)
@@ -610,7 +620,8 @@ def bench_steps(model, batch, prompt_len, gen_len, cfg, points=8):
     `points` evenly spaced slots of the generation (replayed 4 times each, the median of the last 3),
     times the number of steps. A step's cost is affine in its slot (it reads keys pad..t), so the
     midpoints give the exact mean: what a full call measures, in a fraction of its time."""
-    sampler = Sampler(model, batch, prompt_len + gen_len, 1.0, 50, 1.0, True, cfg.prefill_tokens, compile=cfg.compile)
+    sampler = Sampler(model, batch, prompt_len + gen_len, 1.0, 50, 1.0, True, cfg.prefill_tokens, compile=cfg.compile,
+                      state_dtype=resolve_state_dtype(cfg.state_dtype, torch.bfloat16))
     prompts = torch.randint(0, 128000, (batch, prompt_len)).tolist()
     sampler.generate(prompts, 2)
     torch.cuda.reset_peak_memory_stats()
@@ -674,9 +685,10 @@ def bench(cfg: SampleConfig):
 
 def _bench(cfg, device):
     dtype = torch.bfloat16
+    state_dtype = resolve_state_dtype(cfg.state_dtype, dtype)
     bw = copy_bandwidth(device)
     result = {"device": device_name(device), "copy_GBps": bw, "date": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "results": [], "hf": []}
+              "torch": torch.__version__, "state_dtype": str(state_dtype), "compile": cfg.compile, "results": [], "hf": []}
     path = os.path.join(cfg.out_dir, "bench", "decode.json")
     print(f"{result['device']}: copy bandwidth {bw:.0f} GB/s", flush=True)
     prompt_len = 128
@@ -691,11 +703,11 @@ def _bench(cfg, device):
         for kind in cfg.bench_models.split(","):
             model = random_model(shape_config(shape, kind, cfg.hybrid_attention), device, dtype)
             runs = []
-            fit = largest_batch(model, prompt_len + 512, dtype, device, cfg.max_batch, cfg.prefill_tokens)
+            fit = largest_batch(model, prompt_len + 512, dtype, device, cfg.max_batch, cfg.prefill_tokens, state_dtype)
             for b in sorted({b for b in map(int, cfg.bench_batches.split(",")) if b < fit} | {fit}):
                 runs.append((b, 512, bench_generate))
             for n in map(int, cfg.bench_gen_lens.split(",")):
-                b = largest_batch(model, prompt_len + n, dtype, device, cfg.max_batch, cfg.prefill_tokens)
+                b = largest_batch(model, prompt_len + n, dtype, device, cfg.max_batch, cfg.prefill_tokens, state_dtype)
                 if (b, n) not in {(r[0], r[1]) for r in runs}:
                     runs.append((b, n, bench_generate if cfg.bench_e2e or not cfg.cuda_graph else bench_steps))
             for b, n, fn in runs:
@@ -705,7 +717,7 @@ def _bench(cfg, device):
                     print(f"{shape} {kind} batch {b} gen {n}: out of memory", flush=True)
                     torch.cuda.empty_cache()
                     continue
-                roof = b / (step_bytes(model, b, prompt_len + n // 2) / (bw * 1e9))  # mean kv length
+                roof = b / (step_bytes(model, b, prompt_len + n // 2, state_dtype) / (bw * 1e9))  # mean kv length
                 r = {"shape": shape, "model": kind, "batch": b, "prompt_len": prompt_len, "gen_len": n,
                      "tokens_per_s": r.pop("tokens_per_s"), "roofline_tokens_per_s": roof,
                      "roofline_frac": r["decode_tokens_per_s"] / roof,
@@ -737,6 +749,7 @@ def main(argv=None):
     cfg = md.parse_config(SampleConfig, argv, description=__doc__.strip().splitlines()[0])
     if cfg.device == "auto":
         cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    resolve_state_dtype(cfg.state_dtype, torch.float32)  # a bad flag fails before any work
     return bench(cfg) if cfg.bench else evaluate(cfg)
 
 

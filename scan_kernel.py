@@ -39,11 +39,14 @@ dS_{k+1} + that), and one kernel per chunk and group computes dx, dB, dC, ddt an
 sums from the saved states S_k. Gradients of the log-decays: d(loss)/ds_i collects from (1), (2),
 (3); since s is a running sum, d/d(dt_t A) = sum_{i>=t} d/ds_i (a reverse cumulative sum).
 
-Decode (ssd_step) is one step of the recurrence: a pure read-modify-write of the (b, h, p, n) fp32
-state, so it is limited by memory bandwidth; one program per (b, h, block of p rows).
+Decode (ssd_step) is one step of the recurrence: a pure read-modify-write of the (b, h, p, n)
+state, so it is limited by memory bandwidth; one program per (b, h, block of p rows). The state may
+be stored in bf16 (mamba_ssm's inference cache keeps it in the model's dtype): half the bytes, fp32
+math inside the step.
 
 Shapes and dtypes: any l; any p, n up to 128 (tiles are padded to powers of two >= 16 by masks);
-x, B, C in bf16, fp16 or fp32 (fp32 dots run as tf32 on GPU); dt, A, D, states fp32; any strides.
+x, B, C in bf16, fp16 or fp32 (fp32 dots run as tf32 on GPU); dt, A, D fp32; the scan's states fp32
+(the decode step's may be bf16); any strides.
 The forward saves the entering state of every chunk for the backward: b*h*ceil(l/c)*p*n*4 bytes.
 Under the interpreter (TRITON_INTERPRET=1) kernels loop with `while` or over constexpr bounds:
 `range(runtime int)` fails there with numpy 2.4 (int() of a 1-element array), works with 2.3.
@@ -89,13 +92,14 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, return_final_state=
 
 
 def ssd_step_ref(state, x, dt, A, B, C, D=None):
-    """One decode step: updates state (b, h, p, n) fp32 in place, returns y (b, h, p) in x's dtype."""
+    """One decode step: updates state (b, h, p, n) in place (fp32 math, stored in the state's dtype),
+    returns y (b, h, p) in x's dtype."""
     h = x.shape[1]
     rep = h // B.shape[1]
     Bh = B.float().repeat_interleave(rep, dim=1)  # (b, h, n)
     Ch = C.float().repeat_interleave(rep, dim=1)  # (b, h, n)
     decay = torch.exp(dt.float() * A.float())  # (b, h)
-    new = decay[..., None, None] * state + (dt.float()[..., None] * x.float())[..., None] * Bh[:, :, None, :]  # (b, h, p, n)
+    new = decay[..., None, None] * state.float() + (dt.float()[..., None] * x.float())[..., None] * Bh[:, :, None, :]  # (b, h, p, n)
     state.copy_(new)
     y = (new @ Ch[..., None]).squeeze(-1)  # (b, h, p)
     if D is not None:
@@ -372,9 +376,10 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, H,
     Cv = tl.load(C_ptr + b * s_c_b + grp * s_c_g + offs_n * s_c_n, mask=n_mask, other=0.0).to(tl.float32)  # (n,)
     ptrs = state_ptr + b * s_st_b + h * s_st_h + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n
     mask = p_mask[:, None] & n_mask[None, :]
-    S = tl.load(ptrs, mask=mask, other=0.0)  # (p, n) fp32
+    S = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # (p, n)
     S = S * decay + (dt * x)[:, None] * Bv[None, :]
-    tl.store(ptrs, S, mask=mask)
+    # a bf16 state (mamba_ssm's inference default) moves half the bytes; y uses the unrounded fp32 state
+    tl.store(ptrs, S.to(state_ptr.dtype.element_ty), mask=mask)
     y = tl.sum(S * Cv[None, :], 1)  # (p,)
     if HAS_D:
         y += tl.load(D_ptr + h).to(tl.float32) * x
@@ -588,12 +593,13 @@ STEP_TILE, STEP_OPTS = 4096, dict(num_warps=4)
 
 
 def ssd_step(state, x, dt, A, B, C, D=None):
-    """One decode step in place on state (b, h, p, n) fp32; returns y (b, h, p) in x's dtype.
+    """One decode step in place on state (b, h, p, n) (fp32, or bf16/fp16 to halve the bytes; the
+    math is fp32 either way); returns y (b, h, p) in x's dtype.
     No host sync, no autotune, one fixed-size output: safe inside a captured CUDA graph."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    if state.dtype != torch.float32:
-        raise ValueError(f"scan_kernel.py: state must be fp32, got {state.dtype}")
+    if state.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"scan_kernel.py: state must be fp32, bf16 or fp16, got {state.dtype}")
     _expect_shapes({"state": (state, (b, h, p, n)), "dt": (dt, (b, h)), "A": (A, (h,)), "B": (B, (b, g, n)),
                     "C": (C, (b, g, n)), "D": (D, (h,))}, f"x {tuple(x.shape)}")
     _check_groups(h, g, p, n)
