@@ -408,7 +408,8 @@ class LM(nn.Module):
         """Per layer: (k, v) (b, k, s, e) for attention, (conv, state) for a mixer. The SSM state is
         fp32 unless state_dtype says otherwise (bf16 halves a pure student's decode traffic)."""
         c = self.cfg
-        self.inv_freq = self.inv_freq.to(device)  # now, not inside a CUDA graph capture that may follow
+        if torch.device(device).type != "meta":  # (a meta cache only counts bytes)
+            self.inv_freq = self.inv_freq.to(device)  # now, not inside a CUDA graph capture that may follow
         cache = []
         for blk in self.model.layers:
             if hasattr(blk, "mixer"):

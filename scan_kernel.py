@@ -418,7 +418,8 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, t_ptr, pad_ptr, acc_ptr, m_ptr, l_p
         kv_mask = s_mask[:, None] & e_mask[None, :]
         k = tl.load(k_base + slots[:, None] * s_k_s + offs_e[None, :], mask=kv_mask, other=0.0)  # (s, e)
         v = tl.load(v_base + slots[:, None] * s_v_s + offs_e[None, :], mask=kv_mask, other=0.0)  # (s, e)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (r, s) fp32
+        # (r, s); the cast: torch.compile passes the Python float scale as fp64
+        scores = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)
         scores = tl.where(s_mask[None, :], scores, -float("inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))  # finite: the block holds at least one key
         alpha = tl.exp(m - m_new)  # rescales what was summed under the old max (0 on the first block)
