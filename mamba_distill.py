@@ -73,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from scan_kernel import decode_attention, ssd_scan, ssd_scan_chunked_torch, ssd_step, ssd_step_ref
+from scan_kernel import decode_attention, fused_kl_div, kl_div_ref, ssd_scan, ssd_scan_chunked_torch, ssd_step, ssd_step_ref
 
 
 class InputError(Exception):
@@ -1540,18 +1540,18 @@ def ce_loss(model, x, y, m):
 
 
 def kl_loss_fn(teacher, direction, temperature, pad_id):
-    """Stage 2: distil the teacher's next-token distribution at every real token."""
+    """Stage 2: distil the teacher's next-token distribution at every real token: forward
+    KL(p_T || p_S) (mass-covering) or reverse KL(p_S || p_T) (mode-seeking), both softmaxes at the
+    temperature. On a GPU the KL is scan_kernel.py's fused Triton kernel, which never materialises
+    an fp32 (b*l, v) tensor; elsewhere its PyTorch definition."""
     def loss_fn(student, x, y, m):
         with torch.no_grad():
             t_logits = teacher(x)  # (b, l, v)
         s_logits = student(x)  # (b, l, v)
-        t_logp = F.log_softmax(t_logits.float() / temperature, -1)  # (b, l, v)
-        s_logp = F.log_softmax(s_logits.float() / temperature, -1)  # (b, l, v)
-        if direction == "forward":  # KL(p_T || p_S): mass-covering
-            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (b, l)
-        else:  # KL(p_S || p_T): mode-seeking
-            kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)  # (b, l)
+        kl_div = fused_kl_div if s_logits.is_cuda else kl_div_ref
+        kl = kl_div(s_logits, t_logits, temperature, direction)  # (b, l) fp32
         real = (x != pad_id).float()  # (b, l) every real token, the prompt's included
+        # soft targets' gradients scale as 1 / T^2 (Hinton et al. 2015): T^2 makes them independent of T
         return temperature ** 2 * (kl * real).sum(), real.sum()
     return loss_fn
 

@@ -1,4 +1,4 @@
-"""Triton SSD scan (Mamba-2 "state-space duality"): forward, backward and the one-token decode step.
+"""Triton SSD scan (Mamba-2 "state-space duality"): forward, backward, decode step; and the fused KL loss.
 
 The student's mixer is the selective state-space recurrence of Mamba-2, per batch b and head h:
 
@@ -8,6 +8,7 @@ The student's mixer is the selective state-space recurrence of Mamba-2, per batc
 Run:  python scan_kernel.py --check           quick correctness check on the current device
       python scan_kernel.py --bench [--mamba_path DIR]   speed vs the PyTorch path and mamba_ssm
       python -m pytest -q test_all.py -k scan    the tests (CPU: Triton interpreter, tiny shapes)
+      python -m pytest -q test_all.py -k kl      the fused KL loss's tests
 
 Glossary: b batch, l length, h heads, p head dim (x, y), n state dim (B, C), g groups (head h
 reads B and C of group h // (h/g); the MambaInLlama student has g == h), c chunk length, k chunk
@@ -50,6 +51,18 @@ x, B, C in bf16, fp16 or fp32 (fp32 dots run as tf32 on GPU); dt, A, D fp32; the
 The forward saves the entering state of every chunk for the backward: b*h*ceil(l/c)*p*n*4 bytes.
 Under the interpreter (TRITON_INTERPRET=1) kernels loop with `while` or over constexpr bounds:
 `range(runtime int)` fails there with numpy 2.4 (int() of a 1-element array), works with 2.3.
+
+The fused KL loss (fused_kl_div; kl_div_ref is its definition) is stage 2 of distillation: per row
+of N rows (tokens) of student and teacher logits over a vocabulary of V, at temperature T, the KL
+between softmax(t / T) and softmax(s / T), forward KL(p_t || p_s) or reverse KL(p_s || p_t). In
+PyTorch it materialises several fp32 (N, V) tensors, 4 GB each at N = 8192, V = 128256. The kernel
+gives each row one program that streams its two rows of logits in blocks of the vocabulary, in fp32
+registers: pass 1 finds both log-sum-exps online (a running max, and a running sum of exponentials
+rescaled whenever the max grows); pass 2 sums the KL and, for the forward KL, writes the gradient
+(p_s - p_t) / T; the reverse KL's gradient p_s ((log p_s - log p_t) - KL) / T needs the finished KL,
+so a third pass writes it. The gradient is written during the forward into one (N, V) buffer of the
+logits' dtype, and the backward only scales it by the incoming gradient, in place: no fp32 (N, V)
+tensor ever exists, and the logits are read two or three times.
 """
 import dataclasses
 import importlib
@@ -614,7 +627,6 @@ def ssd_step(state, x, dt, A, B, C, D=None):
     return y
 
 
-
 # keys per block of the decode attention and the programs a launch should have at least (about 4
 # per SM of an H100/H200): with fewer (b * g) rows than that, each row's keys are split among programs
 ATTN_BLOCK_S, ATTN_PROGRAMS, ATTN_OPTS = 64, 512, dict(num_warps=4)
@@ -652,6 +664,146 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
     return y
 
 
+# ----------------------------------------------------------------------------- fused KL loss (distillation, stage 2)
+
+def _check_kl_args(s_logits, t_logits, temperature, direction):
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"scan_kernel.py: direction must be 'forward' or 'reverse', got {direction!r}")
+    if s_logits.shape != t_logits.shape or s_logits.dim() == 0 or s_logits.numel() == 0:
+        raise ValueError(f"scan_kernel.py: s_logits {tuple(s_logits.shape)} and t_logits {tuple(t_logits.shape)} "
+                         "must have the same non-empty (..., V) shape")
+    if not temperature > 0:
+        raise ValueError(f"scan_kernel.py: temperature must be > 0, got {temperature}")
+
+
+def kl_div_ref(s_logits, t_logits, temperature=1.0, direction="forward"):
+    """Definition, fp32 math: the KL between softmax(t / T) and softmax(s / T) of every row of
+    (..., V) logits, (...,) fp32, without distillation's T^2 factor. "forward" is KL(p_t || p_s)
+    (mass-covering), "reverse" KL(p_s || p_t) (mode-seeking)."""
+    _check_kl_args(s_logits, t_logits, temperature, direction)
+    t_logp = torch.log_softmax(t_logits.float() / temperature, -1)  # (..., V)
+    s_logp = torch.log_softmax(s_logits.float() / temperature, -1)  # (..., V)
+    if direction == "forward":
+        return (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (...,)
+    return (s_logp.exp() * (s_logp - t_logp)).sum(-1)  # (...,)
+
+
+@triton.jit
+def _kl_log_probs(s_row, t_row, v0, offs, V, inv_t, lse_s, lse_t):
+    """log p_s, log p_t (BLOCK_V,) of the block at v0 and its mask; the tail past V is loaded as
+    0 (finite, so differences stay finite there) and must be masked by the caller."""
+    mask = v0 + offs < V
+    ls = tl.load(s_row + v0 + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_s  # (BLOCK_V,)
+    lt = tl.load(t_row + v0 + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_t  # (BLOCK_V,)
+    return mask, ls, lt
+
+
+@triton.jit
+def _kl_fwd_kernel(s_ptr, t_ptr, grad_ptr, loss_ptr, V, s_stride, t_stride, inv_t,
+                   REVERSE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row: loss = KL, and (WRITE_GRAD) dKL/ds into the contiguous (N, V) buffer grad, in s's dtype.
+    Pass 1 finds both log-sum-exps, pass 2 the KL (and the forward KL's gradient), pass 3 the
+    reverse KL's gradient, which needs the finished KL."""
+    row = tl.program_id(0).to(tl.int64)  # row * V passes 2^31 at 16k rows of Llama 3's 128k vocabulary
+    s_row, t_row, g_row = s_ptr + row * s_stride, t_ptr + row * t_stride, grad_ptr + row * V
+    offs = tl.arange(0, BLOCK_V)
+    # pass 1, online: whenever the running max grows, rescale the running sum of exp(x - max). Every
+    # block holds at least one real entry (index < V), so the new max is finite and the padding's
+    # exp(-inf - max) = 0: no inf - inf, no NaN
+    m_s, m_t = float("-inf"), float("-inf")
+    z_s, z_t = 0.0, 0.0
+    v0 = 0
+    while v0 < V:  # a while loop: range(runtime int) breaks the interpreter under numpy >= 2.4
+        mask = v0 + offs < V
+        s = tl.load(s_row + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t  # (BLOCK_V,)
+        t = tl.load(t_row + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t  # (BLOCK_V,)
+        new_s, new_t = tl.maximum(m_s, tl.max(s, 0)), tl.maximum(m_t, tl.max(t, 0))
+        z_s = z_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(s - new_s), 0)
+        z_t = z_t * tl.exp(m_t - new_t) + tl.sum(tl.exp(t - new_t), 0)
+        m_s, m_t = new_s, new_t
+        v0 += BLOCK_V
+    lse_s, lse_t = m_s + tl.log(z_s), m_t + tl.log(z_t)
+    # pass 2: forward KL = sum p_t (log p_t - log p_s), d/ds_j = (p_s_j - p_t_j) / T;
+    # reverse KL = sum p_s (log p_s - log p_t), and z = sum p_s
+    kl = 0.0
+    z = 0.0
+    v0 = 0
+    while v0 < V:
+        mask, ls, lt = _kl_log_probs(s_row, t_row, v0, offs, V, inv_t, lse_s, lse_t)
+        if REVERSE:
+            p_s = tl.where(mask, tl.exp(ls), 0.0)  # (BLOCK_V,) zero past V
+            kl += tl.sum(p_s * (ls - lt), 0)
+            z += tl.sum(p_s, 0)
+        else:
+            p_t = tl.where(mask, tl.exp(lt), 0.0)  # (BLOCK_V,) zero past V
+            kl += tl.sum(p_t * (lt - ls), 0)
+            if WRITE_GRAD:
+                tl.store(g_row + v0 + offs, ((tl.exp(ls) - p_t) * inv_t).to(grad_ptr.dtype.element_ty), mask=mask)
+        v0 += BLOCK_V
+    if not REVERSE:
+        tl.store(loss_ptr + row, kl)
+    else:
+        # The reverse gradient subtracts the KL from log p_s - log p_t, and the KL is large where the
+        # teacher is sure (about 40 on random_logits' peaked teacher row). A rounding error e of lse_s
+        # shifts every log p_s by -e and makes z = exp(-e), not 1: left alone, it reaches the gradient
+        # multiplied by the KL (in fp32, 3x the PyTorch reference's error on such rows over 24 seeds).
+        # Normalising by z cancels it: kl / z = KL - e, the shift log p_s has too; the KL is kl / z - log z.
+        kl = kl / z
+        tl.store(loss_ptr + row, kl - tl.log(z))
+        if WRITE_GRAD:
+            # pass 3: d/ds_j = p_s_j ((log p_s_j - log p_t_j) - KL) / T, with p_s_j = exp(ls_j) / z
+            v0 = 0
+            while v0 < V:
+                mask, ls, lt = _kl_log_probs(s_row, t_row, v0, offs, V, inv_t, lse_s, lse_t)
+                tl.store(g_row + v0 + offs, (tl.exp(ls) / z * ((ls - lt) - kl) * inv_t).to(grad_ptr.dtype.element_ty),
+                         mask=mask)
+                v0 += BLOCK_V
+
+
+# Vocabulary entries per loop step and warps per row: one fixed config, chosen without measuring
+# (bench prints what it gives); small blocks under the interpreter keep the CPU tests fast.
+KL_BLOCK_V, KL_OPTS = (256 if INTERPRET else 4096), dict(num_warps=8)
+
+
+class _KLDivFn(torch.autograd.Function):
+    """On (N, V) rows with unit last stride. The gradient is computed in the forward, where the
+    kernel has the row at hand anyway, and kept in s's dtype: no fp32 (N, V) tensor ever exists."""
+
+    @staticmethod
+    def forward(ctx, s_logits, t_logits, temperature, reverse, write_grad):
+        n, v = s_logits.shape
+        loss = torch.empty(n, device=s_logits.device, dtype=torch.float32)  # (N,)
+        grad = torch.empty(n, v, device=s_logits.device, dtype=s_logits.dtype) if write_grad else None  # (N, V)
+        _kl_fwd_kernel[(n,)](s_logits, t_logits, loss if grad is None else grad, loss, v,
+                             s_logits.stride(0), t_logits.stride(0), 1.0 / temperature,
+                             REVERSE=reverse, WRITE_GRAD=write_grad, BLOCK_V=KL_BLOCK_V, **KL_OPTS)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        grad, = ctx.saved_tensors
+        # in place: the buffer is used once, and a second (N, V) tensor is what this avoids. A second
+        # backward through a retained graph fails autograd's version check instead of scaling twice
+        return grad.mul_(dloss[:, None]), None, None, None, None
+
+
+def fused_kl_div(s_logits, t_logits, temperature=1.0, direction="forward"):
+    """Triton version of kl_div_ref: (..., V) logits of any dtype, (...,) fp32 KL per row (no T^2).
+    Gradient only for s_logits, in its dtype; t_logits is a constant (the teacher)."""
+    _check_kl_args(s_logits, t_logits, temperature, direction)
+    if torch.is_grad_enabled() and t_logits.requires_grad:  # rather than a silently missing gradient
+        raise ValueError("scan_kernel.py: fused_kl_div gives t_logits no gradient; pass t_logits.detach()")
+    v = s_logits.shape[-1]
+    # the kernel takes any row stride but walks a row with unit steps
+    s2, t2 = (x.reshape(-1, v) for x in (s_logits, t_logits))  # (N, V) each, views when the strides allow
+    s2, t2 = (x if x.stride(1) == 1 else x.contiguous() for x in (s2, t2))
+    # decided here: inside forward grad mode is always off, and needs_input_grad ignores torch.no_grad()
+    write_grad = torch.is_grad_enabled() and s_logits.requires_grad
+    loss = _KLDivFn.apply(s2, t2, float(temperature), direction == "reverse", write_grad)  # (N,)
+    return loss.reshape(s_logits.shape[:-1])  # (...,)
+
+
 # ----------------------------------------------------------------------------- check
 
 def _rel_err(a, b):
@@ -671,8 +823,21 @@ def random_inputs(b, l, h, p, n, g, device, dtype, seed=0):
     return x, dt, A, B, C, D
 
 
+def random_logits(n, v, device, dtype, seed=0):
+    """Student and teacher logits (n, v) as in distillation: the teacher's spread like a trained LM's,
+    the student's off by noise. Row 0 of the student and row 1 of the teacher put +100 on one token:
+    exp(100) overflows fp32, so only a softmax that subtracts the max survives them. Drawn on the
+    device: the benchmark's 2 x 10^9 logits would take seconds on a CPU."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t = 3 * torch.randn(n, v, generator=gen, device=device)  # (n, v)
+    s = t + torch.randn(n, v, generator=gen, device=device)  # (n, v)
+    s[0, 7] = t[min(1, n - 1), 3] = 100.0
+    return s.to(dtype), t.to(dtype)
+
+
 def check(device):
-    """Forward, all gradients and the step against the references; returns True when all pass."""
+    """Forward, all gradients and the step against the references, then the fused KL loss and its
+    gradient against kl_div_ref; returns True when all pass."""
     small = INTERPRET
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
     tol = {torch.float32: 1e-4 if device.type == "cpu" else 5e-3, torch.bfloat16: 3e-2}  # tf32 / bf16 dots on GPU
@@ -700,6 +865,20 @@ def check(device):
         ok &= not bad
         print(f"check {device.type} {str(dtype):15s} rel errors: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items())
               + ("  FAIL " + ",".join(bad) if bad else "  ok"))
+    n, v = (5, 1000) if small else (64, 128256)
+    for dtype in dtypes:
+        s, t = random_logits(n, v, device, dtype)
+        dloss = torch.randn(n, device=device)
+        tol = {"loss": 1e-4, "ds": 1e-4 if dtype == torch.float32 else 1e-2}  # ds is stored in s's dtype
+        for direction in ("forward", "reverse"):
+            s_ours, s_ref = s.clone().requires_grad_(), s.float().clone().requires_grad_()
+            loss, loss_r = fused_kl_div(s_ours, t, 2.0, direction), kl_div_ref(s_ref, t.float(), 2.0, direction)
+            errs = {"loss": _rel_err(loss, loss_r),
+                    "ds": _rel_err(torch.autograd.grad(loss, s_ours, dloss)[0], torch.autograd.grad(loss_r, s_ref, dloss)[0])}
+            bad = [k for k, e in errs.items() if not e <= tol[k]]
+            ok &= not bad
+            print(f"check {device.type} {str(dtype):15s} kl {direction:7s} (T = 2, N={n}, V={v}) rel errors: "
+                  + " ".join(f"{k} {e:.1e}" for k, e in errs.items()) + ("  FAIL " + ",".join(bad) if bad else "  ok"))
     return ok
 
 
@@ -719,6 +898,7 @@ class Config:
     shapes: str = _opt("4,2048,32,64,64,8;1,8192,32,64,64,8", "scan shapes b,l,h,p,n,g separated by ';'")
     step_batches: str = _opt("64,256,1024", "batch sizes of the decode-step benchmark")
     breakdown: bool = _opt(False, "also print per-kernel GPU times of one forward+backward (torch.profiler)")
+    kl_shape: str = _opt("8192,128256", "fused KL benchmark: rows N, vocabulary V (Llama 3's)")
 
 
 def load_mamba(path):
@@ -820,6 +1000,23 @@ def bench(cfg):
             line += (f"   {name} {ms * 1e3:6.1f} us {gbs:5.0f} GB/s = {100 * gbs / same_size_bw:3.0f}% of copy"
                      f" ({100 * gbs / copy_bw:.0f}% of 256 MiB copy)")
         print(line)
+    bench_kl(cfg.kl_shape, dev)
+
+
+def bench_kl(shape, dev):
+    """Fused KL loss against its PyTorch definition: the loss and ds of one micro-batch's logits."""
+    n, v = map(int, shape.split(","))
+    s, t = random_logits(n, v, dev, torch.bfloat16)
+    s.requires_grad_()
+    dloss = torch.randn(n, device=dev)
+    paths = {"fused": fused_kl_div, "reference": kl_div_ref}
+    print(f"kl (ms, median of do_bench; N={n} V={v} bf16 logits, T = 1; fwd+bwd = the loss and its gradient wrt s)")
+    for direction in ("forward", "reverse"):
+        times = {name: _ms(lambda: torch.autograd.grad(f(s, t, 1.0, direction), s, dloss)) for name, f in paths.items()}
+        with torch.no_grad():
+            err = _rel_err(fused_kl_div(s, t, 1.0, direction), kl_div_ref(s, t, 1.0, direction))
+        print(f"  {direction:7s}  fused fwd+bwd {times['fused']:7.3f}  reference fwd+bwd {times['reference']:7.3f}"
+              f"  ratio fused/reference {times['fused'] / times['reference']:.2f}   rel diff of the loss {err:.1e}")
 
 
 def main(argv=None):

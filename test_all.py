@@ -24,8 +24,8 @@ if not torch.cuda.is_available():  # must be set before triton is imported anywh
 import mamba_distill as md  # noqa: E402
 import plot_scaling as ps  # noqa: E402
 import sample  # noqa: E402
-from scan_kernel import (decode_attention, decode_attention_ref, random_inputs, ssd_scan,  # noqa: E402
-                         ssd_scan_chunked_torch, ssd_scan_ref, ssd_step, ssd_step_ref)
+from scan_kernel import (decode_attention, decode_attention_ref, fused_kl_div, kl_div_ref, random_inputs,  # noqa: E402
+                         random_logits, ssd_scan, ssd_scan_chunked_torch, ssd_scan_ref, ssd_step, ssd_step_ref)
 from mamba_distill import (  # noqa: E402
     LLAMA3_SPLIT_PATTERN, SAFETENSORS_DTYPES, InputError, Tokenizer, gold_answer,
     load_safetensors, load_state_dict, load_tiktoken_bpe_file, make_problem, prompt_text, read_jsonl,
@@ -739,6 +739,110 @@ def test_gpu_decode_attention_bf16_in_graph(b, s):
         tt.fill_(t)
         graph.replay()
         assert_rel_close(f"decode attention at t={t}", y, decode_attention_ref(q.float(), k.float(), v.float(), tt, pad), 1e-2)
+
+
+# -----------------------------------------------------------------------------
+# scan_kernel.py: the fused KL loss against its reference, the reference against torch's kl_div
+
+
+def kl_and_grad(fn, s, t, dloss, temperature, direction):
+    """The KL of every row and the gradient of <KL, dloss> wrt s."""
+    leaf = s.detach().clone().requires_grad_()
+    kl = fn(leaf, t, temperature, direction)  # (n,)
+    return kl, torch.autograd.grad(kl, leaf, dloss)[0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_matches_reference(direction, temperature):
+    """5 rows, a vocabulary of 1000 (not a multiple of the kernel's block); a student row and a
+    teacher row put +100 on one token (see random_logits)."""
+    s, t = random_logits(5, 1000, DEVICE, torch.float32, seed=1)
+    dloss = torch.randn(5, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    kl, ds = kl_and_grad(fused_kl_div, s, t, dloss, temperature, direction)
+    kl_r, ds_r = kl_and_grad(kl_div_ref, s, t, dloss, temperature, direction)
+    assert kl.dtype == ds.dtype == torch.float32
+    assert_close(kl, kl_r, what="kl")
+    assert_close(ds, ds_r, what="ds")
+    with torch.no_grad():  # the kernel writes no gradient then (and the reverse KL skips its third pass)
+        assert_close(fused_kl_div(s, t, temperature, direction), kl_r, what="kl without grad")
+
+
+def test_kl_leading_dims_and_strides():
+    """(..., V) inputs: leading dims are flattened, rows may have any stride (nothing past V is
+    read: it holds 1e4), and a last dim that is not contiguous is copied. ds lands in the view."""
+    s, t = random_logits(6, 1000, DEVICE, torch.float32, seed=3)
+    wide = torch.cat([s, torch.full_like(s, 1e4)], 1).requires_grad_()  # (6, 2000)
+    s_view = wide[:, :1000].view(2, 3, 1000)  # row stride 2000
+    t_view = t.t().contiguous().t().view(2, 3, 1000)  # last dim stride 6
+    kl = fused_kl_div(s_view, t_view, 2.0, "reverse")  # (2, 3)
+    dloss = torch.randn(2, 3, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    kl.backward(dloss)
+    kl_r, ds_r = kl_and_grad(kl_div_ref, s, t, dloss.flatten(), 2.0, "reverse")
+    assert kl.shape == (2, 3)
+    assert_close(kl.flatten(), kl_r, what="kl")
+    assert_close(wide.grad[:, :1000], ds_r, what="ds")
+    assert wide.grad[:, 1000:].abs().max().item() == 0.0
+
+
+def test_kl_bad_args_and_second_backward_raise():
+    s, t = random_logits(2, 50, DEVICE, torch.float32)
+    for fn in (fused_kl_div, kl_div_ref):
+        with pytest.raises(ValueError, match="same non-empty"):
+            fn(s, t[:, :49])
+        with pytest.raises(ValueError, match="direction"):
+            fn(s, t, direction="backward")
+        with pytest.raises(ValueError, match="temperature"):
+            fn(s, t, temperature=0.0)
+    with pytest.raises(ValueError, match="no gradient"):
+        fused_kl_div(s, t.clone().requires_grad_())
+    # the backward scales the saved gradient in place: a second one must fail, not scale it twice
+    loss = fused_kl_div(s.clone().requires_grad_(), t).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_reference_equals_torch_kl_div(direction):
+    """An independent oracle, in fp64: kl_div(input, target) = sum exp(target) (target - input) of log-probabilities."""
+    s, t = random_logits(5, 1000, "cpu", torch.float32, seed=5)
+    s_logp, t_logp = (torch.log_softmax(x.double() / 2.0, -1) for x in (s, t))  # (5, 1000) each
+    inp, target = (s_logp, t_logp) if direction == "forward" else (t_logp, s_logp)
+    oracle = torch.nn.functional.kl_div(inp, target, reduction="none", log_target=True).sum(-1)  # (5,)
+    assert_close(kl_div_ref(s, t, 2.0, direction), oracle, what=direction)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_loss_fn_is_the_distillation_loss(direction):
+    """Stage 2's loss (here the reference path, on CPU): T^2 times the KL summed over the real
+    tokens, written out as it was before the fused kernel, and the count of real tokens."""
+    models = tiny_models()
+    x = torch.randint(0, 90, (2, 9), generator=torch.Generator().manual_seed(6))
+    x[0, :3] = 95  # padding
+    loss, count = md.kl_loss_fn(models["teacher"], direction, 2.0, pad_id=95)(models["pure"], x, None, None)
+    with torch.no_grad():
+        t_logp = torch.log_softmax(models["teacher"](x).float() / 2.0, -1)  # (b, l, v)
+        s_logp = torch.log_softmax(models["pure"](x).float() / 2.0, -1)  # (b, l, v)
+    p, q = (t_logp, s_logp) if direction == "forward" else (s_logp, t_logp)
+    real = (x != 95).float()  # (b, l)
+    assert count.item() == 15
+    assert_close(loss, 4.0 * ((p.exp() * (p - q)).sum(-1) * real).sum(), what=direction)
+
+
+@needs_cuda
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_gpu_kl_bf16_vs_fp32_reference(direction, temperature):
+    """Llama 3's vocabulary and bf16 logits; ds is stored in bf16, so it is held to bf16's precision."""
+    n, v = 64, 128256
+    s, t = random_logits(n, v, DEVICE, torch.bfloat16, seed=7)
+    dloss = torch.randn(n, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    kl, ds = kl_and_grad(fused_kl_div, s, t, dloss, temperature, direction)
+    kl_r, ds_r = kl_and_grad(kl_div_ref, s.float(), t.float(), dloss, temperature, direction)
+    assert kl.dtype == torch.float32 and ds.dtype == torch.bfloat16
+    assert_close(kl, kl_r, atol=1e-4, rtol=1e-4, what="kl")
+    assert_rel_close("ds", ds, ds_r, 1e-2)
 
 
 # -----------------------------------------------------------------------------
