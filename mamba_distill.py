@@ -1247,14 +1247,17 @@ PRESETS = {  # fields that a preset changes, unless the command line set them
 }
 
 
-BENCH_BATCH = dict(batch_size=16, seq_len=2048, grad_accum=4)  # --bench: 16 x 2048 tokens a step, 4 micro-batches
+# --bench: 16 x 2048 tokens a step per GPU in 4 micro-batches (so that N GPUs each do one GPU's work:
+# weak scaling, as data parallelism is used), compiled
+BENCH = dict(batch_size=16, seq_len=2048, grad_accum=4, compile=True)
 
 
 def apply_preset(cfg: DistillConfig, argv) -> DistillConfig:
     """The preset's values for every field the command line did not set."""
     if cfg.preset not in PRESETS:
         raise InputError(f"--preset: expected one of {sorted(PRESETS)}, got {cfg.preset!r}")
-    preset = dict(PRESETS[cfg.preset], **(BENCH_BATCH if cfg.bench else {}))
+    bench = dict(BENCH, batch_size=BENCH["batch_size"] * int(os.environ.get("WORLD_SIZE", 1)))
+    preset = dict(PRESETS[cfg.preset], **(bench if cfg.bench else {}))
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}  # parse_config allows no abbreviations
     return replace(cfg, **{k: v for k, v in preset.items() if k not in given})
 

@@ -175,9 +175,10 @@ class Sampler:
         self.col = torch.zeros((), dtype=torch.long, device=self.device)  # its index among new tokens
         self.pad = torch.zeros(batch, dtype=torch.long, device=self.device)  # (b,) left padding per row
         self.out = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)  # (b, s) new tokens
-        # the decode step's forward; compiled for one fixed shape (the cache never changes size)
+        # the decode step's forward, compiled: the cache never changes size, so one graph per sampler;
+        # a second sampler of another size recompiles once with symbolic sizes, later ones reuse that
         on_gpu = self.device.type == "cuda"
-        self.forward = torch.compile(model, dynamic=False) if compile and on_gpu else model
+        self.forward = torch.compile(model) if compile and on_gpu else model
         self.graph = None
         self.capture_s = 0.0  # compilation included
         if cuda_graph and on_gpu:
