@@ -1790,7 +1790,9 @@ def bench(cfg, env, warmup=2, steps=8):
     batches = RandomBatches(mcfg.vocab_size, cfg.seq_len)
     logger = Logger(os.devnull, replace(env, rank=1), "bench", "attention")  # silent
     results = []
-    for kind, ssm in (("hybrid", [i for i in range(16) if i not in spread_layers(16, 4)]), ("pure", list(range(16)))):
+    students = {"hybrid": [i for i in range(16) if i not in spread_layers(16, 4)], "pure": list(range(16))}
+    for kind in filter(None, cfg.students.split(",")):
+        ssm = students[kind]
         student = transfer_attention_to_mamba(teacher, ssm).float().to(env.device).train()
         n_t = teacher.num_params() - teacher.model.embed_tokens.weight.numel() * (not mcfg.tie_word_embeddings)
         n_s = student.num_params() - student.model.embed_tokens.weight.numel() * (not mcfg.tie_word_embeddings)
