@@ -194,7 +194,10 @@ class Attention(nn.Module):
             v_cache.index_copy_(2, ctx.slots, v.to(v_cache.dtype))
             kv = ctx.kv_len
             if ctx.mask is None:  # GPU decode: flash-decoding kernel, reads only slots pad..t of each row
-                y = decode_attention(q.view(b, self.h, self.e), k_cache, v_cache, ctx.slots, ctx.pad)  # (b, h, e)
+                # in the cache's dtype, as autocast would give SDPA (an fp32 model under bf16 autocast
+                # has an fp32 q here: RoPE's product with the fp32 embedding stream promotes it)
+                q = q.view(b, self.h, self.e).to(k_cache.dtype)  # (b, h, e)
+                y = decode_attention(q, k_cache, v_cache, ctx.slots, ctx.pad)  # (b, h, e)
                 y = y.view(b, self.h, 1, self.e)  # (b, h, 1, e)
             elif l == 1:
                 # Decode on a CPU: fold the r query heads of a group into the "query length" so that every

@@ -646,6 +646,9 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
                     "pad": (pad, (b,))}, f"q {tuple(q.shape)}")
     if h % g:
         raise ValueError(f"scan_kernel.py: query heads h={h} must be a multiple of kv heads g={g}")
+    if not q.dtype == k_cache.dtype == v_cache.dtype:  # tl.dot takes one operand dtype
+        raise ValueError(f"scan_kernel.py: q, k_cache, v_cache must share a dtype, got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("scan_kernel.py: decode_attention needs the head dim e contiguous")
     r = h // g

@@ -723,6 +723,8 @@ def test_decode_attention_reference_vs_sdpa():
         decode_attention(q, k, v[:, :, :5], tt, pad)
     with pytest.raises(ValueError, match="pad has shape"):
         decode_attention(q, k, v, tt, pad[:1])
+    with pytest.raises(ValueError, match="must share a dtype"):  # an fp32 q under bf16 autocast, say
+        decode_attention(q, k.bfloat16(), v.bfloat16(), tt, pad)
 
 
 @needs_cuda
@@ -884,6 +886,22 @@ def test_ragged_batch_equals_each_prompt_alone(kind):
     for prompt, out in zip(PROMPTS, together):
         assert out == greedy(model, [prompt], batch=1)[0], kind
 
+
+@pytest.mark.parametrize("kind", ["teacher", "hybrid"])
+def test_decode_kernel_path_equals_sdpa_path(kind, monkeypatch):
+    """The model's GPU decode path (decode_attention, no mask), forced on the CPU through the Triton
+    interpreter, gives the greedy tokens of the masked-SDPA path."""
+    model = tiny_models()[kind]
+    want = greedy(model, PROMPTS, batch=4)
+    context = md.LM._context
+
+    def kernel_context(self, b, l, *args):
+        ctx, pos = context(self, b, l, *args)
+        if l == 1:
+            ctx.mask = None  # what _context leaves on a GPU
+        return ctx, pos
+    monkeypatch.setattr(md.LM, "_context", kernel_context)
+    assert greedy(model, PROMPTS, batch=4) == want
 
 def test_generate_in_batches():
     """sample.generate (what mamba_distill's greedy evaluation calls) splits prompts into batches."""
