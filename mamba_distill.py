@@ -18,7 +18,8 @@ Run:
   python mamba_distill.py --help        # every option of the config below
   python mamba_distill.py --teacher /path/to/Llama-3.2-1B-Instruct --data gsm8k/train.jsonl
   torchrun --nproc_per_node=2 mamba_distill.py   # the same run over 2 GPUs (DDP)
-  python mamba_distill.py --bench       # distillation throughput at the Llama-3.2-1B shape
+  python mamba_distill.py --bench       # distillation throughput at the Llama-3.2-1B shape (compiled)
+  torchrun --nproc_per_node=2 mamba_distill.py --bench   # the same per GPU, on 2 GPUs: the scaling
 
 Outputs, under --out_dir (default out/), read by sample.py and plot_scaling.py:
   data/train.jsonl, data/test.jsonl     the synthetic problems (GSM8K format)
