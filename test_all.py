@@ -902,6 +902,11 @@ def test_decode_kernel_path_equals_sdpa_path(kind, monkeypatch):
         return ctx, pos
     monkeypatch.setattr(md.LM, "_context", kernel_context)
     assert greedy(model, PROMPTS, batch=4) == want
+    # an fp32 model sampled under bf16 autocast (the pipeline's greedy evaluation on a GPU): q comes
+    # out of RoPE in fp32, the cache is bf16; the kernel needs one dtype. (The interpreter's bf16
+    # numbers are wrong, so only that it runs is checked here; the GPU tests check the values.)
+    outs = sample.Sampler(model, 4, 32, temperature=0, dtype=torch.bfloat16).generate(PROMPTS, 4)[0]
+    assert [len(o) for o in outs] == [4, 4, 4]
 
 def test_generate_in_batches():
     """sample.generate (what mamba_distill's greedy evaluation calls) splits prompts into batches."""
