@@ -30,7 +30,7 @@ Outputs, under --out_dir (default out/), read by sample.py and plot_scaling.py:
                                         tokens, time_s (wall seconds since that model's run began)
   ckpt/<model>/                         the latest checkpoint (+ optimizer.safetensors, state.json)
   distill_summary.json                  greedy accuracy, parameters and stage wall times per model
-  bench/distill.json                    --bench: tokens/s, MFU and peak memory per student
+  bench/distill.json                    --bench: tokens/s, MFU, peak memory, compile, gpus, batch per student
 
 Glossary (letters in shape comments):
   b  batch                          l  sequence length (tokens)
@@ -452,7 +452,8 @@ class LM(nn.Module):
 
     def _context(self, b, l, start, pad, cache, device):
         s = max([kv[0].shape[2] for kv, blk in zip(cache, self.model.layers) if not hasattr(blk, "mixer")] or [0])
-        if torch.is_tensor(start):  # decode step under a CUDA graph: fixed shapes, read all s slots
+        if torch.is_tensor(start):  # decode step (graph-safe: start lives on the device); the CPU mask
+            # covers all s slots, the GPU kernel reads pad..t itself
             assert l == 1, "a tensor start is for one-token decode steps"
             slots = start.view(1)  # (1,)
             kv_len = s
@@ -1237,8 +1238,9 @@ class DistillConfig:
     eval_n: int = opt(200, "test problems for the greedy accuracy of each model (0 = skip)")
     max_new_tokens: int = opt(384, "generation limit when evaluating")
     bench: bool = opt(False, "measure distillation throughput at the Llama-3.2-1B shape and exit")
-    compile: bool = opt(False, "torch.compile the student and, for stage 2, the teacher (GPU only): fuses the "
-                               "norms and activations; costs about a minute per model to compile")
+    compile: bool = opt(False, "torch.compile the student's forward (stages 2 and 3; stage 1 calls the mixers "
+                               "directly) and the teacher's in stage 2 (GPU only): fuses the norms and "
+                               "activations; costs about a minute per model to compile")
 
 
 PRESETS = {  # fields that a preset changes, unless the command line set them

@@ -25,12 +25,12 @@ Outputs (read by plot_scaling.py):
       problem, sample (its index j < k), text, answer, gold, correct, tokens, time_s (its share of
       its batch's wall time)
   out/eval/<name>/meta.json      the checkpoint, data and sampling settings; a resume must match them
-  out/eval/<name>/summary.json   model, checkpoint, device, n_problems, k [1, 2, 4, ...], coverage,
+  out/eval/<name>/summary.json   model, checkpoint, device, state_dtype, n_problems, k [1, 2, 4, ...], coverage,
       majority, time_s (per k: measured seconds to draw k samples of every problem, in rounds
       k = 1, 2, 4, ...; each round runs as full, padded batches), and the sampling settings
-  out/bench/decode.json          device, copy_GBps, date, torch, results (one row per shape, model,
-      batch, prompt_len, gen_len: tokens_per_s, decode_tokens_per_s, roofline_tokens_per_s,
-      roofline_frac, peak_mem_GB, method) and hf (HF generate: cache, batch, ..., tokens_per_s, or error)
+  out/bench/decode.json          device, copy_GBps, date, torch, state_dtype, compile, results (one row
+      per shape, model, batch, prompt_len, gen_len: tokens_per_s, decode_tokens_per_s, roofline_tokens_per_s,
+      roofline_frac, peak_mem_GB, prefill_s, decode_s, graph_capture_s, method) and hf (HF generate: cache, batch, ..., tokens_per_s, or error)
 
 Glossary (letters in shape comments):
   b  batch (rows generated together)     l  prompt length after left padding
@@ -154,7 +154,7 @@ def largest_batch(model, max_len, dtype, device, cap, prefill_tokens, state_dtyp
 
 class Sampler:
     """Batched generation with a fixed batch size and cache length, reused across calls (the cache
-    and the captured graphs are allocated once). Usage: Sampler(model, ...).generate(prompts, n)."""
+    and the captured graph are allocated once). Usage: Sampler(model, ...).generate(prompts, n)."""
 
     def __init__(self, model, batch, max_len, temperature=1.0, top_k=0, top_p=1.0, cuda_graph=True,
                  prefill_tokens=32768, dtype=None, compile=False, state_dtype=torch.float32):
@@ -169,14 +169,15 @@ class Sampler:
         self.prefill_tokens = prefill_tokens
         self.cache = model.allocate_cache(batch, max_len, self.dtype, self.device, state_dtype)
         self.is_ssm = [hasattr(blk, "mixer") for blk in model.model.layers]
-        # the decode step's inputs and outputs live in fixed buffers, so that graphs can replay it
+        # the decode step's inputs and outputs live in fixed buffers, so that a graph can replay it
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # (b, 1) last token
         self.t = torch.zeros((), dtype=torch.long, device=self.device)  # cache slot of that token
         self.col = torch.zeros((), dtype=torch.long, device=self.device)  # its index among new tokens
         self.pad = torch.zeros(batch, dtype=torch.long, device=self.device)  # (b,) left padding per row
         self.out = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)  # (b, s) new tokens
-        # the decode step's forward, compiled: the cache never changes size, so one graph per sampler;
-        # a second sampler of another size recompiles once with symbolic sizes, later ones reuse that
+        # the decode step's forward, compiled: the cache never changes size, so one graph per sampler.
+        # Another sampler of the same model may recompile (the second time with symbolic sizes, which
+        # later sizes mostly reuse: the 1B bench compiled 3 times for 6 teacher samplers)
         on_gpu = self.device.type == "cuda"
         self.forward = torch.compile(model) if compile and on_gpu else model
         self.graph = None
@@ -237,7 +238,7 @@ class Sampler:
         # the pad id does not matter: padding reaches neither attention nor the SSM state
         idx = torch.tensor([[0] * (l - len(r)) + list(r) for r in rows], dtype=torch.long)  # (b, l)
         idx, pad = idx.to(self.device), pad.to(self.device)
-        torch.manual_seed(seed)  # every generator: CPU and each GPU's (graphs draw from it too)
+        torch.manual_seed(seed)  # every generator: CPU and each GPU's (the graph draws from it too)
         for c, ssm in zip(self.cache, self.is_ssm):
             if ssm:  # a prefill continues from the state in the cache, so start from zero
                 for x in c:
@@ -475,11 +476,13 @@ def evaluate(cfg: SampleConfig):
     path = os.path.join(out_dir, "samples.jsonl")
     meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), "seed": cfg.seed,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-            "max_new_tokens": cfg.max_new_tokens, "state_dtype": str(state_dtype)}
+            "max_new_tokens": cfg.max_new_tokens,
+            "state_dtype": str(state_dtype) if model.cfg.ssm_layers else None}  # a teacher has no SSM state
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(path) and os.path.exists(meta_path):  # resume only what the same settings drew
         with open(meta_path) as fh:
             old = json.load(fh)
+        old.setdefault("state_dtype", "torch.float32" if model.cfg.ssm_layers else None)  # files from before the flag
         differ = sorted(key for key in meta if old.get(key) != meta[key])
         if differ:
             raise md.InputError(f"{meta_path}: earlier samples were drawn with other {', '.join(differ)}; "
@@ -493,8 +496,9 @@ def evaluate(cfg: SampleConfig):
         if samples:
             print(f"resuming: {len(samples)} samples already in {path}")
     done = {(s["problem"], s["sample"]) for s in samples}
+    how = ("compiled and captured" if sampler.forward is not model else "captured") if sampler.graph else "eager"
     print(f"{name}: {len(rows)} problems x {cfg.k} samples, batch {batch}, cache {max_len} slots, "
-          f"decode step compiled and captured in {sampler.capture_s:.1f}s")
+          f"decode step {how}" + (f" in {sampler.capture_s:.1f}s" if sampler.graph else ""))
     t_start, n_new, n_tokens = time.perf_counter(), 0, 0
     with open(path, "a") as fh:
         for k in ks_up_to(cfg.k):  # round k brings every problem from k/2 samples (0 at k=1) to k
@@ -521,7 +525,7 @@ def evaluate(cfg: SampleConfig):
                 print(f"k={k} samples {len(samples)} (+{len(chunk)}) {n_tokens / el:.0f} new tok/s "
                       f"decode {stats['steps']} steps in {stats['decode_s']:.1f}s ETA {left * el / n_new:.0f}s", flush=True)
     ks, coverage, majority, time_s = summarize(samples, len(rows), cfg.k)
-    summary = {"model": name, "checkpoint": cfg.checkpoint, "device": device_name(device),
+    summary = {"model": name, "checkpoint": cfg.checkpoint, "device": device_name(device), "state_dtype": meta["state_dtype"],
                "n_problems": len(rows), "k": ks, "coverage": coverage, "majority": majority, "time_s": time_s,
                "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                "max_new_tokens": cfg.max_new_tokens, "batch_size": batch}
@@ -600,7 +604,7 @@ def step_bytes(model, batch, kv_len, state_dtype):
 
 def bench_generate(model, batch, prompt_len, gen_len, cfg):
     """Tokens/s of one full generate call (prefill + decode, every row producing gen_len tokens).
-    Sampling as HF's default: temperature 1, top-k 50. The graphs were captured when the sampler was
+    Sampling as HF's default: temperature 1, top-k 50. The graph was captured when the sampler was
     built; a short warm-up call of the same batch and prompt length runs the prefill's kernels once."""
     sampler = Sampler(model, batch, prompt_len + gen_len, 1.0, 50, 1.0, cfg.cuda_graph, cfg.prefill_tokens,
                       compile=cfg.compile, state_dtype=resolve_state_dtype(cfg.state_dtype, torch.bfloat16))

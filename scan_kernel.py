@@ -1,4 +1,5 @@
-"""Triton SSD scan (Mamba-2 "state-space duality"): forward, backward, decode step; and the fused KL loss.
+"""Triton SSD scan (Mamba-2 "state-space duality"): forward, backward, decode step; and the two other
+kernels the project's speed depends on: the fused KL loss and the teacher's decode attention.
 
 The student's mixer is the selective state-space recurrence of Mamba-2, per batch b and head h:
 
@@ -9,11 +10,14 @@ Run:  python scan_kernel.py --check           quick correctness check on the cur
       python scan_kernel.py --bench [--mamba_path DIR]   speed vs the PyTorch path and mamba_ssm
       python -m pytest -q test_all.py -k scan    the tests (CPU: Triton interpreter, tiny shapes)
       python -m pytest -q test_all.py -k kl      the fused KL loss's tests
+      python -m pytest -q test_all.py -k decode_attention    the decode attention's tests
 
 Glossary: b batch, l length, h heads, p head dim (x, y), n state dim (B, C), g groups (head h
 reads B and C of group h // (h/g); the MambaInLlama student has g == h), c chunk length, k chunk
 index, i/j/t positions inside a chunk, s the running sum of the log-decay dt*A inside a chunk,
-S a (p, n) state.
+S a (p, n) state. Decode attention: e head dim, g kv heads, r = h/g query heads per kv head, s cache
+slots, t the slot of the newest token, pad the left padding of each row. KL: N rows, V vocabulary,
+T temperature.
 
 The trick (chunked SSD, Dao & Gu 2024, "Transformers are SSMs", sec. 6). Run sequentially, the
 recurrence needs l dependent steps of p*n work: no matrix multiplies, no parallelism along l. Cut
@@ -63,6 +67,17 @@ rescaled whenever the max grows); pass 2 sums the KL and, for the forward KL, wr
 so a third pass writes it. The gradient is written during the forward into one (N, V) buffer of the
 logits' dtype, and the backward only scales it by the incoming gradient, in place: no fp32 (N, V)
 tensor ever exists, and the logits are read two or three times.
+
+The teacher's decode attention (decode_attention; decode_attention_ref is its definition) is one
+token of grouped-query attention against the KV cache: q (b, h, e) against keys and values
+(b, g, s, e) of g kv heads, h = g*r. Row i sees slots pad_i..t, t the slot just written. It is
+memory-bound: every key and value is read once. "Flash-decoding": each program takes one (row, kv
+head), so the r query heads of a group share each key they read (a (r, e) x (e, block) tl.dot, r
+padded to 16), and, when there are fewer rows than programs the GPU can run, one of NSPLIT shares of
+the row's keys; it keeps an online softmax (running max m, sum l, weighted values acc, rescaled when
+the max grows) and a second kernel merges the shares. t and pad are read from device memory, never
+from the host: the sampler's one captured CUDA graph serves every step, and a step reads only the
+keys that exist.
 """
 import dataclasses
 import importlib
@@ -160,7 +175,8 @@ def decode_attention_ref(q, k_cache, v_cache, t, pad, scale=None):
     b, h, e = q.shape
     g, s = k_cache.shape[1], k_cache.shape[2]
     slots = torch.arange(s, device=q.device)  # (s,)
-    ok = (slots[None, :] >= pad[:, None]) & (slots[None, :] <= t)  # (b, s) the keys row i may see
+    lo = pad.clamp(max=int(t))  # (b,) an all-padding row sees slot t alone, as the kernel does
+    ok = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= t)  # (b, s) the keys row i may see
     qg = q.float().view(b, g, h // g, e)  # (b, g, r, e): the r query heads that share kv head g
     scores = torch.einsum("bgre,bgse->bgrs", qg, k_cache.float()) * (scale or e ** -0.5)  # (b, g, r, s)
     scores = scores.masked_fill(~ok[:, None, None, :], -math.inf)
@@ -376,7 +392,7 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, H,
                  HAS_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (b*h, block of p rows): state = exp(dt A) state + dt outer(x, B); y = state C + D x."""
     bh = tl.program_id(0)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H  # int64: b * s_st_b passes 2^31 at 8k rows of a 3B student
     grp = h // HPG
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -407,9 +423,13 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, t_ptr, pad_ptr, acc_ptr, m_ptr, l_p
     """One (row b, kv head g, split j): the r query heads of group g against split j's share of the
     row's keys [pad_b, t], with an online softmax; writes unnormalised partials for the combine."""
     bg, j = tl.program_id(0), tl.program_id(1)
-    b, g = bg // G, bg % G
+    # int64: b * s_k_b passes 2^31 when one layer's cache holds more than 2^31 entries (a 1B hybrid's
+    # few attention layers at batch 4096 and 2k tokens)
+    b, g = (bg // G).to(tl.int64), bg % G
     t = tl.load(t_ptr)  # the newest slot, read from memory: one captured graph serves every step
-    lo = tl.load(pad_ptr + b)
+    # a row whose padding reaches t (an empty prompt) attends to slot t alone, as the mask of the
+    # parallel forward lets a padding query see itself: never a row with no key, so never NaN
+    lo = tl.minimum(tl.load(pad_ptr + b), t)
     per = tl.cdiv(tl.cdiv(t + 1 - lo, NSPLIT), BLOCK_S) * BLOCK_S  # keys per split, whole blocks
     start = lo + j * per
     end = tl.minimum(start + per, t + 1)
@@ -660,6 +680,7 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
     _decode_attn_kernel[(b * g, nsplit)](q, k_cache, v_cache, t, pad, acc, m, l, g, r, e, scale or e ** -0.5,
                                          *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
                                          NSPLIT=nsplit, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E, BLOCK_S=ATTN_BLOCK_S,
+                                         # fp32 dots exact (not tf32); bf16/fp16 dots ignore the setting
                                          PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **ATTN_OPTS)
     y = torch.empty(b, h, e, device=q.device, dtype=q.dtype)
     _decode_attn_combine_kernel[(b * g,)](acc, m, l, y, g, r, e, *y.stride()[:2],
@@ -840,7 +861,7 @@ def random_logits(n, v, device, dtype, seed=0):
 
 def check(device):
     """Forward, all gradients and the step against the references, then the fused KL loss and its
-    gradient against kl_div_ref; returns True when all pass."""
+    gradient against kl_div_ref, then decode attention; returns True when all pass."""
     small = INTERPRET
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
     tol = {torch.float32: 1e-4 if device.type == "cpu" else 5e-3, torch.bfloat16: 3e-2}  # tf32 / bf16 dots on GPU
@@ -882,6 +903,18 @@ def check(device):
             ok &= not bad
             print(f"check {device.type} {str(dtype):15s} kl {direction:7s} (T = 2, N={n}, V={v}) rel errors: "
                   + " ".join(f"{k} {e:.1e}" for k, e in errs.items()) + ("  FAIL " + ",".join(bad) if bad else "  ok"))
+    b, h, g, e, s = (3, 8, 2, 16, 100) if small else (64, 32, 8, 64, 2048)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for dtype in dtypes:
+        q = torch.randn(b, h, e, generator=gen, device=device, dtype=dtype)
+        k, v = torch.randn(2, b, g, s, e, generator=gen, device=device, dtype=dtype)
+        t = torch.tensor([s - 10], device=device)
+        pad = torch.randint(0, s // 2, (b,), generator=gen, device=device)
+        err = _rel_err(decode_attention(q, k, v, t, pad), decode_attention_ref(q.float(), k.float(), v.float(), t, pad))
+        good = err <= (1e-4 if dtype == torch.float32 else 1e-2)
+        ok &= good
+        print(f"check {device.type} {str(dtype):15s} decode attention (b={b}, h={h}, g={g}, s={s}) rel error "
+              f"{err:.1e}" + ("  ok" if good else "  FAIL"))
     return ok
 
 

@@ -2,8 +2,8 @@
 
 Tiny shapes throughout. Triton kernels run under TRITON_INTERPRET=1 when there is no GPU, in fp32.
 Sections: the model (step == forward, padding, the linear-attention identity, the transfer table),
-tokenizer / safetensors / data, the scan kernel, sample.py, HF parity of teacher files, the whole
-pipeline (resume, DDP), plot_scaling.py.
+tokenizer / safetensors / data, the scan kernel and decode step, decode attention, the fused KL loss,
+sample.py, HF parity of teacher files, the whole pipeline (resume, DDP, presets), plot_scaling.py.
 
 Glossary (as in the project's files): b batch, l length, h heads, k key/value heads (GQA groups),
 e head dim, p SSM head dim, n SSM state dim, g groups of B and C, v vocabulary, d model width.
@@ -664,8 +664,6 @@ def test_gpu_step_in_cuda_graph():
     assert_rel_close("graph state", state, state_r, 1e-5)
 
 
-
-
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 def test_step_with_low_precision_state(state_dtype):
     """A bf16 decode state (mamba_ssm's inference default) stays within bf16 rounding of the fp32
@@ -703,13 +701,33 @@ def decode_inputs(b, h, g, e, s, t, device, dtype, seed):
 DECODE_SHAPES = [(3, 8, 2, 64, 100, 77), (2, 6, 2, 24, 50, 49), (1, 4, 4, 16, 300, 250), (5, 12, 4, 32, 40, 0)]
 
 
-@pytest.mark.parametrize("b, h, g, e, s, t", DECODE_SHAPES)
-def test_decode_attention_vs_reference(b, h, g, e, s, t):
+@pytest.mark.parametrize("programs", [None, 1])  # 1: one split per row, so a split spans several
+@pytest.mark.parametrize("b, h, g, e, s, t", DECODE_SHAPES)  # blocks and the online softmax rescales
+def test_decode_attention_vs_reference(b, h, g, e, s, t, programs, monkeypatch):
+    if programs:
+        monkeypatch.setattr("scan_kernel.ATTN_PROGRAMS", programs)
     q, k, v, tt, pad = decode_inputs(b, h, g, e, s, t, DEVICE, torch.float32, seed=s)
-    if t == 0:
-        pad.zero_()  # the first slot: each row's only key is the one just written
+    if t == 0:  # the first slot: each row's only key is the one just written, padding or not
+        pad.copy_(torch.tensor([0, 5, 0, 2, 1]))  # rows 1, 3, 4: an empty prompt (pad > t)
     y = decode_attention(q, k, v, tt, pad)
     assert_close(y, decode_attention_ref(q, k, v, tt, pad), what="decode attention")
+    assert torch.isfinite(y).all()
+
+
+def test_decode_attention_large_cache_offsets():
+    """Row 2 of the cache starts at element 3.2e9, past 2^31: the kernel's offsets must be int64 (with
+    int32 ones the interpreter crashes and a GPU reads the wrong rows). The 6.4 GB buffer is virtual:
+    only the pages of the three rows are touched."""
+    b, g, h, s, e, stride = 3, 1, 2, 64, 16, 3 << 29
+    gen = torch.Generator().manual_seed(0)
+    store = torch.empty(stride * (b - 1) + s * e, dtype=torch.float16, device=DEVICE)
+    k = store.as_strided((b, g, s, e), (stride, s * e, e, 1))  # (b, g, s, e)
+    k.copy_(torch.randn(b, g, s, e, generator=gen))
+    v, q = torch.randn(b, g, s, e, generator=gen), torch.randn(b, h, e, generator=gen)
+    v, q = v.to(DEVICE, torch.float16), q.to(DEVICE, torch.float16)
+    t, pad = torch.tensor([40], device=DEVICE), torch.tensor([0, 3, 9], device=DEVICE)
+    want = decode_attention_ref(q.float(), k.float(), v.float(), t, pad)
+    assert_close(decode_attention(q, k, v, t, pad), want, atol=2e-3, rtol=2e-3, what="rows past 2^31")
 
 
 def test_decode_attention_reference_vs_sdpa():
@@ -887,6 +905,17 @@ def test_ragged_batch_equals_each_prompt_alone(kind):
         assert out == greedy(model, [prompt], batch=1)[0], kind
 
 
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["hybrid", "pure"])
+def test_low_precision_decode_state_keeps_greedy_tokens(kind, state_dtype):
+    """A bf16/fp16 SSM state through prefill (the scan's final state is rounded into it) and decode:
+    the same greedy tokens as the fp32 state here (rounding could flip a near-tie in another model)."""
+    model = tiny_models()[kind]
+    sampler = sample.Sampler(model, 4, 32, temperature=0, state_dtype=state_dtype)
+    assert sampler.cache[0][1].dtype == state_dtype
+    assert sampler.generate(PROMPTS, NEW)[0] == greedy(model, PROMPTS, batch=4)
+
+
 @pytest.mark.parametrize("kind", ["teacher", "hybrid"])
 def test_decode_kernel_path_equals_sdpa_path(kind, monkeypatch):
     """The model's GPU decode path (decode_attention, no mask), forced on the CPU through the Triton
@@ -907,6 +936,7 @@ def test_decode_kernel_path_equals_sdpa_path(kind, monkeypatch):
     # numbers are wrong, so only that it runs is checked here; the GPU tests check the values.)
     outs = sample.Sampler(model, 4, 32, temperature=0, dtype=torch.bfloat16).generate(PROMPTS, 4)[0]
     assert [len(o) for o in outs] == [4, 4, 4]
+
 
 def test_generate_in_batches():
     """sample.generate (what mamba_distill's greedy evaluation calls) splits prompts into batches."""
@@ -1047,6 +1077,15 @@ def test_evaluate_writes_and_resumes(tmp_path):
     assert len(path.read_text().splitlines()) == 12
     with pytest.raises(md.InputError, match="meta.json: earlier samples were drawn with other temperature"):
         sample.main(argv + ["--temperature", "0.5"])  # never mixed into one summary
+    meta_path = tmp_path / "eval" / "m" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["state_dtype"] == "torch.float32"  # "model" on a CPU: fp32
+    meta_path.write_text(json.dumps({**meta, "state_dtype": "torch.bfloat16"}))
+    with pytest.raises(md.InputError, match="other state_dtype"):
+        sample.main(argv)
+    meta.pop("state_dtype")  # written before the flag existed: those samples had an fp32 state
+    meta_path.write_text(json.dumps(meta))
+    sample.main(argv)
 
 
 @needs_cuda
@@ -1216,6 +1255,17 @@ def test_flags_beat_presets():
         md.parse_config(md.DistillConfig, ["--kl_step", "50"])
     with pytest.raises(InputError, match="--random_baseline"):
         md.main(["--random_baseline", "hybird"])
+
+
+def test_bench_preset_scales_with_gpus(monkeypatch):
+    """--bench gives every GPU the same 16 x 2048 tokens a step (weak scaling) and compiles, unless told."""
+    def preset(argv):
+        return md.apply_preset(md.parse_config(md.DistillConfig, argv), argv)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = preset(["--bench"])
+    assert (cfg.batch_size, cfg.seq_len, cfg.grad_accum, cfg.compile) == (32, 2048, 4, True)
+    assert preset(["--bench", "--compile", "false", "--batch_size", "8"]).compile is False
+    assert preset(["--bench", "--batch_size", "8"]).batch_size == 8
 
 
 def test_ddp_matches_one_process(tmp_path):
