@@ -1,4 +1,4 @@
-"""The test suite: `python -m pytest -q test_all.py` (CPU: about 30 s; GPU tests skip without CUDA).
+"""The test suite: `python -m pytest -q test_all.py` (CPU: about a minute; GPU tests skip without CUDA).
 
 Tiny shapes throughout. Triton kernels run under TRITON_INTERPRET=1 when there is no GPU, in fp32.
 Sections: the model (step == forward, padding, the linear-attention identity, the transfer table),
