@@ -74,7 +74,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from scan_kernel import decode_attention, fused_kl_div, kl_div_ref, ssd_scan, ssd_scan_chunked_torch, ssd_step, ssd_step_ref
+from scan_kernel import (decode_attention, fused_kl_div, kl_div_ref, ssd_scan, ssd_scan_chunked_torch, ssd_step,
+                         ssd_step_ref)
 
 
 class InputError(Exception):

@@ -29,8 +29,9 @@ Outputs (read by plot_scaling.py):
       majority, time_s (per k: measured seconds to draw k samples of every problem, in rounds
       k = 1, 2, 4, ...; each round runs as full, padded batches), and the sampling settings
   out/bench/decode.json          device, copy_GBps, date, torch, state_dtype, compile, results (one row
-      per shape, model, batch, prompt_len, gen_len: tokens_per_s, decode_tokens_per_s, roofline_tokens_per_s,
-      roofline_frac, peak_mem_GB, prefill_s, decode_s, graph_capture_s, method) and hf (HF generate: cache, batch, ..., tokens_per_s, or error)
+      per shape, model, batch, prompt_len, gen_len: tokens_per_s, decode_tokens_per_s,
+      roofline_tokens_per_s, roofline_frac, peak_mem_GB, prefill_s, decode_s, graph_capture_s, method)
+      and hf (HF generate: cache, batch, ..., tokens_per_s, or error)
 
 Glossary (letters in shape comments):
   b  batch (rows generated together)     l  prompt length after left padding
@@ -496,9 +497,9 @@ def evaluate(cfg: SampleConfig):
         if samples:
             print(f"resuming: {len(samples)} samples already in {path}")
     done = {(s["problem"], s["sample"]) for s in samples}
-    how = ("compiled and captured" if sampler.forward is not model else "captured") if sampler.graph else "eager"
+    mode = ("compiled, " if sampler.forward is not model else "") + ("one CUDA graph" if sampler.graph else "eager")
     print(f"{name}: {len(rows)} problems x {cfg.k} samples, batch {batch}, cache {max_len} slots, "
-          f"decode step {how}" + (f" in {sampler.capture_s:.1f}s" if sampler.graph else ""))
+          f"decode step: {mode} (set up in {sampler.capture_s:.1f}s)")
     t_start, n_new, n_tokens = time.perf_counter(), 0, 0
     with open(path, "a") as fh:
         for k in ks_up_to(cfg.k):  # round k brings every problem from k/2 samples (0 at k=1) to k
@@ -602,12 +603,17 @@ def step_bytes(model, batch, kv_len, state_dtype):
     return w + kv + ssm
 
 
+def bench_sampler(model, batch, max_len, cfg, cuda_graph):
+    """The sampler both bench modes time, sampling as HF's default: temperature 1, top-k 50."""
+    return Sampler(model, batch, max_len, 1.0, 50, 1.0, cuda_graph, cfg.prefill_tokens, compile=cfg.compile,
+                   state_dtype=resolve_state_dtype(cfg.state_dtype, torch.bfloat16))
+
+
 def bench_generate(model, batch, prompt_len, gen_len, cfg):
     """Tokens/s of one full generate call (prefill + decode, every row producing gen_len tokens).
-    Sampling as HF's default: temperature 1, top-k 50. The graph was captured when the sampler was
-    built; a short warm-up call of the same batch and prompt length runs the prefill's kernels once."""
-    sampler = Sampler(model, batch, prompt_len + gen_len, 1.0, 50, 1.0, cfg.cuda_graph, cfg.prefill_tokens,
-                      compile=cfg.compile, state_dtype=resolve_state_dtype(cfg.state_dtype, torch.bfloat16))
+    The graph was captured when the sampler was built; a short warm-up call of the same batch and
+    prompt length runs the prefill's kernels once."""
+    sampler = bench_sampler(model, batch, prompt_len + gen_len, cfg, cfg.cuda_graph)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 128000, (batch, prompt_len), generator=g).tolist()
     sampler.generate(prompts, 8)
@@ -625,8 +631,7 @@ def bench_steps(model, batch, prompt_len, gen_len, cfg, points=8):
     `points` evenly spaced slots of the generation (replayed 4 times each, the median of the last 3),
     times the number of steps. A step's cost is affine in its slot (it reads keys pad..t), so the
     midpoints give the exact mean: what a full call measures, in a fraction of its time."""
-    sampler = Sampler(model, batch, prompt_len + gen_len, 1.0, 50, 1.0, True, cfg.prefill_tokens, compile=cfg.compile,
-                      state_dtype=resolve_state_dtype(cfg.state_dtype, torch.bfloat16))
+    sampler = bench_sampler(model, batch, prompt_len + gen_len, cfg, cuda_graph=True)
     prompts = torch.randint(0, 128000, (batch, prompt_len)).tolist()
     sampler.generate(prompts, 2)
     torch.cuda.reset_peak_memory_stats()

@@ -673,7 +673,8 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
         raise ValueError("scan_kernel.py: decode_attention needs the head dim e contiguous")
     r = h // g
     BLOCK_R, BLOCK_E = max(16, triton.next_power_of_2(r)), max(16, triton.next_power_of_2(e))  # tl.dot needs >= 16
-    nsplit = min(triton.next_power_of_2(triton.cdiv(ATTN_PROGRAMS, b * g)), triton.next_power_of_2(triton.cdiv(s, ATTN_BLOCK_S)))
+    nsplit = min(triton.next_power_of_2(triton.cdiv(ATTN_PROGRAMS, b * g)),  # enough programs to fill the GPU,
+                 triton.next_power_of_2(triton.cdiv(s, ATTN_BLOCK_S)))  # no more splits than blocks of keys
     acc = torch.empty(b * g, nsplit, BLOCK_R, BLOCK_E, device=q.device, dtype=torch.float32)
     m = torch.empty(b * g, nsplit, BLOCK_R, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
