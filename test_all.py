@@ -970,6 +970,28 @@ def test_sample_next_filters():
     assert (sample.sample_next(logits, 0.0, 0, 1.0) == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["random", "one_chunk", "ties"])
+@pytest.mark.parametrize("k", [1, 50])
+def test_topk_by_chunks_equals_topk(case, dtype, k):
+    """The two-pass top-k gives torch.topk's values, sorted, at ids that hold them: on random logits,
+    when every top value sits in one chunk, and when many values tie (bf16 rounds ~1 in 100 together)."""
+    torch.manual_seed(0)
+    v = 4 * 64 * sample.TOPK_CHUNK  # just large enough for the two-pass path
+    logits = torch.randn(6, v).to(dtype)  # (b, v)
+    if case == "one_chunk":
+        logits[:, 200:200 + sample.TOPK_CHUNK] += 10.0  # ids 200..231: one chunk holds the top 32
+    if case == "ties":
+        logits = logits.round()  # a handful of distinct values
+    vals, ids = sample.topk_by_chunks(logits, k)
+    want = logits.topk(k, dim=-1).values  # (b, k)
+    assert torch.equal(vals, want)
+    assert torch.equal(logits.gather(-1, ids), vals)
+    assert all(len(set(row)) == k for row in ids.tolist())  # k distinct ids per row
+    if case != "ties" and dtype == torch.float32:  # no ties: the very same ids
+        assert torch.equal(ids, logits.topk(k, dim=-1).indices)
+
+
 def test_stop_tokens_end_rows():
     model = tiny_models()["teacher"]
     full = greedy(model, PROMPTS, batch=3)
