@@ -270,12 +270,15 @@ class MambaMixer(nn.Module):
             # and dt = 0 means the state neither decays nor receives anything (exp(0) = 1).
             xBC = xBC * ctx.valid[..., None].to(xBC.dtype)  # (b, l, conv_dim)
         if cache is not None and l == 1:
-            return self._step(z, xBC, dt, cache)
-        conv_state = None if cache is None else cache[0]  # (b, w-1, conv_dim)
+            return self._step(z, xBC, dt, cache, ctx.slots)
         xBC_t = xBC.transpose(1, 2)  # (b, conv_dim, l)
-        if conv_state is not None:  # continue from the previous chunk's last w-1 inputs
-            xBC_t = torch.cat([conv_state.transpose(1, 2).to(xBC_t.dtype), xBC_t], dim=-1)  # (b, conv_dim, w-1+l)
-            conv_state.copy_(xBC_t[:, :, -(self.w - 1):].transpose(1, 2))
+        if cache is not None:  # continue from the previous chunk's last w-1 inputs (see _step's ring)
+            conv_state, r = cache[0], self.w - 1  # (b, w-1, conv_dim)
+            ring = torch.arange(r, device=u.device)  # (w-1,)
+            past = conv_state.index_select(1, (ctx.slots[0] + ring) % r)  # (b, w-1, conv_dim) oldest first
+            xBC_t = torch.cat([past.transpose(1, 2).to(xBC_t.dtype), xBC_t], dim=-1)  # (b, conv_dim, w-1+l)
+            last = xBC_t[:, :, -r:].transpose(1, 2).to(conv_state.dtype)  # (b, w-1, conv_dim) the last w-1 inputs
+            conv_state.index_copy_(1, (ctx.slots[-1] + 1 + ring) % r, last)
             xBC = F.conv1d(xBC_t, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # (b, conv_dim, l)
         else:
             xBC = self.conv1d(xBC_t)[..., :l]  # (b, conv_dim, l): keep the causal outputs
@@ -300,15 +303,21 @@ class MambaMixer(nn.Module):
             cache[1].copy_(final)
         return self._out(y.reshape(b, l, -1), z)
 
-    def _step(self, z, xBC, dt, cache):
-        """One decode token: roll the conv window, then one SSM recurrence step (in place)."""
+    def _step(self, z, xBC, dt, cache, slot):
+        """One decode token at cache slot `slot` ((1,) long): the conv, then one SSM recurrence step,
+        both updating the cache in place.
+
+        The conv state is a ring of the last w-1 inputs: slot s's input sits in row s % (w-1), so a
+        step writes one row (over the oldest input) instead of shifting the window, and reads rows
+        (t + j) % (w-1), j = 0..w-2, to get slots t-w+1..t-1 in order (mamba_ssm's causal_conv1d_update
+        offers the same circular layout). Channels last, so every access reads contiguous rows."""
         conv_state, ssm_state = cache  # (b, w-1, conv_dim), (b, h, p, n)
-        b = z.shape[0]
-        # channels last, so that the shift and the weighted sum read contiguous rows (a (b, conv_dim,
-        # w-1) layout makes every access a stride-3 gather: 3x slower in a large-batch decode step)
-        window = torch.cat([conv_state, xBC.to(conv_state.dtype)], dim=1)  # (b, w, conv_dim)
-        conv_state.copy_(window[:, 1:])
-        xBC = (window * self.conv1d.weight[:, 0].t()).sum(1) + self.conv1d.bias  # (b, conv_dim)
+        b, r = z.shape[0], self.w - 1
+        past = conv_state.index_select(1, (slot + torch.arange(r, device=slot.device)) % r)  # (b, w-1, conv_dim)
+        new = xBC[:, 0].to(conv_state.dtype)  # (b, conv_dim)
+        weight = self.conv1d.weight[:, 0]  # (conv_dim, w)
+        conv_state.index_copy_(1, slot % r, new[:, None])
+        xBC = (past * weight[:, :r].t()).sum(1) + new * weight[:, r] + self.conv1d.bias  # (b, conv_dim)
         if self.conv_act:
             xBC = F.silu(xBC)
         x, B, C = torch.split(xBC, [self.k * self.p, self.k * self.n, self.h * self.n], dim=-1)  # (b, k*p), (b, k*n), (b, h*n)
@@ -413,7 +422,7 @@ class LM(nn.Module):
 
     def allocate_cache(self, batch, max_len, dtype, device, state_dtype=torch.float32):
         """Per layer: (k, v) (b, k, s, e) for attention, (conv (b, w-1, conv_dim), state (b, h, p, n))
-        for a mixer: the last w-1 conv inputs and the SSM state. The SSM state is
+        for a mixer: the last w-1 conv inputs (a ring, see MambaMixer._step) and the SSM state, which is
         fp32 unless state_dtype says otherwise (bf16 halves a pure student's decode traffic)."""
         c = self.cfg
         if torch.device(device).type != "meta":  # (a meta cache only counts bytes)

@@ -105,22 +105,25 @@ class SampleConfig:
 # 1. Sampling
 
 
-TOPK_CHUNK = 32  # vocabulary ids per chunk in topk_by_chunks
+TOPK_CHUNK_SIZE = 32  # ids per chunk in topk_by_chunks
 
 
-def topk_by_chunks(logits, k, chunk=TOPK_CHUNK):
+def topk_by_chunks(logits, k, size=TOPK_CHUNK_SIZE):
     """logits.topk(k, dim=-1) for a large vocabulary, as (values, ids), sorted, in two cheap passes.
-    The k largest values lie in the k chunks (of `chunk` consecutive ids) with the largest maxima: a
-    chunk that ranks below k by its maximum has k chunks, hence k values, above everything it holds.
-    So take every chunk's maximum (one read of the logits), pick the top k chunks, and finish with a
-    top-k over their k * chunk values. Same values as torch.topk (which id wins a tie may differ);
-    torch.topk's radix select reads the (4096, 128256) logits of a large batch ~10 times."""
+    Split the ids into chunks of `size`; the k largest values lie in the k chunks with the largest
+    maxima (a chunk that ranks below k by its maximum has k chunks, hence k values, above everything
+    it holds). So take every chunk's maximum (one read of the logits), pick the top k chunks, and
+    finish with a top-k over their k * size values. Chunk c holds ids c, c + n, c + 2n, ... (n
+    chunks): the maxima are then a reduction over rows of contiguous memory, which runs at full
+    bandwidth, where a reduction over 32 contiguous ids ran 20x slower. Same values as torch.topk
+    (which id wins a tie may differ); torch.topk's radix select reads a large batch's logits ~10 times."""
     b, v = logits.shape
-    if v % chunk or v < 4 * k * chunk:  # too small to gain (or ragged): the plain top-k
+    if v % size or v < 4 * k * size:  # too small to gain (or ragged): the plain top-k
         return logits.topk(min(k, v), dim=-1)
-    maxima = logits.view(b, v // chunk, chunk).amax(-1)  # (b, v/chunk)
+    n = v // size
+    maxima = logits.view(b, size, n).amax(1)  # (b, n): chunk c's maximum
     chunks = maxima.topk(k, dim=-1).indices  # (b, k)
-    ids = (chunks[:, :, None] * chunk + torch.arange(chunk, device=logits.device)).view(b, k * chunk)  # (b, k*chunk)
+    ids = (chunks[:, :, None] + n * torch.arange(size, device=logits.device)).view(b, k * size)  # (b, k*size)
     vals, j = logits.gather(-1, ids).topk(k, dim=-1)  # (b, k) sorted, descending
     return vals, ids.gather(-1, j)  # (b, k), (b, k)
 

@@ -71,14 +71,16 @@ def tiny_models(seed=0, **kw):
 
 @pytest.mark.parametrize("kind", ["teacher", "hybrid", "pure"])
 def test_step_equals_forward(kind):
+    """Prefill in pieces (one shorter than the conv's w-1 = 3 remembered inputs), then decode steps,
+    all through the cache: the logits of one parallel forward."""
     model = tiny_models()[kind]
     torch.manual_seed(1)
     idx = torch.randint(0, 96, (2, 11))
     with torch.no_grad():
         full = model(idx)  # (b, l, v)
         cache = model.allocate_cache(2, 16, torch.float32, "cpu")
-        outs = [model(idx[:, :5], cache, start=0)]  # prefill 5 tokens, then step one at a time
-        for t in range(5, 11):
+        outs = [model(idx[:, :3], cache, start=0), model(idx[:, 3:5], cache, start=3)]
+        for t in range(5, 11):  # then step one token at a time
             outs.append(model(idx[:, t:t + 1], cache, start=torch.tensor(t)))
     assert_close(torch.cat(outs, 1), full, atol=1e-4, rtol=1e-4, what=kind)
 
@@ -977,10 +979,10 @@ def test_topk_by_chunks_equals_topk(case, dtype, k):
     """The two-pass top-k gives torch.topk's values, sorted, at ids that hold them: on random logits,
     when every top value sits in one chunk, and when many values tie (bf16 rounds ~1 in 100 together)."""
     torch.manual_seed(0)
-    v = 4 * 64 * sample.TOPK_CHUNK  # just large enough for the two-pass path
+    v = 4 * 64 * sample.TOPK_CHUNK_SIZE  # just large enough for the two-pass path
     logits = torch.randn(6, v).to(dtype)  # (b, v)
     if case == "one_chunk":
-        logits[:, 200:200 + sample.TOPK_CHUNK] += 10.0  # ids 200..231: one chunk holds the top 32
+        logits[:, 200::v // sample.TOPK_CHUNK_SIZE] += 10.0  # chunk 200 holds the top 32
     if case == "ties":
         logits = logits.round()  # a handful of distinct values
     vals, ids = sample.topk_by_chunks(logits, k)
