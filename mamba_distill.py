@@ -316,8 +316,10 @@ class MambaMixer(nn.Module):
         past = conv_state.index_select(1, (slot + torch.arange(r, device=slot.device)) % r)  # (b, w-1, conv_dim)
         new = xBC[:, 0].to(conv_state.dtype)  # (b, conv_dim)
         weight = self.conv1d.weight[:, 0]  # (conv_dim, w)
-        conv_state.index_copy_(1, slot % r, new[:, None])
         xBC = (past * weight[:, :r].t()).sum(1) + new * weight[:, r] + self.conv1d.bias  # (b, conv_dim)
+        # written after the last read of the old rows: torch.compile then updates the cache in place
+        # (written first, it copied the whole conv state twice, 3x the step's own traffic)
+        conv_state.index_copy_(1, slot % r, new[:, None])
         if self.conv_act:
             xBC = F.silu(xBC)
         x, B, C = torch.split(xBC, [self.k * self.p, self.k * self.n, self.h * self.n], dim=-1)  # (b, k*p), (b, k*n), (b, h*n)
