@@ -74,8 +74,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from scan_kernel import (decode_attention, fused_kl_div, kl_div_ref, ssd_scan, ssd_scan_chunked_torch, ssd_step,
-                         ssd_step_ref)
+from scan_kernel import (conv_step, conv_step_ref, decode_attention, fused_kl_div, kl_div_ref, ssd_scan,
+                         ssd_scan_chunked_torch, ssd_step, ssd_step_ref)
 
 
 class InputError(Exception):
@@ -309,19 +309,12 @@ class MambaMixer(nn.Module):
 
         The conv state is a ring of the last w-1 inputs: slot s's input sits in row s % (w-1), so a
         step writes one row (over the oldest input) instead of shifting the window, and reads rows
-        (t + j) % (w-1), j = 0..w-2, to get slots t-w+1..t-1 in order (mamba_ssm's causal_conv1d_update
-        offers the same circular layout). Channels last, so every access reads contiguous rows."""
+        (t + j) % (w-1), j = 0..w-2, to get slots t-w+1..t-1 in order (the causal-conv1d package's
+        causal_conv1d_update offers the same circular layout). Channels last: contiguous rows."""
         conv_state, ssm_state = cache  # (b, w-1, conv_dim), (b, h, p, n)
-        b, r = z.shape[0], self.w - 1
-        past = conv_state.index_select(1, (slot + torch.arange(r, device=slot.device)) % r)  # (b, w-1, conv_dim)
-        new = xBC[:, 0].to(conv_state.dtype)  # (b, conv_dim)
-        weight = self.conv1d.weight[:, 0]  # (conv_dim, w)
-        xBC = (past * weight[:, :r].t()).sum(1) + new * weight[:, r] + self.conv1d.bias  # (b, conv_dim)
-        # written after the last read of the old rows: torch.compile then updates the cache in place
-        # (written first, it copied the whole conv state twice, 3x the step's own traffic)
-        conv_state.index_copy_(1, slot % r, new[:, None])
-        if self.conv_act:
-            xBC = F.silu(xBC)
+        b = z.shape[0]
+        conv = conv_step if z.is_cuda else conv_step_ref  # the Triton kernel (scan_kernel.py) on GPU
+        xBC = conv(conv_state, xBC[:, 0], self.conv1d.weight[:, 0], self.conv1d.bias, slot, self.conv_act)  # (b, conv_dim)
         x, B, C = torch.split(xBC, [self.k * self.p, self.k * self.n, self.h * self.n], dim=-1)  # (b, k*p), (b, k*n), (b, h*n)
         r = self.h // self.k
         x = x.view(b, self.k, self.p).repeat_interleave(r, dim=1).to(z.dtype)  # (b, h, p)

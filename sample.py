@@ -94,7 +94,8 @@ class SampleConfig:
     bench: bool = opt(False, "run the decode speed benchmark instead of an evaluation")
     bench_shapes: str = opt("llama-3.2-1b", "model shapes, random weights (also: llama-3.2-3b)")
     bench_models: str = opt("teacher,pure,hybrid", "which models of each shape")
-    bench_batches: str = opt("64,256", "batch sweep (plus the largest that fits) at prompt 128, 512 new tokens")
+    bench_batches: str = opt("64,256", "batch sweep (plus the largest that fits) at prompt 128, 512 new tokens; "
+                                       "empty = no batch sweep")
     bench_gen_lens: str = opt("512,2048,4096,8192", "generation-length sweep, each at the largest batch that fits")
     bench_e2e: bool = opt(False, "length sweep by full generate calls instead of timing the step at 8 points (slow)")
     bench_hf: bool = opt(True, "HF transformers generate side by side (batch 256, prompt 128, 512 new tokens)")
@@ -737,7 +738,8 @@ def _bench(cfg, device):
             model = random_model(shape_config(shape, kind, cfg.hybrid_attention), device, dtype)
             runs = []
             fit = largest_batch(model, prompt_len + 512, dtype, device, cfg.max_batch, cfg.prefill_tokens, state_dtype)
-            for b in sorted({b for b in map(int, cfg.bench_batches.split(",")) if b < fit} | {fit}):
+            batches = [int(x) for x in cfg.bench_batches.split(",") if x]
+            for b in sorted({b for b in batches if b < fit} | {fit}) if batches else []:
                 runs.append((b, 512, bench_generate))
             for n in map(int, cfg.bench_gen_lens.split(",")):
                 b = largest_batch(model, prompt_len + n, dtype, device, cfg.max_batch, cfg.prefill_tokens, state_dtype)

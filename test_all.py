@@ -24,8 +24,9 @@ if not torch.cuda.is_available():  # must be set before triton is imported anywh
 import mamba_distill as md  # noqa: E402
 import plot_scaling as ps  # noqa: E402
 import sample  # noqa: E402
-from scan_kernel import (decode_attention, decode_attention_ref, fused_kl_div, kl_div_ref, random_inputs,  # noqa: E402
-                         random_logits, ssd_scan, ssd_scan_chunked_torch, ssd_scan_ref, ssd_step, ssd_step_ref)
+from scan_kernel import (conv_step, conv_step_ref, decode_attention, decode_attention_ref, fused_kl_div,  # noqa: E402
+                         kl_div_ref, random_inputs, random_logits, ssd_scan, ssd_scan_chunked_torch, ssd_scan_ref,
+                         ssd_step, ssd_step_ref)
 from mamba_distill import (  # noqa: E402
     LLAMA3_SPLIT_PATTERN, SAFETENSORS_DTYPES, InputError, Tokenizer, gold_answer,
     load_safetensors, load_state_dict, load_tiktoken_bpe_file, make_problem, prompt_text, read_jsonl,
@@ -684,6 +685,67 @@ def test_step_with_low_precision_state(state_dtype):
     assert state_r.dtype == state_dtype
     assert_rel_close("state vs fp32 recurrence", state_r, exact, 1e-5 if state_dtype == torch.float32 else 1e-2)
     assert_rel_close("y vs fp32 recurrence", y_r, y_exact, 1e-5 if state_dtype == torch.float32 else 1e-2)
+
+
+def conv_dtypes():
+    return [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])  # the interpreter's bf16 is wrong
+
+
+@pytest.mark.parametrize("activation", [True, False])
+def test_conv_step_ref_is_the_causal_conv(activation):
+    """Token by token through the ring (w = 4, so 3 remembered inputs), conv_step_ref gives the causal
+    depthwise conv of the whole sequence (F.conv1d, left-padded with zeros), with or without silu."""
+    b, d, w, l = 3, 10, 4, 9
+    gen = torch.Generator().manual_seed(11)
+    xs, weight, bias = torch.randn(b, l, d, generator=gen), torch.randn(d, w, generator=gen), torch.randn(d, generator=gen)
+    full = F.conv1d(F.pad(xs.transpose(1, 2), (w - 1, 0)), weight[:, None], bias, groups=d).transpose(1, 2)  # (b, l, d)
+    if activation:
+        full = F.silu(full)
+    state = torch.zeros(b, w - 1, d)
+    for t in range(l):
+        assert_close(conv_step_ref(state, xs[:, t], weight, bias, torch.tensor([t]), activation), full[:, t],
+                     what=f"step {t}")
+
+
+@pytest.mark.parametrize("dtype", conv_dtypes())
+@pytest.mark.parametrize("activation", [True, False])
+def test_conv_step_kernel_matches_ref(dtype, activation):
+    """The Triton conv step against conv_step_ref for 7 steps from a random ring (slots 5..11 wrap it
+    twice), on strided x as the mixer passes it (a slice of in_proj's output): output and ring."""
+    b, d, w = 3, 40, 4
+    gen = torch.Generator().manual_seed(12)
+    xs = torch.randn(b, 7, 2 * d, generator=gen)[..., d // 2:d // 2 + d]  # (b, 7, d), row stride 2d
+    weight, bias = torch.randn(d, 2 * w, generator=gen)[:, ::2], torch.randn(d, generator=gen)
+    state_r = torch.randn(b, w - 1, d, generator=gen).to(dtype)
+    state = state_r.clone().to(DEVICE)
+    weight_k = weight.contiguous().to(DEVICE, dtype)
+    tol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    for i, t in enumerate(range(5, 12)):
+        x = xs[:, i].to(DEVICE, dtype)
+        y = conv_step(state, x, weight_k, bias.to(DEVICE, dtype), torch.tensor([t], device=DEVICE), activation)
+        y_r = conv_step_ref(state_r, x.cpu(), weight_k.cpu(), bias.to(dtype), torch.tensor([t]), activation)
+        assert y.dtype == dtype
+        assert_close(y.cpu(), y_r, *tol, what=f"out step {t}")
+        assert torch.equal(state.cpu(), state_r), f"ring differs after step {t}"
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-interpreter test; on a GPU the kernel is the model's default conv step")
+def test_model_decode_through_conv_kernel(monkeypatch):
+    """The mixer's decode step with the Triton conv step (through the interpreter, as on a GPU) gives
+    the greedy tokens of conv_step_ref, the CPU path."""
+    model = tiny_models()["pure"]
+    want = greedy(model, PROMPTS, batch=3)
+    monkeypatch.setattr(md, "conv_step_ref", conv_step)
+    assert greedy(model, PROMPTS, batch=3) == want
+
+
+def test_conv_step_rejects_bad_layout():
+    state = torch.zeros(2, 3, 8, device=DEVICE)
+    weight, bias, slot = torch.zeros(8, 4, device=DEVICE), torch.zeros(8, device=DEVICE), torch.tensor([0], device=DEVICE)
+    with pytest.raises(ValueError, match="weight has shape"):
+        conv_step(state, torch.zeros(2, 8, device=DEVICE), weight[:, :3], bias, slot)
+    with pytest.raises(ValueError, match="contiguous"):
+        conv_step(state, torch.zeros(8, 2, device=DEVICE).t(), weight, bias, slot)
 
 
 # -----------------------------------------------------------------------------
