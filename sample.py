@@ -46,9 +46,11 @@ Why one graph serves every step: a captured graph replays fixed kernels on fixed
 nothing the step needs may change on the host. The slot t of the new token lives in a 0-d device
 tensor that the step increments itself, and the GPU attention kernel (decode_attention in
 scan_kernel.py, "flash-decoding") reads t and each row's left padding from memory and visits only
-slots pad..t: a teacher step reads as many keys as exist, never the whole cache. Before capture the
-decode step is compiled with torch.compile, which fuses the norms, RoPE, SwiGLU and the conv step
-into a few kernels; on an H200 this took the 1B teacher's step at batch 256 from 4.5 to 3.2 ms.
+slots pad..t: a teacher step reads as many keys as exist, never the whole cache; a student's conv
+step (conv_step) reads it too, to find its place in the ring of past inputs. Before capture the
+decode step is compiled with torch.compile, which fuses the norms, RoPE and SwiGLU into a few
+kernels; on an H200 this took the 1B teacher's step at batch 256 from 4.5 to 3.2 ms. Sampling
+takes its top-k in two passes over the logits (topk_by_chunks), not torch.topk's radix select.
 """
 import json
 import math
