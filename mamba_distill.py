@@ -74,8 +74,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from scan_kernel import (conv_step, conv_step_ref, decode_attention, fused_kl_div, kl_div_ref, ssd_scan,
-                         ssd_scan_chunked_torch, ssd_step, ssd_step_ref)
+from scan_kernel import (conv_step, conv_step_ref, decode_attention, fused_kl_div, kl_div_ref, ring_rows,
+                         ssd_scan, ssd_scan_chunked_torch, ssd_step, ssd_step_ref)
 
 
 class InputError(Exception):
@@ -274,11 +274,10 @@ class MambaMixer(nn.Module):
         xBC_t = xBC.transpose(1, 2)  # (b, conv_dim, l)
         if cache is not None:  # continue from the previous chunk's last w-1 inputs (see _step's ring)
             conv_state, r = cache[0], self.w - 1  # (b, w-1, conv_dim)
-            ring = torch.arange(r, device=u.device)  # (w-1,)
-            past = conv_state.index_select(1, (ctx.slots[0] + ring) % r)  # (b, w-1, conv_dim) oldest first
+            past = conv_state.index_select(1, ring_rows(ctx.slots[:1], r))  # (b, w-1, conv_dim) oldest first
             xBC_t = torch.cat([past.transpose(1, 2).to(xBC_t.dtype), xBC_t], dim=-1)  # (b, conv_dim, w-1+l)
             last = xBC_t[:, :, -r:].transpose(1, 2).to(conv_state.dtype)  # (b, w-1, conv_dim) the last w-1 inputs
-            conv_state.index_copy_(1, (ctx.slots[-1] + 1 + ring) % r, last)
+            conv_state.index_copy_(1, ring_rows(ctx.slots[-1:] + 1, r), last)  # where the next step looks
             xBC = F.conv1d(xBC_t, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # (b, conv_dim, l)
         else:
             xBC = self.conv1d(xBC_t)[..., :l]  # (b, conv_dim, l): keep the causal outputs
@@ -309,8 +308,9 @@ class MambaMixer(nn.Module):
 
         The conv state is a ring of the last w-1 inputs: slot s's input sits in row s % (w-1), so a
         step writes one row (over the oldest input) instead of shifting the window, and reads rows
-        (t + j) % (w-1), j = 0..w-2, to get slots t-w+1..t-1 in order (the causal-conv1d package's
-        causal_conv1d_update offers the same circular layout). Channels last: contiguous rows."""
+        ring_rows(t) = (t + j) % (w-1), j = 0..w-2, to get slots t-w+1..t-1 in order (the
+        causal-conv1d package's causal_conv1d_update offers the same circular layout). Channels
+        last: contiguous rows."""
         conv_state, ssm_state = cache  # (b, w-1, conv_dim), (b, h, p, n)
         b = z.shape[0]
         conv = conv_step if z.is_cuda else conv_step_ref  # the Triton kernel (scan_kernel.py) on GPU

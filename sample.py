@@ -117,9 +117,9 @@ def topk_by_chunks(logits, k, size=TOPK_CHUNK_SIZE):
     maxima (a chunk that ranks below k by its maximum has k chunks, hence k values, above everything
     it holds). So take every chunk's maximum (one read of the logits), pick the top k chunks, and
     finish with a top-k over their k * size values. Chunk c holds ids c, c + n, c + 2n, ... (n
-    chunks): the maxima are then a reduction over rows of contiguous memory, which runs at full
-    bandwidth, where a reduction over 32 contiguous ids ran 20x slower. Same values as torch.topk
-    (which id wins a tie may differ); torch.topk's radix select reads a large batch's logits ~10 times."""
+    chunks): the maxima are then a reduction over rows of contiguous memory, which PyTorch runs near
+    full bandwidth (0.5 ms at batch 4096 on an H100), where a reduction over 32 contiguous ids took
+    4.9 ms. Same values as torch.topk (which id wins a tie may differ), whose radix select took 3.7 ms."""
     b, v = logits.shape
     if v % size or v < 4 * k * size:  # too small to gain (or ragged): the plain top-k
         return logits.topk(min(k, v), dim=-1)
@@ -739,10 +739,11 @@ def _bench(cfg, device):
         for kind in cfg.bench_models.split(","):
             model = random_model(shape_config(shape, kind, cfg.hybrid_attention), device, dtype)
             runs = []
-            fit = largest_batch(model, prompt_len + 512, dtype, device, cfg.max_batch, cfg.prefill_tokens, state_dtype)
             batches = [int(x) for x in cfg.bench_batches.split(",") if x]
-            for b in sorted({b for b in batches if b < fit} | {fit}) if batches else []:
-                runs.append((b, 512, bench_generate))
+            if batches:  # the batch sweep at 512 new tokens, up to the largest batch that fits
+                fit = largest_batch(model, prompt_len + 512, dtype, device, cfg.max_batch, cfg.prefill_tokens,
+                                    state_dtype)
+                runs += [(b, 512, bench_generate) for b in sorted({b for b in batches if b < fit} | {fit})]
             for n in map(int, cfg.bench_gen_lens.split(",")):
                 b = largest_batch(model, prompt_len + n, dtype, device, cfg.max_batch, cfg.prefill_tokens, state_dtype)
                 if (b, n) not in {(r[0], r[1]) for r in runs}:

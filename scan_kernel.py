@@ -191,13 +191,19 @@ def decode_attention_ref(q, k_cache, v_cache, t, pad, scale=None):
     return y.reshape(b, h, e).to(q.dtype)
 
 
+def ring_rows(t, r):
+    """The rows of a ring of r past inputs (slot s's input in row s % r) that hold the r inputs
+    before slot t, oldest first: slots t-r+j sit in rows (t + j) % r. t: a 1-element long tensor."""
+    return (t + torch.arange(r, device=t.device)) % r  # (r,)
+
+
 def conv_step_ref(state, x, weight, bias, slot, activation=True):
     """One token of the mixer's causal depthwise conv, fp32 math. state (b, w-1, d) is a ring of the
     last w-1 inputs (slot s's input in row s % (w-1)); x (b, d) is the input of slot `slot` (a
     1-element long tensor); weight (d, w), bias (d,). Overwrites the oldest row with x, returns
     silu(conv) (or the conv alone) (b, d) in x's dtype."""
     r = weight.shape[1] - 1
-    past = state.index_select(1, (slot + torch.arange(r, device=slot.device)) % r).float()  # (b, w-1, d) oldest first
+    past = state.index_select(1, ring_rows(slot, r)).float()  # (b, w-1, d) oldest first
     out = (past * weight[:, :r].t().float()).sum(1) + x.float() * weight[:, r].float() + bias.float()  # (b, d)
     state.index_copy_(1, slot % r, x[:, None].to(state.dtype))
     return (torch.nn.functional.silu(out) if activation else out).to(x.dtype)
