@@ -709,10 +709,12 @@ def test_conv_step_ref_is_the_causal_conv(activation):
 
 @pytest.mark.parametrize("dtype", conv_dtypes())
 @pytest.mark.parametrize("activation", [True, False])
-def test_conv_step_kernel_matches_ref(dtype, activation):
+@pytest.mark.parametrize("w", [2, 3, 4])
+def test_conv_step_kernel_matches_ref(dtype, activation, w):
     """The Triton conv step against conv_step_ref for 7 steps from a random ring (slots 5..11 wrap it
-    twice), on strided x as the mixer passes it (a slice of in_proj's output): output and ring."""
-    b, d, w = 3, 40, 4
+    more than once), on strided x as the mixer passes it (a slice of in_proj's output): output and
+    ring. Widths 2 and 3 leave tap columns of the kernel's power-of-two tile empty."""
+    b, d = 3, 40
     gen = torch.Generator().manual_seed(12)
     xs = torch.randn(b, 7, 2 * d, generator=gen)[..., d // 2:d // 2 + d]  # (b, 7, d), row stride 2d
     weight, bias = torch.randn(d, 2 * w, generator=gen)[:, ::2], torch.randn(d, generator=gen)
