@@ -194,6 +194,10 @@ class Sampler:
                                        cache_enabled=False)
         self.sampling = (temperature, top_k, top_p)
         self.prefill_tokens = prefill_tokens
+        model.fuse_qkv()  # one GEMM for q, k and v in every step (and prefill)
+        # where every weight lives: a captured graph (and the fused q, k, v) would go on reading these
+        # addresses, so generate() refuses to run once a weight has been given new storage
+        self.weight_ptrs = [p.data_ptr() for p in model.parameters()]
         self.cache = model.allocate_cache(batch, max_len, self.dtype, self.device, state_dtype)
         self.is_ssm = [hasattr(blk, "mixer") for blk in model.model.layers]
         # the decode step's inputs and outputs live in fixed buffers, so that a graph can replay it
@@ -292,6 +296,9 @@ class Sampler:
         checked on the host every `check_every` steps (steps past a row's stop are discarded)."""
         if not 0 < len(prompts) <= self.batch:
             raise ValueError(f"got {len(prompts)} prompts for a batch of {self.batch}")
+        if [p.data_ptr() for p in self.model.parameters()] != self.weight_ptrs:
+            raise RuntimeError("the model's weights were given new storage after this Sampler was built "
+                               "(model.to(), load_state_dict(assign=True)): build a new Sampler")
         l0 = max(len(p) for p in prompts)
         if l0 + max_new_tokens > self.max_len:
             raise md.InputError(f"prompt {l0} + --max_new_tokens {max_new_tokens} > cache length {self.max_len}")

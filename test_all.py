@@ -156,6 +156,58 @@ def test_transfer_mapping_table():
     assert md.spread_layers(16, 4) == [2, 6, 10, 14]
 
 
+def test_fused_qkv_equals_three_projections(tmp_path):
+    """After fuse_qkv: the same logits and cached decode without gradients, the same gradients with
+    them (they reach q_proj/k_proj/v_proj, which are views of the fused weight), HF's names in the
+    state_dict, and a checkpoint that reloads to the same model."""
+    plain = tiny_models()["hybrid"]
+    fused = tiny_models()["hybrid"].fuse_qkv()
+    attn = fused.model.layers[1].self_attn
+    assert attn.qkv is not None and attn.q_proj.weight.data_ptr() == attn.qkv.data_ptr()
+    assert plain.state_dict().keys() == fused.state_dict().keys()
+    idx = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(fused(idx), plain(idx), what="no-grad forward")
+        cache = fused.allocate_cache(2, 16, torch.float32, "cpu")
+        fused(idx[:, :8], cache, start=0)
+        assert_close(fused(idx[:, 8:], cache, start=8)[:, -1], plain(idx)[:, -1], what="decode step")
+    for m in (plain, fused):
+        F.cross_entropy(m(idx).flatten(0, 1), idx.flatten()).backward()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        g_f = getattr(attn, name).weight.grad
+        assert g_f is not None, name
+        assert_close(g_f, getattr(plain.model.layers[1].self_attn, name).weight.grad, what=f"{name} grad")
+    md.save_state_dict(fused.state_dict(), tmp_path)
+    reloaded = md.LM(fused.cfg)
+    reloaded.load_state_dict(md.load_state_dict(tmp_path), strict=True)
+    with torch.no_grad():
+        assert_close(reloaded(idx), plain(idx), what="reloaded")
+
+
+def test_fused_qkv_is_never_stale():
+    """Writes in place (load_state_dict) reach the fused weight; model.to() fuses again; a parameter
+    given new storage sends forward back to three GEMMs, and a Sampler built before refuses to run."""
+    fused = tiny_models()["teacher"].fuse_qkv()
+    other = tiny_models(seed=1)["teacher"]
+    idx = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
+    fused.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert_close(fused(idx), other(idx), what="after load_state_dict")
+        fused.to(torch.float64)
+        assert fused.model.layers[0].self_attn.qkv.dtype == torch.float64
+        assert_close(fused(idx), other.to(torch.float64)(idx), atol=1e-9, rtol=1e-9, what="after .to(float64)")
+    fused.to(torch.float32)
+    sampler = sample.Sampler(fused, 2, 32, temperature=0)
+    attn = fused.model.layers[2].self_attn
+    attn.k_proj.weight.data = attn.k_proj.weight.detach().clone() + 1.0  # new storage
+    other.to(torch.float32).model.layers[2].self_attn.k_proj.weight.data += 1.0
+    with torch.no_grad():
+        assert_close(fused(idx), other(idx), what="after re-binding k_proj")
+    assert attn.qkv is None
+    with pytest.raises(RuntimeError, match="new storage"):
+        sampler.generate(PROMPTS[:2], 4)
+
+
 LLAMA3_TOKENIZER = os.path.join(SHARED, "llama3", "tokenizer.model")
 GSM8K_TEST = os.path.join(SHARED, "data", "gsm8k", "test.jsonl")
 
