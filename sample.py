@@ -49,8 +49,10 @@ scan_kernel.py, "flash-decoding") reads t and each row's left padding from memor
 slots pad..t: a teacher step reads as many keys as exist, never the whole cache; a student's conv
 step (conv_step) reads it too, to find its place in the ring of past inputs. Before capture the
 decode step is compiled with torch.compile, which fuses the norms, RoPE and SwiGLU into a few
-kernels; on an H200 this took the 1B teacher's step at batch 256 from 4.5 to 3.2 ms. Sampling
-takes its top-k in two passes over the logits (topk_by_chunks), not torch.topk's radix select.
+kernels; on an H200 this took the 1B teacher's step at batch 256 from 4.5 to 3.2 ms. The Sampler
+also fuses each attention layer's q, k and v projections into one GEMM (LM.fuse_qkv; the parameters
+keep HF's names as views of the fused weight). Sampling takes its top-k in two passes over the
+logits (topk_by_chunks), not torch.topk's radix select.
 """
 import json
 import math
