@@ -181,6 +181,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.k * self.e, bias=False)
         self.v_proj = nn.Linear(d, self.k * self.e, bias=False)
         self.o_proj = nn.Linear(self.h * self.e, d, bias=False)
+        self.qkv_sizes = [self.h * self.e, self.k * self.e, self.k * self.e]  # rows of q, k, v
         self.qkv = None  # (h*e + 2*k*e, d) once fuse_qkv() has run: q, k, v weights in one tensor
 
     def fuse_qkv(self):
@@ -191,29 +192,35 @@ class Attention(nn.Module):
         state_dict stay HF's. The storage is shared, so in-place writes (load_state_dict
         without assign, an optimizer step) reach the fused weight; model.to() fuses again (_apply); a
         parameter given new storage some other way sends forward back to three GEMMs (_fused_qkv)."""
-        nq, nk = self.h * self.e, self.k * self.e
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()  # (nq + 2nk, d)
-        self.q_proj.weight.data, self.k_proj.weight.data, self.v_proj.weight.data = w.split([nq, nk, nk])
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()  # (h*e + 2*k*e, d)
+        for proj, part in zip((self.q_proj, self.k_proj, self.v_proj), w.split(self.qkv_sizes)):
+            proj.weight.data = part
         self.qkv = w
+
+    def _qkv_intact(self):
+        """Whether q_proj, k_proj and v_proj still live in self.qkv, at their rows."""
+        row, start = self.qkv.stride(0) * self.qkv.element_size(), self.qkv.data_ptr()
+        for proj, rows in zip((self.q_proj, self.k_proj, self.v_proj), self.qkv_sizes):
+            if proj.weight.data_ptr() != start:
+                return False
+            start += rows * row
+        return True
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        if self.qkv is not None:  # .to() / .cuda() gave the parameters new storage: fuse them again
+        if self.qkv is not None and not self._qkv_intact():  # .to() gave the parameters new storage
             self.fuse_qkv()
         return self
 
     def _fused_qkv(self):
         """self.qkv while q_proj, k_proj and v_proj still live in it and no gradient is needed (the
         parameters, not the fused tensor, are what autograd trains), else None."""
-        w = self.qkv
-        if w is None or torch.is_grad_enabled():
+        if self.qkv is None or torch.is_grad_enabled():
             return None
         if torch.compiler.is_compiling():  # data_ptr() would break the graph; the Sampler checks instead
-            return w
-        row = w.shape[1] * w.element_size()
-        starts = (0, self.h * self.e * row, (self.h + self.k) * self.e * row)
-        if any(p.weight.data_ptr() != w.data_ptr() + s for p, s in zip((self.q_proj, self.k_proj, self.v_proj), starts)):
-            self.qkv = None  # re-bound (e.g. load_state_dict(..., assign=True)): the copy is stale
+            return self.qkv
+        if not self._qkv_intact():  # re-bound (e.g. load_state_dict(..., assign=True)): the copy is stale
+            self.qkv = None
         return self.qkv
 
     def forward(self, x, rope, cache=None, ctx=None):
@@ -222,7 +229,7 @@ class Attention(nn.Module):
         if w is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (b, l, h*e), (b, l, k*e), (b, l, k*e)
         else:
-            q, k, v = F.linear(x, w).split([self.h * self.e, self.k * self.e, self.k * self.e], dim=-1)  # same
+            q, k, v = F.linear(x, w).split(self.qkv_sizes, dim=-1)  # the same, from one GEMM
         q = q.view(b, l, self.h, self.e).transpose(1, 2)  # (b, h, l, e)
         k = k.view(b, l, self.k, self.e).transpose(1, 2)  # (b, k, l, e)
         v = v.view(b, l, self.k, self.e).transpose(1, 2)  # (b, k, l, e)

@@ -185,8 +185,9 @@ def test_fused_qkv_equals_three_projections(tmp_path):
 
 
 def test_fused_qkv_is_never_stale():
-    """Writes in place (load_state_dict) reach the fused weight; model.to() fuses again; a parameter
-    given new storage sends forward back to three GEMMs, and a Sampler built before refuses to run."""
+    """Writes in place (load_state_dict) reach the fused weight; model.to() fuses again (a no-op .to()
+    leaves it alone); a parameter given new storage sends forward back to three GEMMs, and a Sampler
+    built before refuses to run."""
     fused = tiny_models()["teacher"].fuse_qkv()
     other = tiny_models(seed=1)["teacher"]
     idx = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
@@ -198,6 +199,8 @@ def test_fused_qkv_is_never_stale():
         assert_close(fused(idx), other.to(torch.float64)(idx), atol=1e-9, rtol=1e-9, what="after .to(float64)")
     fused.to(torch.float32)
     sampler = sample.Sampler(fused, 2, 32, temperature=0)
+    fused.to(torch.float32)  # a no-op .to() keeps the storage, so the Sampler still runs
+    sampler.generate(PROMPTS[:2], 4)
     attn = fused.model.layers[2].self_attn
     attn.k_proj.weight.data = attn.k_proj.weight.detach().clone() + 1.0  # new storage
     other.to(torch.float32).model.layers[2].self_attn.k_proj.weight.data += 1.0
