@@ -362,9 +362,9 @@ class MambaMixer(nn.Module):
         conv = conv_step if z.is_cuda else conv_step_ref  # the Triton kernel (scan_kernel.py) on GPU
         xBC = conv(conv_state, xBC[:, 0], self.conv1d.weight[:, 0], self.conv1d.bias, slot, self.conv_act)  # (b, conv_dim)
         x, B, C = torch.split(xBC, [self.k * self.p, self.k * self.n, self.h * self.n], dim=-1)  # (b, k*p), (b, k*n), (b, h*n)
-        r = self.h // self.k
-        x = x.view(b, self.k, self.p).repeat_interleave(r, dim=1).to(z.dtype)  # (b, h, p)
-        B = B.view(b, self.k, self.n).repeat_interleave(r, dim=1).to(z.dtype)  # (b, h, n)
+        # x and B stay per kv head: the step reads a group's x and B for each of its r heads
+        x = x.view(b, self.k, self.p).to(z.dtype)  # (b, k, p)
+        B = B.view(b, self.k, self.n).to(z.dtype)  # (b, k, n)
         C = C.view(b, self.h, self.n).to(z.dtype)  # (b, h, n)
         dt = F.softplus(dt[:, 0].float() + self.dt_bias.float())  # (b, h)
         A = -torch.exp(self.A_log.float())  # (h,)

@@ -611,6 +611,23 @@ def test_step_matches_reference_several_steps():
         assert_rel_close(f"state step {t}", state, state_r, 1e-5)
 
 
+@pytest.mark.parametrize("gx, gb, gc", [(2, 2, 8), (8, 2, 4), (1, 8, 1)])  # (2, 2, 8): the student's decode
+def test_step_reads_groups_shared_by_heads(gx, gb, gc):
+    """x, B and C given once per group step as the same tensors repeated to every head of the group."""
+    b, h, p, n = 3, 8, 16, 8
+    gen = torch.Generator().manual_seed(7)
+    x, B, C = (torch.randn(b, g, m, generator=gen).to(DEVICE) for g, m in ((gx, p), (gb, n), (gc, n)))
+    dt, A, D = torch.rand(b, h, generator=gen).to(DEVICE), -torch.rand(h, generator=gen).to(DEVICE), torch.randn(h, generator=gen).to(DEVICE)
+    state = torch.randn(b, h, p, n, generator=gen).to(DEVICE)
+    every_head = [torch.stack([v[:, i // (h // v.shape[1])] for i in range(h)], 1) for v in (x, B, C)]  # (b, h, .)
+    s_full, s_ref = state.clone(), state.clone()
+    y_full = ssd_step_ref(s_full, every_head[0], dt, A, every_head[1], every_head[2], D)  # (b, h, p)
+    assert_rel_close("y, reference with groups", ssd_step_ref(s_ref, x, dt, A, B, C, D), y_full, 1e-6)
+    assert_rel_close("state, reference with groups", s_ref, s_full, 1e-6)
+    assert_rel_close("y, kernel with groups", ssd_step(state, x, dt, A, B, C, D), y_full, 1e-5)
+    assert_rel_close("state, kernel with groups", state, s_full, 1e-5)
+
+
 def test_scan_equals_stepping_token_by_token():
     b, l, h, p, n, g = 2, 19, 4, 16, 16, 2
     x, dt, A, B, C, D = random_inputs(b, l, h, p, n, g, DEVICE, torch.float32, seed=5)
@@ -635,6 +652,8 @@ def test_bad_shapes_raise():
         ssd_step(state, x[:, 0], dt[:, 0, :2], A, B[:, 0], C[:, 0], D)
     with pytest.raises(ValueError, match="state must be fp32"):
         ssd_step(state.double(), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+    with pytest.raises(ValueError, match="multiple of groups"):
+        ssd_step(state, x[:, 0, :3], dt[:, 0], A, B[:, 0], C[:, 0], D)
 
 
 def test_strided_A_and_D():
