@@ -790,8 +790,16 @@ class Tokenizer:
         ids = self.model.encode_ordinary(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode() of many texts at once (tiktoken spreads them over threads)."""
+        return self.model.encode_ordinary_batch(texts)
+
     def decode(self, ids) -> str:
         return self.model.decode(list(ids))
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for (a special token's name for a special token)."""
+        return self.model.decode_single_token_bytes(i)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Llama 3 instruct format (Meta's chat_format.py; no default system message):
@@ -1160,20 +1168,107 @@ def make_problem(rng: random.Random, n_steps: int) -> dict:
     return {"question": " ".join(q), "answer": "\n".join(s), "ops": ops}
 
 
+def _digits_from_ones(x: int) -> list[int]:
+    return [int(c) for c in reversed(str(x))]
+
+
+def column_addition(a: int, b: int) -> list[str]:
+    """a + b worked column by column from the ones, as taught at school: one line per column."""
+    da, db = _digits_from_ones(a), _digits_from_ones(b)
+    lines, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        s = x + y + carry
+        lines.append(f"{x} + {y} + {carry} = {s}, write {s % 10}, carry {s // 10}")
+        carry = s // 10
+    if carry:  # the carry out of the last column becomes a new leading digit
+        lines.append(f"0 + 0 + {carry} = {carry}, write {carry}, carry 0")
+    return lines
+
+
+def column_subtraction(a: int, b: int) -> list[str]:
+    """a - b (a >= b) worked column by column from the ones, borrowing from the next column."""
+    da, db = _digits_from_ones(a), _digits_from_ones(b)
+    lines, borrow = [], 0
+    for i, x in enumerate(da):
+        y = db[i] if i < len(db) else 0
+        r = x - y - borrow
+        if r < 0:
+            lines.append(f"{x} - {y} - {borrow} is below 0, so {x + 10} - {y} - {borrow} = {r + 10}, "
+                         f"write {r + 10}, borrow 1")
+        else:
+            lines.append(f"{x} - {y} - {borrow} = {r}, write {r}, borrow 0")
+        borrow = int(r < 0)
+    return lines
+
+
+def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digits: int = 4) -> dict:
+    """A long-reasoning problem: n_people pass objects round a circle for n_turns turns, each giver
+    handing the next person a tenth of what they hold (rounded down), and the question asks what one
+    of them holds at the end. The worked solution does every subtraction and addition column by column
+    and restates everyone's count after each turn, so it is long because the reasoning is long (about
+    250 tokens a turn under the default tokenizer), every line can be checked, and one wrong digit
+    anywhere carries through to a wrong final answer.
+    Returns {"question", "answer", "ops"}; ops = ["relay", [start amounts], n_turns, asked index]."""
+    assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and digits >= 2
+    people = rng.sample(NAMES, n_people)
+    names = [p[0] for p in people]
+    hers = {name: "hers" if his == "her" else "his" for name, _, his in people}
+    obj, box, _, _ = rng.choice(OBJECTS)
+    start = [rng.randint(10 ** (digits - 1), 10 ** digits - 1) for _ in names]
+    asked = rng.randrange(n_people)
+
+    def listing(amounts, unit=""):
+        parts = [f"{n} has {a}{unit}" for n, a in zip(names, amounts)]
+        return ", ".join(parts[:-1]) + f" and {parts[-1]}"
+
+    order = ", then ".join(f"{names[i]} gives {names[(i + 1) % n_people]} a tenth of {hers[names[i]]}"
+                           for i in range(n_people))
+    q = (f"{', '.join(names[:-1])} and {names[-1]} keep {obj} in {box}. {listing(start, f' {obj}')}. "
+         f"They take turns passing {obj} on: {order}, and so on in that order. A tenth is rounded down to a "
+         f"whole number. After {n_turns} turns, how many {obj} does {names[asked]} have?")
+    s, x = [], list(start)
+    for t in range(n_turns):
+        g, r = t % n_people, (t + 1) % n_people
+        give = x[g] // 10
+        s.append(f"Turn {t + 1} of {n_turns}: {names[g]} gives {names[r]} a tenth of {x[g]}, which is {give}.")
+        s.append(f"{names[g]}: {x[g]} - {give}")
+        s += column_subtraction(x[g], give)
+        x[g] -= give
+        s.append(f"{names[g]} has {x[g]}.")
+        s.append(f"{names[r]}: {x[r]} + {give}")
+        s += column_addition(x[r], give)
+        x[r] += give
+        s.append(f"{names[r]} has {x[r]}.")
+        s.append(f"Now {listing(x)}.")
+    s.append(f"After {n_turns} turns {names[asked]} has {x[asked]} {obj}.")
+    s.append(f"#### {x[asked]}")
+    return {"question": q, "answer": "\n".join(s), "ops": ["relay", start, n_turns, asked]}
+
+
+# task name -> (generator(rng, steps, **knobs), default min steps, default max steps): "relay" (the
+# default) has long chains of thought, "short" the GSM8K-sized ones of 2-8 arithmetic steps
+TASKS = {"relay": (make_relay_problem, 2, 14), "short": (make_problem, 2, 8)}
+
+
 def split_of(question: str) -> str:
     """'test' for ~10% of questions, 'train' for the rest, by a stable hash of the text: the two splits
     can never share a question, whatever seeds or sizes are asked for."""
     return "test" if int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 10 == 0 else "train"
 
 
-def synthetic_split(split: str, n: int, seed: int = 0, min_steps: int = 2, max_steps: int = 8) -> list[dict]:
-    """n distinct problems of `split` ("train" or "test"), steps uniform in [min_steps, max_steps],
-    the same for the same arguments."""
+def synthetic_split(split: str, n: int, seed: int = 0, task: str = "relay", min_steps: int = 0,
+                    max_steps: int = 0, **knobs) -> list[dict]:
+    """n distinct problems of `split` ("train" or "test") of a task in TASKS, steps (turns for relay,
+    arithmetic steps for short) uniform in [min_steps, max_steps] (0 = the task's default), the same
+    for the same arguments. knobs go to the generator (relay: n_people, digits)."""
     assert split in ("train", "test"), split
+    make, lo, hi = TASKS[task]
+    lo, hi = min_steps or lo, max_steps or hi
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < n:
-        p = make_problem(rng, rng.randint(min_steps, max_steps))
+        p = make(rng, rng.randint(lo, hi), **knobs)
         if split_of(p["question"]) == split and p["question"] not in seen:
             seen.add(p["question"])
             rows.append(p)
@@ -1219,6 +1314,13 @@ def gold_answer(answer_text: str) -> str:
     return answer_text.rsplit("####", 1)[1].split("\n", 1)[0].strip().replace(",", "")
 
 
+def auto_max_new_tokens(tok, rows) -> int:
+    """A generation limit that fits every worked solution of `rows` with a quarter to spare, in
+    multiples of 64 (a sampled solution may run longer than the written one and still end well)."""
+    longest = max(len(ids) for ids in tok.encode_batch([r["answer"] for r in rows])) + 1  # + <|eot_id|>
+    return -(-int(1.25 * longest) // 64) * 64
+
+
 def prompt_text(question: str) -> str:
     """The user message for training and sampling (the model's reply is the GSM8K-style answer)."""
     return f"{question.strip()}\nSolve it step by step and end with '#### <answer>'."
@@ -1235,11 +1337,12 @@ def parse_config(cls, argv=None, description=None):
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()
         kind = type(default) if default is not None else str
+        text = f.metadata.get("help", " ").replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="{true,false}",
-                                nargs="?", const=True, help=f.metadata.get("help", " "))
+                                nargs="?", const=True, help=text)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=default, help=f.metadata.get("help", " "))
+            parser.add_argument(f"--{f.name}", type=kind, default=default, help=text)
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -1265,7 +1368,14 @@ class DistillConfig:
     device: str = opt("auto", "auto, cuda or cpu")
     seed: int = opt(0, "seed of the data, the initialisation and the batch order")
     # synthetic data and the default teacher
-    n_train: int = opt(40000, "synthetic training problems")
+    task: str = opt("relay", "synthetic task: relay (long chains of thought, ~2,000 solution tokens) or short "
+                             "(GSM8K-sized, 60-200 tokens)")
+    min_steps: int = opt(0, "difficulty: fewest turns (relay) or arithmetic steps (short) per problem; 0 = the "
+                            "task's default (2)")
+    max_steps: int = opt(0, "difficulty: most turns (relay) or steps (short) per problem; 0 = the task's default "
+                            "(relay 14, short 8)")
+    digits: int = opt(4, "relay: digits of the starting amounts")
+    n_train: int = opt(20000, "synthetic training problems")
     n_test: int = opt(500, "synthetic test problems")
     vocab_size: int = opt(1024, "base BPE vocabulary of the project's own tokenizer (256 specials come on top)")
     d_model: int = opt(384, "default teacher: hidden size")
@@ -1273,25 +1383,26 @@ class DistillConfig:
     n_heads: int = opt(6, "default teacher: query heads (head dim = d_model / n_heads)")
     n_kv_heads: int = opt(2, "default teacher: key/value heads (GQA, as in Llama 3.2)")
     d_ff: int = opt(1024, "default teacher: MLP width")
-    teacher_steps: int = opt(2000, "default teacher: training steps")
+    teacher_steps: int = opt(1500, "default teacher: training steps")
     teacher_lr: float = opt(2e-3, "default teacher: peak learning rate")
     # students
     students: str = opt("hybrid,pure", "students to distil: hybrid and/or pure")
     attn_fraction: float = opt(0.25, "share of attention layers a hybrid keeps, spread over depth")
     init: str = opt("attention", "attention (MambaInLlama transfer) or random mixers")
     random_baseline: str = opt("pure", "also distil this student from random mixers (empty = no baseline)")
-    align_steps: int = opt(200, "stage 1: layer-wise mixer alignment steps (0 = skip)")
+    align_steps: int = opt(150, "stage 1: layer-wise mixer alignment steps (0 = skip)")
     align_lr: float = opt(2e-3, "stage 1: peak learning rate")
-    kl_steps: int = opt(1000, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)")
+    kl_steps: int = opt(600, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)")
     kl_lr: float = opt(6e-4, "stage 2: peak learning rate")
     kl: str = opt("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)")
     temperature: float = opt(1.0, "stage 2: softmax temperature of both models (loss scaled by T^2)")
     sft_steps: int = opt(0, "stage 3: supervised fine-tuning steps on the solutions (0 = skip)")
     sft_lr: float = opt(3e-4, "stage 3: peak learning rate")
     # optimisation (shared by every stage)
-    batch_size: int = opt(64, "sequences per optimizer step (over all GPUs and accumulation steps)")
+    batch_size: int = opt(16, "sequences per optimizer step (over all GPUs and accumulation steps)")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    seq_len: int = opt(384, "tokens per sequence (longer examples are cut, shorter padded)")
+    seq_len: int = opt(4096, "most tokens of a training sequence (longer examples are cut); a batch holds "
+                             "examples of similar length and is padded only to its longest")
     warmup: float = opt(0.05, "share of each stage spent warming up the learning rate")
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this")
@@ -1299,7 +1410,7 @@ class DistillConfig:
     ckpt_every: int = opt(500, "steps between checkpoints (0 = only at the end of a stage)")
     resume: bool = opt(False, "continue each model from its last checkpoint in out_dir")
     eval_n: int = opt(200, "test problems for the greedy accuracy of each model (0 = skip)")
-    max_new_tokens: int = opt(384, "generation limit when evaluating")
+    max_new_tokens: int = opt(0, "generation limit when evaluating; 0 = the longest test solution + 25%")
     bench: bool = opt(False, "measure distillation throughput at the Llama-3.2-1B shape and exit")
     compile: bool = opt(False, "torch.compile the student's forward (stages 2 and 3; stage 1 calls the mixers "
                                "directly) and the teacher's in stage 2 (GPU only): fuses the norms and "
@@ -1308,11 +1419,12 @@ class DistillConfig:
 
 PRESETS = {  # fields that a preset changes, unless the command line set them
     "default": {},
-    "smoke": dict(n_train=8000, n_test=200, teacher_steps=400, align_steps=50, kl_steps=200,
-                  eval_n=100, d_model=256, n_layers=6, n_heads=4, d_ff=768, ckpt_every=0),
+    "smoke": dict(n_train=4000, n_test=200, teacher_steps=300, align_steps=40, kl_steps=120,
+                  eval_n=100, d_model=256, n_layers=6, n_heads=4, d_ff=768, ckpt_every=0, max_steps=6),
     "tiny": dict(n_train=64, n_test=8, vocab_size=300, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1,
                  d_ff=64, teacher_steps=4, align_steps=2, kl_steps=3, sft_steps=2, batch_size=4,
-                 grad_accum=2, seq_len=320, eval_n=2, max_new_tokens=8, log_every=1, ckpt_every=2),
+                 grad_accum=2, seq_len=320, eval_n=2, max_new_tokens=8, log_every=1, ckpt_every=2,
+                 task="short"),
 }
 
 
@@ -1333,7 +1445,7 @@ def apply_preset(cfg: DistillConfig, argv) -> DistillConfig:
 
 def check_config(cfg: DistillConfig):
     """Bad flags fail here, in one line, before any data or teacher work."""
-    choices = {"kl": ("forward", "reverse"), "init": ("attention", "random"),
+    choices = {"kl": ("forward", "reverse"), "init": ("attention", "random"), "task": tuple(TASKS),
                "random_baseline": ("", "hybrid", "pure"), "device": ("auto", "cuda", "cpu")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -1385,40 +1497,57 @@ def setup_env(device: str) -> Env:
     return Env(dev, torch.bfloat16 if device == "cuda" else None, rank, world)
 
 
-def encode_example(tok, row, seq_len):
-    """Chat prompt + solution + <|eot_id|> -> (ids, mask); mask is 1 on the solution's tokens."""
-    prompt = tok.encode_chat([{"role": "user", "content": prompt_text(row["question"])}])
-    answer = tok.encode(row["answer"]) + [tok.eot_id]
-    ids = (prompt + answer)[:seq_len + 1]
-    mask = ([0] * len(prompt) + [1] * len(answer))[:seq_len + 1]
-    return ids, mask
+def encode_examples(tok, rows):
+    """Chat prompt + solution + <|eot_id|> of every row -> [(ids, mask)], mask 1 on the solution's
+    tokens."""
+    answers = tok.encode_batch([r["answer"] for r in rows])
+    out = []
+    for row, answer in zip(rows, answers):
+        prompt = tok.encode_chat([{"role": "user", "content": prompt_text(row["question"])}])
+        out.append((prompt + answer + [tok.eot_id], [0] * len(prompt) + [1] * (len(answer) + 1)))
+    return out
 
 
 class Batches:
     """Tokenised examples and a batch order that depends only on (seed, stage, step), so that a
-    resumed run sees exactly the batches it would have seen."""
+    resumed run sees exactly the batches it would have seen.
+
+    Examples are kept sorted by length, and a step's batch is a random window of `batch` neighbours
+    in that order: its sequences have about the same length, and it is padded only to the longest of
+    them (rounded up to a multiple of 64), so that little compute goes to padding when lengths vary
+    from a few hundred to a few thousand tokens (HF's group_by_length does the same)."""
 
     def __init__(self, tok, rows, seq_len, seed):
-        enc = [encode_example(tok, r, seq_len) for r in rows]
-        n = len(enc)
-        self.ids = torch.full((n, seq_len + 1), tok.pad_id, dtype=torch.long)  # (N, l+1)
-        self.mask = torch.zeros(n, seq_len + 1)  # (N, l+1)
-        for i, (ids, mask) in enumerate(enc):
-            self.ids[i, :len(ids)] = torch.tensor(ids)
-            self.mask[i, :len(mask)] = torch.tensor(mask, dtype=torch.float)
-        self.cut = sum(len(ids) > seq_len for ids, _ in enc)
-        self.mean_len = sum(len(ids) for ids, _ in enc) / max(n, 1)
-        self.seed = seed
+        enc = sorted(encode_examples(tok, rows), key=lambda e: len(e[0]))  # stable: ties keep row order
+        self.cut = sum(len(ids) > seq_len + 1 for ids, _ in enc)  # examples longer than a sequence
+        self.mean_len = sum(len(ids) for ids, _ in enc) / max(len(enc), 1)
+        enc = [(ids[:seq_len + 1], mask[:seq_len + 1]) for ids, mask in enc]  # inputs + shifted targets
+        self.lengths = [len(ids) for ids, _ in enc]
+        self.ids = [torch.tensor(ids, dtype=torch.int32) for ids, _ in enc]  # ragged, int32: small in memory
+        self.mask = [torch.tensor(mask, dtype=torch.bool) for _, mask in enc]
+        self.pad_id, self.seq_len, self.seed = tok.pad_id, seq_len, seed
 
     def get(self, stage, step, batch, rank=0, world=1, micro=0, n_micro=1):
-        """This rank's share of micro-batch `micro` of the global batch of `step`."""
+        """This rank's share of micro-batch `micro` of the global batch of `step`:
+        inputs, targets, loss mask (b, l) and how many input tokens are real (not padding)."""
         # a stable hash: Python's hash() of a str changes from one process to the next
         g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{stage}/{step}".encode()))
-        order = torch.randint(0, len(self.ids), (batch,), generator=g)  # (batch,) global batch
+        n = len(self.ids)
+        if n >= batch:  # a window of neighbours in length order, its members in random order
+            first = int(torch.randint(0, n - batch + 1, (1,), generator=g))
+            order = first + torch.randperm(batch, generator=g)  # (batch,) global batch
+        else:  # fewer examples than a batch: draw with replacement
+            order = torch.randint(0, n, (batch,), generator=g)
         per = batch // (world * n_micro)
-        take = order[(micro * world + rank) * per:(micro * world + rank + 1) * per]
-        ids, mask = self.ids[take], self.mask[take]
-        return ids[:, :-1], ids[:, 1:], mask[:, 1:]  # inputs, targets, loss mask (b, l)
+        take = order[(micro * world + rank) * per:(micro * world + rank + 1) * per].tolist()
+        l = min(self.seq_len + 1, -(-max(self.lengths[i] for i in take) // 64) * 64 + 1)  # tokens + 1
+        ids = torch.full((per, l), self.pad_id, dtype=torch.long)  # (b, l+1)
+        mask = torch.zeros(per, l)  # (b, l+1)
+        for row, i in enumerate(take):
+            ids[row, :self.lengths[i]] = self.ids[i]
+            mask[row, :self.lengths[i]] = self.mask[i].float()
+        real = sum(self.lengths[i] - 1 for i in take)
+        return ids[:, :-1], ids[:, 1:], mask[:, 1:], real
 
 
 def lr_at(step, steps, peak, warmup):
@@ -1573,9 +1702,11 @@ def run_stage(stage, student, loss_fn, steps, peak_lr, cfg, env, batches, tok, c
             g["lr"] = lr
         loss_sum = torch.zeros((), device=env.device)
         count = torch.zeros((), device=env.device)
+        real = 0  # input tokens that are not padding, this rank
         for micro in range(cfg.grad_accum):
-            x, y, m = (t.to(env.device) for t in
-                       batches.get(stage, step, cfg.batch_size, env.rank, env.world, micro, cfg.grad_accum))
+            *xym, n_real = batches.get(stage, step, cfg.batch_size, env.rank, env.world, micro, cfg.grad_accum)
+            x, y, m = (t.to(env.device) for t in xym)
+            real += n_real
             last_micro = micro == cfg.grad_accum - 1
             # gradients are averaged across GPUs only once, on the last micro-batch
             with (module.no_sync() if env.world > 1 and not last_micro else nullcontext()), env.autocast():
@@ -1587,9 +1718,9 @@ def run_stage(stage, student, loss_fn, steps, peak_lr, cfg, env, batches, tok, c
         # afterwards gives the mean over every token of the step, however they fall in micro-batches
         # and GPUs (DDP has averaged the sums over GPUs, so divide by the mean count per GPU).
         if env.world > 1:
-            stats = torch.stack([loss_sum, count])
+            stats = torch.stack([loss_sum, count, torch.tensor(float(real), device=env.device)])
             dist.all_reduce(stats)
-            loss_sum, count = stats[0], stats[1] / env.world
+            loss_sum, count, real = stats[0], stats[1] / env.world, int(stats[2].item())
         for p in trainable:
             if p.grad is not None:
                 p.grad.div_(count.clamp(min=1))
@@ -1600,7 +1731,7 @@ def run_stage(stage, student, loss_fn, steps, peak_lr, cfg, env, batches, tok, c
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += cfg.batch_size * x.shape[1]
+        tokens += real
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             now = time.time()
             logger.log(stage, step, steps, loss_value, lr, tokens, (tokens - tok_last) / max(now - t_last, 1e-9))
@@ -1669,7 +1800,8 @@ def load_data(cfg, env):
         if path:
             rows[split] = read_jsonl(path)
         else:
-            rows[split] = synthetic_split(split, n, cfg.seed)
+            knobs = {"digits": cfg.digits} if cfg.task == "relay" else {}
+            rows[split] = synthetic_split(split, n, cfg.seed, cfg.task, cfg.min_steps, cfg.max_steps, **knobs)
             if env.main:
                 write_jsonl(rows[split], os.path.join(cfg.out_dir, "data", f"{split}.jsonl"))
     return rows["train"], rows["test"]
@@ -1775,7 +1907,8 @@ def greedy_accuracy(model, tok, rows, cfg, env):
 
     prompts = [tok.encode_chat([{"role": "user", "content": prompt_text(r["question"])}]) for r in rows]
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
-        outs = generate(model, prompts, tok, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+        outs = generate(model, prompts, tok, max_new_tokens=cfg.max_new_tokens or auto_max_new_tokens(tok, rows),
+                        temperature=0.0,
                         dtype=env.amp or torch.float32)
     right = [extract_answer(tok.decode(o)) == normalize_number(gold_answer(r["answer"]))
              for o, r in zip(outs, rows)]
@@ -1846,7 +1979,7 @@ class RandomBatches:
     def get(self, stage, step, batch, rank=0, world=1, micro=0, n_micro=1):
         per = batch // (world * n_micro)
         ids = torch.randint(0, self.vocab, (per, self.seq_len + 1))  # (b, l+1)
-        return ids[:, :-1], ids[:, 1:], torch.ones(per, self.seq_len)
+        return ids[:, :-1], ids[:, 1:], torch.ones(per, self.seq_len), per * self.seq_len
 
 
 def bench(cfg, env, warmup=2, steps=8):

@@ -60,6 +60,7 @@ import os
 import re
 import sys
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -84,9 +85,10 @@ class SampleConfig:
     temperature: float = opt(0.8, "0 = greedy")
     top_p: float = opt(0.95, "nucleus sampling mass (1 = off)")
     top_k: int = opt(64, "candidates kept before top-p, which is exact within them; 0 = the whole vocabulary (a full sort: slow)")
-    max_new_tokens: int = opt(512, "new tokens per sample at most")
-    batch_size: int = opt(0, "rows per batch; 0 = the largest that fits in GPU memory")
-    max_batch: int = opt(4096, "upper bound for the automatic batch size")
+    max_new_tokens: int = opt(0, "new tokens per sample at most; 0 = the longest solution in --data + 25%")
+    batch_size: int = opt(0, "most rows per batch; 0 = the largest that fits in GPU memory (each round runs "
+                             "in as few equal batches as fit)")
+    max_batch: int = opt(4096, "--bench: upper bound for the largest batch of a measurement")
     seed: int = opt(0, "sampling seed (each batch derives its own from it)")
     cuda_graph: bool = opt(True, "run the decode step as a captured CUDA graph (GPU only)")
     compile: bool = opt(True, "torch.compile the decode step before capturing it (GPU only; ~20 s per model)")
@@ -96,7 +98,8 @@ class SampleConfig:
     device: str = opt("auto", "auto, cuda or cpu")
     # speed benchmark
     bench: bool = opt(False, "run the decode speed benchmark instead of an evaluation")
-    bench_shapes: str = opt("llama-3.2-1b", "model shapes, random weights (also: llama-3.2-3b)")
+    bench_shapes: str = opt("llama-3.2-1b", "model shapes, random weights (also: llama-3.2-3b, and default: the "
+                                            "default run's teacher and its students)")
     bench_models: str = opt("teacher,pure,hybrid", "which models of each shape")
     bench_batches: str = opt("64,256", "batch sweep (plus the largest that fits) at prompt 128, 512 new tokens; "
                                        "empty = no batch sweep")
@@ -133,9 +136,25 @@ def topk_by_chunks(logits, k, size=TOPK_CHUNK_SIZE):
     return vals, ids.gather(-1, j)  # (b, k), (b, k)
 
 
-def sample_next(logits, temperature, top_k, top_p):
+def row_uniforms(seeds, step, c):
+    """(b, c) uniforms in (0, 1), one per row, decode step and candidate rank, from a counter-based
+    hash of (row seed, step, rank): no generator state, so what a row draws depends on its own seed
+    alone, never on the batch it runs in or on which GPU (what makes a sample reproducible whatever
+    the batch size or the number of processes). Integer arithmetic stays below 2^63, so int64 never
+    overflows; graph-safe (step is a device tensor)."""
+    m32 = 0xFFFFFFFF
+    ranks = torch.arange(c, device=seeds.device)
+    x = (seeds[:, None] * 0x9E3779B1 + step * 0x85EBCA77 + ranks * 0x27D4EB2F) & m32  # (b, c)
+    for mul in (0x7FEB352D, 0x2C1B3C6D):  # two rounds of xor-shift-multiply (a 32-bit integer hash)
+        x = ((x ^ (x >> 16)) * mul) & m32
+    x = x ^ (x >> 15)
+    return ((x >> 8).float() + 0.5) / 2 ** 24  # 24 random bits: exact in fp32, never 0 or 1
+
+
+def sample_next(logits, temperature, top_k, top_p, seeds=None, step=0):
     """logits (b, v) -> next tokens (b,). Greedy at temperature 0; else top-k, then top-p (nucleus,
-    Holtzman et al. 2020) within those, at the given temperature. No host sync (graph-safe)."""
+    Holtzman et al. 2020) within those, at the given temperature, with each row's randomness from
+    row_uniforms(seeds, step) (seeds (b,) long; None: torch's generator). No host sync (graph-safe)."""
     if temperature == 0:
         return logits.argmax(-1)  # (b,)
     if top_k > 0:  # top-k on the raw logits: dividing by a positive temperature keeps the order
@@ -150,7 +169,11 @@ def sample_next(logits, temperature, top_k, top_p):
     probs = vals.softmax(-1)  # (b, c)
     # exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, and unlike
     # torch.multinomial it never synchronises with the host
-    choice = (probs / torch.empty_like(probs).exponential_()).argmax(-1)  # (b,)
+    if seeds is None:
+        race = torch.empty_like(probs).exponential_()  # (b, c)
+    else:
+        race = -torch.log(row_uniforms(seeds, step, probs.shape[1]))  # (b, c) Exp(1) by inversion
+    choice = (probs / race).argmax(-1)  # (b,)
     return ids.gather(-1, choice[:, None])[:, 0]  # (b,)
 
 
@@ -168,25 +191,79 @@ def cache_bytes_per_row(model, max_len, dtype, state_dtype):
 
 
 def largest_batch(model, max_len, dtype, device, cap, prefill_tokens, state_dtype=torch.float32):
-    """The most rows whose cache and decode-step workspace fit in the free GPU memory (multiple of 8)."""
+    """The most rows whose cache and decode-step workspace fit in the free GPU memory (a multiple of
+    8, at most cap; cap 0 = no bound). On a CPU: min(cap, 64)."""
     if torch.device(device).type != "cuda":
-        return min(cap, 64)
+        return min(cap or 64, 64)
     c = model.cfg
-    # per row: the cache, logits (bf16 + fp32 copies, top-k), and the step's activations
-    per_row = cache_bytes_per_row(model, max_len, dtype, state_dtype) + 12 * c.vocab_size + 64 * (c.hidden_size + c.intermediate_size)
+    # per row: the cache, the output tokens, logits (bf16 + fp32 copies, top-k), the step's activations
+    per_row = (cache_bytes_per_row(model, max_len, dtype, state_dtype) + 8 * max_len + 12 * c.vocab_size
+               + 64 * (c.hidden_size + c.intermediate_size))
     # prefill works on `prefill_tokens` tokens at a time: activations of one layer plus a scan's chunk states
     m = next((blk.mixer for blk in model.model.layers if hasattr(blk, "mixer")), None)
     per_token = 2 * (12 * c.hidden_size + 4 * c.intermediate_size) + (0 if m is None else 4 * m.h * m.p * m.n // 16)
     free = torch.cuda.mem_get_info(device)[0] - prefill_tokens * per_token - (2 << 30)
-    return max(8, min(cap, int(0.9 * free / per_row) // 8 * 8))
+    fit = max(8, int(0.9 * free / per_row) // 8 * 8)
+    return min(cap, fit) if cap else fit
+
+
+class StopRule:
+    """When a row of generated tokens is finished, decided on the device at every step: at a stop token
+    (not kept), or at the newline that ends a "#### <number>" answer line (kept). Per-token flags:
+    is_stop, has_hash (the token's text holds "####"), has_digit, has_newline. A row's answer-line
+    watch (phase): 0 outside one, 1 after "####", 2 once a digit followed; a newline in phase 2 ends the
+    row, a newline before any digit closes the line. A "####" split over two tokens is not seen here:
+    such a row runs to the length limit and answer_end() cuts it on the host, with the same result."""
+
+    def __init__(self, vocab_size, stop_ids=(), tokenizer=None, device="cpu"):
+        flags = torch.zeros(4, vocab_size, dtype=torch.bool)  # is_stop, has_hash, has_digit, has_newline
+        for i in stop_ids:
+            if i < vocab_size:
+                flags[0, i] = True
+        if tokenizer is not None:
+            for i in range(min(vocab_size, tokenizer.n_words)):
+                b = tokenizer.token_bytes(i)
+                flags[1:, i] = torch.tensor([b"####" in b, any(48 <= c <= 57 for c in b), b"\n" in b])
+        self.is_stop, self.has_hash, self.has_digit, self.has_newline = flags.to(device)
+        self.active = bool(flags.any())
+
+    def update(self, tok, col, phase, done, end):
+        """Fold this step's tokens tok (b,) at new-token index col (0-d long) into the rows' watch:
+        phase, done (b,) and end (b,), the number of tokens a finished row keeps; in place."""
+        stop, hsh, dig, nl = self.is_stop[tok], self.has_hash[tok], self.has_digit[tok], self.has_newline[tok]
+        finish = ~done & (stop | ((phase == 2) & nl))  # (b,)
+        end.copy_(torch.where(finish, col + (~stop).long(), end))
+        done.logical_or_(finish)
+        # "####" opens a line (its own newline, as in "####\n", closes it at once); a digit after it arms it
+        phase.copy_(torch.where(hsh & ~nl, 1, torch.where(nl, 0, torch.where((phase == 1) & dig, 2, phase))))
+
+
+ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")  # "#### <number>" and the newline that ends it
+
+
+def answer_end(ids, tokenizer):
+    """How many of `ids` to keep so that they end with the newline of the first "#### <number>" line
+    (the text-level form of StopRule's answer-line watch), or len(ids) when there is none."""
+    text = tokenizer.decode(ids)
+    m = ANSWER_LINE.search(text)
+    if m is None:
+        return len(ids)
+    want, have = len(text[:m.end()].encode()), 0  # bytes up to the end of the line
+    for j, i in enumerate(ids):
+        have += len(tokenizer.token_bytes(i))
+        if have >= want:
+            return j + 1
+    return len(ids)
 
 
 class Sampler:
-    """Batched generation with a fixed batch size and cache length, reused across calls (the cache
-    and the captured graph are allocated once). Usage: Sampler(model, ...).generate(prompts, n)."""
+    """Batched generation with a preallocated cache of up to `batch` rows and `max_len` slots, reused
+    across calls. A call runs n <= batch rows on the first n rows of the cache; on a GPU each row count
+    gets its own captured decode graph (prepare(n) captures it ahead, outside any timing; all graphs
+    share one memory pool). Usage: Sampler(model, ...).generate(prompts, max_new_tokens, seeds=...)."""
 
     def __init__(self, model, batch, max_len, temperature=1.0, top_k=0, top_p=1.0, cuda_graph=True,
-                 prefill_tokens=32768, dtype=None, compile=False, state_dtype=torch.float32):
+                 prefill_tokens=32768, dtype=None, compile=False, state_dtype=torch.float32, stop=None):
         p = next(model.parameters())
         self.model, self.batch, self.max_len = model, batch, max_len
         self.device, self.dtype = p.device, dtype or p.dtype
@@ -196,6 +273,7 @@ class Sampler:
                                        cache_enabled=False)
         self.sampling = (temperature, top_k, top_p)
         self.prefill_tokens = prefill_tokens
+        self.stop = stop or StopRule(model.cfg.vocab_size, device=self.device)
         model.fuse_qkv()  # one GEMM for q, k and v in every step (and prefill)
         # where every weight lives: a captured graph (and the fused q, k, v) would go on reading these
         # addresses, so generate() refuses to run once a weight has been given new storage
@@ -203,39 +281,49 @@ class Sampler:
         self.cache = model.allocate_cache(batch, max_len, self.dtype, self.device, state_dtype)
         self.is_ssm = [hasattr(blk, "mixer") for blk in model.model.layers]
         # the decode step's inputs and outputs live in fixed buffers, so that a graph can replay it
-        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # (b, 1) last token
-        self.t = torch.zeros((), dtype=torch.long, device=self.device)  # cache slot of that token
-        self.col = torch.zeros((), dtype=torch.long, device=self.device)  # its index among new tokens
-        self.pad = torch.zeros(batch, dtype=torch.long, device=self.device)  # (b,) left padding per row
-        self.out = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)  # (b, s) new tokens
-        # the decode step's forward, compiled: the cache never changes size, so one graph per sampler.
-        # Another sampler of the same model may recompile (the second time with symbolic sizes, which
-        # later sizes mostly reuse: the 1B bench compiled 3 times for 6 teacher samplers)
+        dev = dict(device=self.device)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, **dev)  # (b, 1) last token
+        self.t = torch.zeros((), dtype=torch.long, **dev)  # cache slot of that token
+        self.col = torch.zeros((), dtype=torch.long, **dev)  # its index among new tokens
+        self.pad = torch.zeros(batch, dtype=torch.long, **dev)  # (b,) left padding per row
+        self.seeds = torch.zeros(batch, dtype=torch.long, **dev)  # (b,) each row's sampling seed
+        self.out = torch.zeros(batch, max_len, dtype=torch.long, **dev)  # (b, s) new tokens
+        self.done = torch.zeros(batch, dtype=torch.bool, **dev)  # (b,) finished rows (StopRule)
+        self.end = torch.zeros(batch, dtype=torch.long, **dev)  # (b,) tokens a finished row keeps
+        self.phase = torch.zeros(batch, dtype=torch.long, **dev)  # (b,) answer-line watch
         on_gpu = self.device.type == "cuda"
-        self.forward = torch.compile(model) if compile and on_gpu else model
-        self.graph = None
+        # the decode step's forward, compiled with a symbolic batch size: one compilation serves every
+        # row count (the cache never changes size)
+        self.forward = torch.compile(model, dynamic=True) if compile and on_gpu else model
+        self.use_graphs = cuda_graph and on_gpu
+        self.graphs, self.pool = {}, None
         self.capture_s = 0.0  # compilation included
-        if cuda_graph and on_gpu:
-            self._capture()
 
     def _rows(self, rows):
-        """The cache of some rows (a prefill chunk)."""
+        """The cache of some rows (a prefill chunk, or the first n rows of a step)."""
         return [tuple(x[rows] for x in c) for c in self.cache]
 
-    def _step(self):
-        """One decode step on every row: feed self.tok at slot self.t, sample, advance."""
+    def _step(self, n):
+        """One decode step on the first n rows: feed self.tok at slot self.t, sample, advance."""
         with self.autocast:
-            logits = self.forward(self.tok, self.cache, start=self.t, pad=self.pad)[:, -1]  # (b, v)
-        nxt = sample_next(logits, *self.sampling)  # (b,)
-        self.tok.copy_(nxt[:, None])
-        self.out.index_copy_(1, self.col.view(1), nxt[:, None])
+            logits = self.forward(self.tok[:n], self._rows(slice(0, n)), start=self.t, pad=self.pad[:n])[:, -1]  # (n, v)
+        nxt = sample_next(logits, *self.sampling, seeds=self.seeds[:n], step=self.col)  # (n,)
+        self.tok[:n, 0] = nxt
+        self.out[:n].index_copy_(1, self.col.view(1), nxt[:, None])
+        if self.stop.active:
+            self.stop.update(nxt, self.col, self.phase[:n], self.done[:n], self.end[:n])
         self.t.add_(1)
         self.col.add_(1)
 
     @torch.no_grad()
-    def _capture(self):
-        """Capture the decode step once, on garbage state before any real use (the warm-up runs, which
-        compile and pick kernels outside the capture, write to the cache and the SSM state)."""
+    def prepare(self, n):
+        """Capture the decode step of n rows as a CUDA graph (on a GPU with cuda_graph), once, on garbage
+        state before any real use: the warm-up runs, which compile and pick kernels outside the
+        capture, write to the cache and the SSM state, and a prefill resets both."""
+        if not self.use_graphs or n in self.graphs:
+            return
+        if not 0 < n <= self.batch:
+            raise ValueError(f"{n} rows for a sampler of {self.batch}")
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         side = torch.cuda.Stream()
@@ -244,92 +332,104 @@ class Sampler:
             for _ in range(2):  # torch.compile may finish its work on the second call
                 self.t.fill_(self.max_len - 1)
                 self.col.fill_(0)
-                self._step()
+                self._step(n)
         torch.cuda.current_stream().wait_stream(side)
         self.t.fill_(self.max_len - 1)
         self.col.fill_(0)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._step(n)
+        self.pool = graph.pool()
+        self.graphs[n] = graph
         torch.cuda.synchronize()
-        self.capture_s = time.perf_counter() - t0
+        self.capture_s += time.perf_counter() - t0
 
-    def run_step(self):
-        if self.graph is None:
-            self._step()
+    def run_step(self, n):
+        if n in self.graphs:
+            self.graphs[n].replay()
         else:
-            self.graph.replay()
+            self._step(n)
 
     @torch.no_grad()
-    def prefill(self, prompts, seed):
-        """Left-pad the prompts into the batch, run the parallel forward into the cache and sample each
-        row's first new token. Rows beyond len(prompts) repeat prompt 0 (the batch shape is fixed).
-        Returns the padded prompt length l."""
-        rows = list(prompts) + [prompts[0]] * (self.batch - len(prompts))
-        l = max(len(r) for r in rows)
-        pad = torch.tensor([l - len(r) for r in rows], dtype=torch.long)  # (b,)
+    def prefill(self, prompts, seeds, prompt_len=0):
+        """Left-pad the prompts to their longest (or to prompt_len, if longer: a row's numbers then do
+        not depend on the other prompts of its batch), run the parallel forward into the cache and sample
+        each row's first new token. Returns the padded prompt length l."""
+        n = len(prompts)
+        l = max(prompt_len, max(len(r) for r in prompts))
+        pad = torch.tensor([l - len(r) for r in prompts], dtype=torch.long)  # (n,)
         # the pad id does not matter: padding reaches neither attention nor the SSM state
-        idx = torch.tensor([[0] * (l - len(r)) + list(r) for r in rows], dtype=torch.long)  # (b, l)
+        idx = torch.tensor([[0] * (l - len(r)) + list(r) for r in prompts], dtype=torch.long)  # (n, l)
         idx, pad = idx.to(self.device), pad.to(self.device)
-        torch.manual_seed(seed)  # every generator: CPU and each GPU's (the graph draws from it too)
+        self.seeds[:n] = torch.tensor(seeds, dtype=torch.long)
         for c, ssm in zip(self.cache, self.is_ssm):
             if ssm:  # a prefill continues from the state in the cache, so start from zero
                 for x in c:
-                    x.zero_()
+                    x[:n].zero_()
+        self.col.fill_(0)
+        self.done[:n] = False
+        self.end[:n] = 0
+        self.phase[:n] = 0
         step = max(1, self.prefill_tokens // l)
-        for i in range(0, self.batch, step):
-            rows_i = slice(i, i + step)
+        for i in range(0, n, step):
+            rows = slice(i, min(i + step, n))
             with self.autocast:
-                hidden = self.model(idx[rows_i], self._rows(rows_i), start=0, pad=pad[rows_i],
+                hidden = self.model(idx[rows], self._rows(rows), start=0, pad=pad[rows],
                                     return_hidden=True)  # (r, l, d)
                 logits = self.model.lm_head(hidden[:, -1])  # (r, v): only the last position is needed
-            self.tok[rows_i, 0] = sample_next(logits, *self.sampling)
-        self.pad.copy_(pad)
-        self.out[:, 0] = self.tok[:, 0]
+            self.tok[rows, 0] = sample_next(logits, *self.sampling, seeds=self.seeds[rows], step=self.col)
+        self.pad[:n] = pad
+        self.out[:n, 0] = self.tok[:n, 0]
+        if self.stop.active:
+            self.stop.update(self.tok[:n, 0], self.col, self.phase[:n], self.done[:n], self.end[:n])
         self.t.fill_(l)
         self.col.fill_(1)
         return l
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, seed=0, stop_ids=(), tokenizer=None, check_every=16):
+    def generate(self, prompts, max_new_tokens, seed=0, stop_ids=None, tokenizer=None, check_every=16,
+                 seeds=None, prompt_len=0):
         """prompts: lists of token ids (at most self.batch). Returns (new token lists, stats).
-        A row stops at a token in stop_ids (not kept) or, with a tokenizer, at the newline that ends
-        its "#### <number>" answer line (kept); the batch ends when every row has stopped. Stops are
-        checked on the host every `check_every` steps (steps past a row's stop are discarded)."""
-        if not 0 < len(prompts) <= self.batch:
-            raise ValueError(f"got {len(prompts)} prompts for a batch of {self.batch}")
+        seeds: one sampling seed per prompt (default: seed * 1_000_003 + the prompt's index).
+        A row stops as the sampler's StopRule says (with a tokenizer, answer_end() then cuts a row that
+        ran to the limit at its answer line, should the rule have missed it); the call ends when every
+        row has stopped, which the host checks every `check_every` steps (later tokens are discarded).
+        stop_ids: a quick way to stop at these tokens without building a StopRule."""
+        n = len(prompts)
+        if not 0 < n <= self.batch:
+            raise ValueError(f"got {n} prompts for a batch of {self.batch}")
         if [p.data_ptr() for p in self.model.parameters()] != self.weight_ptrs:
             raise RuntimeError("the model's weights were given new storage after this Sampler was built "
                                "(model.to(), load_state_dict(assign=True)): build a new Sampler")
-        l0 = max(len(p) for p in prompts)
+        if stop_ids:
+            self.stop = StopRule(self.model.cfg.vocab_size, stop_ids, tokenizer, self.device)
+            self.graphs, self.pool = {}, None  # graphs read the rule's tables: capture again
+        l0 = max(prompt_len, max(len(p) for p in prompts))
         if l0 + max_new_tokens > self.max_len:
             raise md.InputError(f"prompt {l0} + --max_new_tokens {max_new_tokens} > cache length {self.max_len}")
+        seeds = list(seeds) if seeds is not None else [seed * 1_000_003 + i for i in range(n)]
+        self.prepare(n)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        l = self.prefill(prompts, seed)
+        l = self.prefill(prompts, seeds, prompt_len)
         sync()
         t1 = time.perf_counter()
-        n = len(prompts)
-        checking = bool(stop_ids) or tokenizer is not None
-        rows = [Row() for _ in range(n)]
-        seen, steps = 0, 1
-        for i in range(1, max_new_tokens):
-            self.run_step()
+        steps = 1
+        for _ in range(1, max_new_tokens):
+            self.run_step(n)
             steps += 1
-            if checking and (steps % check_every == 0 or steps == max_new_tokens):
-                new = self.out[:n, seen:steps].tolist()  # (n, steps - seen): syncs with the device
-                seen = steps
-                stopped = [r.extend(ids, stop_ids, tokenizer) for r, ids in zip(rows, new)]  # every row
-                if all(stopped):
-                    break
-        if not checking or seen < steps:  # no stops asked for (or a tail left): the remaining tokens
-            for r, ids in zip(rows, self.out[:n, seen:steps].tolist()):
-                r.extend(ids, stop_ids, tokenizer)
+            if self.stop.active and steps % check_every == 0 and bool(self.done[:n].all()):  # syncs
+                break
+        out = self.out[:n, :steps].cpu()
+        keep = torch.where(self.done[:n], self.end[:n], steps).tolist()
+        rows = [out[i, :keep[i]].tolist() for i in range(n)]
+        if tokenizer is not None:
+            rows = [r[:answer_end(r, tokenizer)] for r in rows]
         sync()
         t2 = time.perf_counter()
         stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "prompt_len": l}
-        return [r.ids for r in rows], stats
+        return rows, stats
 
 
 @torch.no_grad()
@@ -339,54 +439,15 @@ def generate(model, prompts, tokenizer=None, max_new_tokens=512, temperature=0.0
     fits). With a tokenizer a row stops at its stop tokens and at the end of its answer line."""
     p = next(model.parameters())
     max_len = max(map(len, prompts)) + max_new_tokens
-    batch = batch_size or largest_batch(model, max_len, dtype or p.dtype, p.device, 4096, 32768)
+    batch = batch_size or largest_batch(model, max_len, dtype or p.dtype, p.device, 0, 32768)
+    stop = None if tokenizer is None else StopRule(model.cfg.vocab_size, tokenizer.stop_ids, tokenizer, p.device)
     sampler = Sampler(model, min(batch, len(prompts)), max_len, temperature, top_k, top_p, cuda_graph, dtype=dtype,
-                      compile=compile)
-    stop_ids = tokenizer.stop_ids if tokenizer is not None else ()
+                      compile=compile, stop=stop)
     out = []
     for i in range(0, len(prompts), sampler.batch):
-        ids, _ = sampler.generate(prompts[i:i + sampler.batch], max_new_tokens, seed + i, stop_ids, tokenizer)
+        ids, _ = sampler.generate(prompts[i:i + sampler.batch], max_new_tokens, seed + i, tokenizer=tokenizer)
         out += ids
     return out
-
-
-ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")  # "#### <number>" and the newline that ends it
-
-
-class Row:
-    """The new tokens of one row, and whether (and where) it has stopped."""
-
-    def __init__(self):
-        self.ids, self.done, self.scan_from = [], False, 0
-
-    def extend(self, new, stop_ids, tokenizer):
-        """Append new tokens up to the first stop; returns whether the row has stopped."""
-        if self.done:
-            return True
-        for j, tok in enumerate(new):
-            if tok in stop_ids:
-                new, self.done = new[:j], True
-                break
-        self.ids += new
-        if tokenizer is not None:
-            end = self._answer_end(tokenizer)
-            if end is not None:
-                self.ids, self.done = self.ids[:end], True
-        return self.done
-
-    def _answer_end(self, tokenizer):
-        """Tokens up to the newline that ends a "#### <number>" line, or None. Decodes only the tokens
-        since the last check (a few back, since "####" may straddle two checks), and keeps the start
-        fixed once "####" appeared, until its line ends."""
-        lo = max(0, self.scan_from - 4)
-        text = tokenizer.decode(self.ids[lo:])
-        if "####" not in text:
-            self.scan_from = len(self.ids)
-            return None
-        if not ANSWER_LINE.search(text):
-            return None
-        return next(j for j in range(lo + 1, len(self.ids) + 1)
-                    if ANSWER_LINE.search(tokenizer.decode(self.ids[lo:j])))
 
 
 # -----------------------------------------------------------------------------
@@ -488,6 +549,20 @@ def read_samples(path):
     return out
 
 
+def sample_seed(seed, problem, j):
+    """The sampling seed of sample j of a problem: fixed by the three numbers alone, so a sample is the
+    same whatever batch, round or process draws it."""
+    return zlib.crc32(f"{seed}/{problem}/{j}".encode()) & 0x7FFFFFFF
+
+
+def plan_round(todo, fit):
+    """Cut a round's work into as few batches as fit in memory, of equal size (so that one captured
+    graph serves them all): [list of (problem, sample)]."""
+    n_batches = -(-len(todo) // fit)
+    size = -(-len(todo) // n_batches)
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
 @torch.no_grad()
 def evaluate(cfg: SampleConfig):
     if cfg.k < 1 or cfg.k & (cfg.k - 1):
@@ -503,16 +578,14 @@ def evaluate(cfg: SampleConfig):
     model = md.load_model(cfg.checkpoint, device, dtype).eval()
     prompts = [tokenizer.encode_chat([{"role": "user", "content": md.prompt_text(r["question"])}]) for r in rows]
     golds = [normalize_number(md.gold_answer(r["answer"])) for r in rows]
-    max_len = max(map(len, prompts)) + cfg.max_new_tokens
+    max_new_tokens = cfg.max_new_tokens or md.auto_max_new_tokens(tokenizer, rows)
+    prompt_len = max(map(len, prompts))  # every batch is padded to it: a row's numbers never depend on its batch
+    max_len = prompt_len + max_new_tokens
     state_dtype = resolve_state_dtype(cfg.state_dtype, dtype)
-    batch = cfg.batch_size or largest_batch(model, max_len, dtype, device, cfg.max_batch, cfg.prefill_tokens, state_dtype)
-    batch = min(batch, len(rows) * cfg.k)
-    sampler = Sampler(model, batch, max_len, cfg.temperature, cfg.top_k, cfg.top_p, cfg.cuda_graph, cfg.prefill_tokens,
-                      compile=cfg.compile, state_dtype=state_dtype)
     path = os.path.join(out_dir, "samples.jsonl")
     meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), "seed": cfg.seed,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-            "max_new_tokens": cfg.max_new_tokens,
+            "max_new_tokens": max_new_tokens,
             "state_dtype": str(state_dtype) if model.cfg.ssm_layers else None}  # a teacher has no SSM state
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(path) and os.path.exists(meta_path):  # resume only what the same settings drew
@@ -532,19 +605,32 @@ def evaluate(cfg: SampleConfig):
         if samples:
             print(f"resuming: {len(samples)} samples already in {path}")
     done = {(s["problem"], s["sample"]) for s in samples}
-    mode = ("compiled, " if sampler.forward is not model else "") + ("one CUDA graph" if sampler.graph else "eager")
-    print(f"{name}: {len(rows)} problems x {cfg.k} samples, batch {batch}, cache {max_len} slots, "
-          f"decode step: {mode} (set up in {sampler.capture_s:.1f}s)")
+    # rounds: round k takes every problem from k/2 samples (0 at k = 1) to k, so time@k is measured
+    rounds = {k: [(p, j) for j in range(k // 2 if k > 1 else 0, k) for p in range(len(rows)) if (p, j) not in done]
+              for k in ks_up_to(cfg.k)}
+    # each model at its own largest batch, bounded only by the rows a round needs
+    fit = cfg.batch_size or largest_batch(model, max_len, dtype, device, 0, cfg.prefill_tokens, state_dtype)
+    plans = {k: plan_round(todo, fit) for k, todo in rounds.items() if todo}
+    sizes = sorted({len(b) for plan in plans.values() for b in plan})
+    stop = StopRule(model.cfg.vocab_size, tokenizer.stop_ids, tokenizer, device)
+    t_setup = time.perf_counter()
+    sampler = Sampler(model, max(sizes, default=1), max_len, cfg.temperature, cfg.top_k, cfg.top_p, cfg.cuda_graph,
+                      cfg.prefill_tokens, compile=cfg.compile, state_dtype=state_dtype, stop=stop)
+    for n in sizes:  # compile and capture every batch size before the clock starts
+        sampler.prepare(n)
+    setup_s = time.perf_counter() - t_setup
+    mode = ("compiled, " if sampler.forward is not model else "") + ("CUDA graphs" if sampler.use_graphs else "eager")
+    print(f"{name}: {len(rows)} problems x {cfg.k} samples, up to {fit} rows a batch (batches of {sizes} rows), "
+          f"cache {max_len} slots, decode step: {mode} (set up in {setup_s:.1f}s)", flush=True)
     t_start, n_new, n_tokens = time.perf_counter(), 0, 0
+    left = sum(map(len, rounds.values()))
     with open(path, "a") as fh:
-        for k in ks_up_to(cfg.k):  # round k brings every problem from k/2 samples (0 at k=1) to k
-            todo = [(p, j) for j in range(k // 2 if k > 1 else 0, k) for p in range(len(rows)) if (p, j) not in done]
-            for b0 in range(0, len(todo), batch):
-                chunk = todo[b0:b0 + batch]
-                seed = cfg.seed * 1_000_003 + chunk[0][1] * 10_007 + chunk[0][0]  # differs per batch, fixed per rerun
+        for k, plan in plans.items():
+            for chunk in plan:
                 t0 = time.perf_counter()
-                outs, stats = sampler.generate([prompts[p] for p, _ in chunk], cfg.max_new_tokens, seed,
-                                               tokenizer.stop_ids, tokenizer)
+                outs, stats = sampler.generate([prompts[p] for p, _ in chunk], max_new_tokens, tokenizer=tokenizer,
+                                               seeds=[sample_seed(cfg.seed, p, j) for p, j in chunk],
+                                               prompt_len=prompt_len)
                 share = (time.perf_counter() - t0) / len(chunk)
                 for (p, j), ids in zip(chunk, outs):
                     text = tokenizer.decode(ids)
@@ -556,15 +642,17 @@ def evaluate(cfg: SampleConfig):
                     n_tokens += len(ids)
                 fh.flush()  # a crash loses at most the batch being generated
                 n_new += len(chunk)
+                left -= len(chunk)
                 el = time.perf_counter() - t_start
-                left = sum(len(rows) * (k - (k // 2 if k > 1 else 0)) for k in ks_up_to(cfg.k)) - len(samples)
-                print(f"k={k} samples {len(samples)} (+{len(chunk)}) {n_tokens / el:.0f} new tok/s "
-                      f"decode {stats['steps']} steps in {stats['decode_s']:.1f}s ETA {left * el / n_new:.0f}s", flush=True)
+                print(f"k={k} samples {len(samples)} (+{len(chunk)}) {n_tokens / el:.0f} new tok/s, "
+                      f"{stats['steps']} steps in {stats['decode_s']:.1f}s, ETA {left * el / n_new:.0f}s", flush=True)
     ks, coverage, majority, time_s = summarize(samples, len(rows), cfg.k)
     summary = {"model": name, "checkpoint": cfg.checkpoint, "device": device_name(device), "state_dtype": meta["state_dtype"],
                "n_problems": len(rows), "k": ks, "coverage": coverage, "majority": majority, "time_s": time_s,
                "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-               "max_new_tokens": cfg.max_new_tokens, "batch_size": batch}
+               "max_new_tokens": max_new_tokens, "batch_fit": fit, "batch_sizes": {str(k): [len(b) for b in plan]
+                                                                                      for k, plan in plans.items()},
+               "setup_s": round(setup_s, 2), "mean_tokens": sum(s["tokens"] for s in samples) / max(len(samples), 1)}
     write_json(os.path.join(out_dir, "summary.json"), summary)
     for k, c, m, t in zip(ks, coverage, majority, time_s):
         print(f"k={k:5d} coverage {c:.3f} majority {m:.3f} time {t:.1f}s")
@@ -583,19 +671,22 @@ def write_json(path, obj):
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
-SHAPES = {  # Llama-3.2 1B / 3B (Meta's config.json values)
+SHAPES = {  # Llama-3.2 1B / 3B (Meta's config.json values), and the default run's small teacher
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64),
     "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                          num_attention_heads=24, num_key_value_heads=8, head_dim=128),
+    "default": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
+                    num_key_value_heads=2, head_dim=64, vocab_size=1280, rope_theta=10000.0, rope_scaling=None,
+                    max_position_embeddings=16384),
 }
 
 
 def shape_config(shape, kind, hybrid_attention):
     if shape not in SHAPES:
         raise md.InputError(f"--bench_shapes: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
-    cfg = md.ModelConfig(vocab_size=128256, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
-                         max_position_embeddings=131072, tie_word_embeddings=True, **SHAPES[shape])
+    llama = dict(vocab_size=128256, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, max_position_embeddings=131072)
+    cfg = md.ModelConfig(tie_word_embeddings=True, **{**llama, **SHAPES[shape]})
     L = cfg.num_hidden_layers
     keep = {"teacher": list(range(L)), "hybrid": md.spread_layers(L, L // hybrid_attention), "pure": []}
     if kind not in keep:
@@ -650,7 +741,7 @@ def bench_generate(model, batch, prompt_len, gen_len, cfg):
     prompt length runs the prefill's kernels once."""
     sampler = bench_sampler(model, batch, prompt_len + gen_len, cfg, cfg.cuda_graph)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, 128000, (batch, prompt_len), generator=g).tolist()
+    prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
     sampler.generate(prompts, 8)
     torch.cuda.reset_peak_memory_stats()
     outs, st = sampler.generate(prompts, gen_len, seed=1)
@@ -667,7 +758,7 @@ def bench_steps(model, batch, prompt_len, gen_len, cfg, points=8):
     times the number of steps. A step's cost is affine in its slot (it reads keys pad..t), so the
     midpoints give the exact mean: what a full call measures, in a fraction of its time."""
     sampler = bench_sampler(model, batch, prompt_len + gen_len, cfg, cuda_graph=True)
-    prompts = torch.randint(0, 128000, (batch, prompt_len)).tolist()
+    prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len)).tolist()
     sampler.generate(prompts, 2)
     torch.cuda.reset_peak_memory_stats()
     _, st = sampler.generate(prompts, 2)
@@ -680,7 +771,7 @@ def bench_steps(model, batch, prompt_len, gen_len, cfg, points=8):
             sampler.col.fill_(1)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            sampler.run_step()
+            sampler.run_step(batch)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         step_s.append(sorted(times[1:])[1])  # median of 3 after one warm-up replay

@@ -274,7 +274,7 @@ def test_bpe_file_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_bpe(tmp_path_factory):
-    rows = synthetic_split("train", 400, seed=1)
+    rows = synthetic_split("train", 400, seed=1, task="short")
     texts = [prompt_text(r["question"]) + "\n" + r["answer"] for r in rows]
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.model"
     return train_bpe(texts, 512, path), texts
@@ -325,7 +325,7 @@ def naive_bpe_ranks(texts, vocab_size):
 
 
 def test_train_bpe_matches_naive(tmp_path):
-    texts = [r["answer"] for r in synthetic_split("train", 30, seed=2)] + ["aaaa abab  xyxyxy\n\n"]
+    texts = [r["answer"] for r in synthetic_split("train", 30, seed=2, task="short")] + ["aaaa abab  xyxyxy\n\n"]
     tok = train_bpe(texts, 400, tmp_path / "t.model")
     assert tok.mergeable_ranks == naive_bpe_ranks(texts, 400)
 
@@ -440,7 +440,7 @@ def test_safetensors_truncated_and_corrupt(tmp_path):
 
 
 def recompute(ops):
-    """Redo a synthetic problem's arithmetic from its ops, independently of the text."""
+    """Redo a short synthetic problem's arithmetic from its ops, independently of the text."""
     x = None
     for op, *args in ops:
         if op == "start":
@@ -464,15 +464,15 @@ def recompute(ops):
     return x
 
 
-def test_synthetic_answers_are_right():
+def test_short_task_answers_are_right():
     for split in ("train", "test"):
-        for row in synthetic_split(split, 300, seed=3):
+        for row in synthetic_split(split, 300, seed=3, task="short"):
             assert int(gold_answer(row["answer"])) == recompute(row["ops"]), row
             assert row["answer"].count(" = ") == sum(2 if op in ("add_packs", "together_fewer") else
                                                      0 if op == "start" else 1 for op, *_ in row["ops"])
 
 
-def test_synthetic_steps_and_lengths():
+def test_short_task_steps_and_lengths():
     rng = random.Random(0)
     for n_steps in range(2, 9):
         p = make_problem(rng, n_steps)
@@ -481,15 +481,107 @@ def test_synthetic_steps_and_lengths():
     assert 450 < sum(map(len, long)) / len(long) < 1000
 
 
+def check_relay_solution(question, answer):
+    """Redo every line of a relay solution from the text alone, independently of the generator: each
+    turn's giver, receiver and tenth, every column of every subtraction and addition (its digits, the
+    borrow or carry it takes and passes on, its sum), each result, each "Now" line and the final
+    answer. Returns the number of lines checked (all of them)."""
+    people = regex.findall(r"(\w+) has (\d+) ", question)
+    names, state = [n for n, _ in people], {n: int(a) for n, a in people}
+    n_turns, asked = regex.search(r"After (\d+) turns, how many \w+(?: \w+)? does (\w+) have\?$", question).groups()
+    n_turns = int(n_turns)
+    lines = answer.split("\n")
+    i = 0
+
+    def column_work(sign, a, b):  # the column lines of a - b or a + b, checked; returns the result
+        nonlocal i
+        da, db = [int(c) for c in reversed(str(a))], [int(c) for c in reversed(str(b))]
+        cols, flow, written = max(len(da), len(db)), 0, []
+        for col in range(cols + 1):
+            x, y = (da[col] if col < len(da) else 0), (db[col] if col < len(db) else 0)
+            if col == cols and not (sign == "+" and flow):
+                break  # an extra column only for the carry out of an addition
+            line = lines[i]
+            i += 1
+            if sign == "-":
+                m = regex.fullmatch(r"(\d) - (\d) - (\d)(?: is below 0, so (\d+) - \d - \d)? = (\d+), write (\d), "
+                                    r"borrow (\d)", line)
+                assert m, line
+                xa, yb, c, big, r, w, out = m.groups()
+                assert (int(xa), int(yb), int(c)) == (x, y, flow), line
+                r_true = x - y - flow
+                assert (big is not None) == (r_true < 0) and (big is None or int(big) == x + 10), line
+                assert int(r) == r_true % 10 == int(w) and int(out) == int(r_true < 0), line
+            else:
+                m = regex.fullmatch(r"(\d) \+ (\d) \+ (\d) = (\d+), write (\d), carry (\d)", line)
+                assert m, line
+                xa, yb, c, s, w, out = map(int, m.groups())
+                assert (xa, yb, c) == (x, y, flow) and s == x + y + flow, line
+                assert w == s % 10 and out == s // 10, line
+            flow = int(out)
+            written.append(w)
+        assert flow == 0
+        return int("".join(map(str, reversed(written))))
+
+    for t in range(1, n_turns + 1):
+        g, r = names[(t - 1) % len(names)], names[t % len(names)]
+        m = regex.fullmatch(rf"Turn {t} of {n_turns}: {g} gives {r} a tenth of (\d+), which is (\d+)\.", lines[i])
+        assert m and int(m[1]) == state[g] and int(m[2]) == state[g] // 10, lines[i]
+        give = int(m[2])
+        i += 1
+        for who, sign in ((g, "-"), (r, "+")):
+            assert lines[i] == f"{who}: {state[who]} {sign} {give}", lines[i]
+            i += 1
+            result = column_work(sign, state[who], give)
+            state[who] = state[who] - give if sign == "-" else state[who] + give
+            assert result == state[who] and lines[i] == f"{who} has {result}.", lines[i]
+            i += 1
+        now = regex.findall(r"(\w+) has (\d+)", lines[i])
+        assert lines[i].startswith("Now ") and {n: int(a) for n, a in now} == state, lines[i]
+        i += 1
+    assert regex.fullmatch(rf"After {n_turns} turns {asked} has {state[asked]} [\w ]+\.", lines[i]), lines[i]
+    assert lines[i + 1] == f"#### {state[asked]}" and i + 2 == len(lines)
+    return len(lines)
+
+
+def test_relay_task_redoes_every_line():
+    """Every line of every solution (both splits, several difficulties) checks out when redone from
+    the text; the checker itself rejects a solution with one digit changed."""
+    checked = 0
+    for split, kw in (("train", {}), ("test", {}), ("train", dict(min_steps=1, max_steps=3, digits=6, n_people=4))):
+        for row in synthetic_split(split, 60, seed=4, **kw):
+            checked += check_relay_solution(row["question"], row["answer"])
+            assert gold_answer(row["answer"]) == row["answer"].rsplit(" ", 1)[1]
+    assert checked > 10_000
+    row = synthetic_split("test", 1, seed=4)[0]
+    lines = row["answer"].split("\n")
+    j = next(i for i, line in enumerate(lines) if " + " in line and "write" in line)
+    lines[j] = lines[j].replace("carry 0", "carry 1") if "carry 0" in lines[j] else lines[j].replace("carry 1", "carry 0")
+    with pytest.raises(AssertionError):
+        check_relay_solution(row["question"], "\n".join(lines))
+
+
+def test_relay_task_is_long_and_has_a_difficulty_knob(tmp_path):
+    """Under the project's own tokenizer (a 1,024-token BPE trained on the task) the default relay
+    solutions average over 1,500 tokens with a tail to about 4,000; more turns make them longer."""
+    tok = train_bpe([r["question"] + "\n" + r["answer"] for r in synthetic_split("train", 300, seed=1)], 1024,
+                    str(tmp_path / "tok.model"))
+    lengths = sorted(len(ids) for ids in tok.encode_batch([r["answer"] for r in synthetic_split("test", 300)]))
+    assert sum(lengths) / len(lengths) > 1500 and 3400 < lengths[-1] < 4200, (sum(lengths) / len(lengths), lengths[-1])
+    short = [len(ids) for ids in tok.encode_batch([r["answer"] for r in synthetic_split("test", 100, max_steps=4)])]
+    assert max(short) < lengths[len(lengths) // 2]
+
+
 def test_synthetic_split_deterministic_and_disjoint():
-    train = synthetic_split("train", 2000, seed=0)
-    test = synthetic_split("test", 200, seed=0)
-    assert train[:50] == synthetic_split("train", 50, seed=0)
-    assert synthetic_split("test", 50, seed=1) != test[:50]
-    train_q = {r["question"] for r in train}
-    assert len(train_q) == len(train)
-    assert not train_q & {r["question"] for r in synthetic_split("test", 200, seed=5)}
-    assert not train_q & {r["question"] for r in test}
+    for task in ("relay", "short"):
+        train = synthetic_split("train", 1000, seed=0, task=task)
+        test = synthetic_split("test", 100, seed=0, task=task)
+        assert train[:50] == synthetic_split("train", 50, seed=0, task=task)
+        assert synthetic_split("test", 50, seed=1, task=task) != test[:50]
+        train_q = {r["question"] for r in train}
+        assert len(train_q) == len(train)
+        assert not train_q & {r["question"] for r in synthetic_split("test", 100, seed=5, task=task)}
+        assert not train_q & {r["question"] for r in test}
 
 
 def test_gold_answer_and_prompt():
@@ -508,7 +600,7 @@ def test_read_jsonl_gsm8k():
 
 
 def test_jsonl_round_trip_and_errors(tmp_path):
-    rows = synthetic_split("test", 5)
+    rows = synthetic_split("test", 5, task="short")
     write_jsonl(rows, tmp_path / "data.jsonl")
     assert read_jsonl(tmp_path / "data.jsonl") == rows
     good = json.dumps({"question": "q", "answer": "#### 1"})
@@ -1144,29 +1236,49 @@ def test_stop_tokens_end_rows():
     assert stats["steps"] < NEW  # and the batch ends once every row has stopped
 
 
-class CharTokenizer:
-    """Token i is the character CHARS[i]: enough to test text-level stopping."""
-    CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 #$.,+=\n"
+class PieceTokenizer:
+    """Greedy longest-match over a few pieces, "####" among them: enough to test stopping."""
+    PIECES = ["####", "#", "\n", " ", ".", "$", "+", "=", "12", *"0123456789", *"abcdefghijklmnopqrstuvwxyz"]
+
+    def __init__(self):
+        self.n_words = len(self.PIECES)
 
     def encode(self, text):
-        return [self.CHARS.index(c) for c in text]
+        ids = []
+        while text:
+            i = max((i for i, p in enumerate(self.PIECES) if text.startswith(p)), key=lambda i: len(self.PIECES[i]))
+            ids.append(i)
+            text = text[len(self.PIECES[i]):]
+        return ids
 
     def decode(self, ids):
-        return "".join(self.CHARS[i] for i in ids)
+        return "".join(self.PIECES[i] for i in ids)
+
+    def token_bytes(self, i):
+        return self.PIECES[i].encode()
 
 
-def test_row_stops_at_end_of_answer_line():
-    tok = CharTokenizer()
-    row = sample.Row()
-    text = "so 3 + 4 = 7.\n#### 7\nmore text"
-    pieces = [text[i:i + 3] for i in range(0, len(text), 3)]  # arrives a few tokens at a time
-    done = [row.extend(tok.encode(p), (), tok) for p in pieces]
-    assert tok.decode(row.ids) == "so 3 + 4 = 7.\n#### 7\n"
-    assert done.index(True) == (len("so 3 + 4 = 7.\n#### 7\n") - 1) // 3
-    row = sample.Row()
-    assert not row.extend(tok.encode("#### the answer is"), (), tok)  # no number yet: keep going
-    assert not row.extend(tok.encode(" 12"), (), tok)
-    assert row.extend(tok.encode("\nx"), (), tok) and tok.decode(row.ids) == "#### the answer is 12\n"
+def test_stop_rule_ends_rows_at_the_answer_line():
+    """StopRule, fed one token a step as the sampler does, ends each row where the text-level rule
+    (answer_end) does: after the newline of a "####" line with a number, before a stop token."""
+    tok = PieceTokenizer()
+    texts = ["so 3 + 4 = 7.\n#### 7\nmore text", "#### the answer is 12\nx", "#### \n#### 5\nq",
+             "a$b #### 1\n", "no answer\n"]
+    keep = ["so 3 + 4 = 7.\n#### 7\n", "#### the answer is 12\n", "#### \n#### 5\n", "a", None]
+    rule = sample.StopRule(tok.n_words, stop_ids={tok.PIECES.index("$")}, tokenizer=tok)
+    ids = [tok.encode(t) for t in texts]
+    steps = max(map(len, ids))
+    toks = torch.tensor([i + [tok.PIECES.index(" ")] * (steps - len(i)) for i in ids])  # (b, steps)
+    phase, done, end = torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.bool), torch.zeros(5, dtype=torch.long)
+    for col in range(steps):
+        rule.update(toks[:, col], torch.tensor(col), phase, done, end)
+    for i, want in enumerate(keep):
+        assert bool(done[i]) == (want is not None), texts[i]
+        if want is not None:
+            assert tok.decode(ids[i][:int(end[i])]) == want
+            assert want == "a" or tok.decode(ids[i][:sample.answer_end(ids[i], tok)]) == want
+    chars = [tok.PIECES.index(c) for c in "#### 7\nz"]  # "####" typed one '#' at a time: the rule cannot see it
+    assert sample.answer_end(chars, tok) == 7
 
 
 @pytest.mark.parametrize("text,answer", [
@@ -1214,8 +1326,8 @@ def test_pass_at_k_and_majority():
 
 def test_evaluate_writes_and_resumes(tmp_path):
     """A tiny checkpoint and tokenizer end to end: samples.jsonl, summary.json, and a resumed run."""
-    rows = md.synthetic_split("test", 3, seed=1)
-    tok = md.train_bpe([r["question"] + r["answer"] for r in md.synthetic_split("train", 30)], 300,
+    rows = md.synthetic_split("test", 3, seed=1, task="short")
+    tok = md.train_bpe([r["question"] + r["answer"] for r in md.synthetic_split("train", 30, task="short")], 300,
                        str(tmp_path / "tok.model"))
     model = tiny_models(vocab_size=tok.n_words, max_position_embeddings=512)["hybrid"]
     md.save_model(model, tok, str(tmp_path / "ckpt"))
