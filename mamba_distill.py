@@ -1903,14 +1903,14 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, tim
 
 def greedy_accuracy(model, tok, rows, cfg, env):
     """Share of test problems whose greedy solution ends with the right "#### answer"."""
-    from sample import extract_answer, generate, normalize_number  # sample.py imports this file
+    from sample import answer_text, extract_answer, generate, normalize_number  # sample.py imports this file
 
     prompts = [tok.encode_chat([{"role": "user", "content": prompt_text(r["question"])}]) for r in rows]
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         outs = generate(model, prompts, tok, max_new_tokens=cfg.max_new_tokens or auto_max_new_tokens(tok, rows),
                         temperature=0.0,
                         dtype=env.amp or torch.float32)
-    right = [extract_answer(tok.decode(o)) == normalize_number(gold_answer(r["answer"]))
+    right = [extract_answer(answer_text(o, tok)) == normalize_number(gold_answer(r["answer"]))
              for o, r in zip(outs, rows)]
     return sum(right) / max(len(right), 1)
 

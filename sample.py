@@ -95,6 +95,8 @@ class SampleConfig:
     state_dtype: str = opt("model", "SSM state while decoding: model (the sampling dtype, bf16 on GPU, as mamba_ssm's "
                                     "inference cache) or float32")
     prefill_tokens: int = opt(32768, "prefill this many tokens at a time (rows are split to fit)")
+    flexible_extract: bool = opt(False, "score a sample with no '####' line or \\boxed{} by the last number "
+                                        "in its text (GSM8K's flexible extraction); off: it is unanswered")
     device: str = opt("auto", "auto, cuda or cpu")
     # speed benchmark
     bench: bool = opt(False, "run the decode speed benchmark instead of an evaluation")
@@ -478,9 +480,12 @@ def boxed_contents(text: str) -> str | None:
     return None  # unbalanced: the sample was cut off inside the box
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a solution: what follows the last "####" on its line (GSM8K), else the
-    last \\boxed{...} (MATH), else the last number in the text; normalised (normalize_number)."""
+def extract_answer(text: str, flexible: bool = False) -> str | None:
+    """The final answer a solution wrote, normalised (normalize_number): the first number on its last
+    "####" line (GSM8K; the line's text if it holds no number), else the contents of its last
+    \\boxed{...} (MATH); None (unanswered) if it wrote neither. flexible: also take the last number
+    anywhere in the text when there is no answer line (what GSM8K harnesses call flexible extraction;
+    off by default, since it credits numbers the model never gave as its answer)."""
     if "####" in text:
         line = text.rsplit("####", 1)[1].split("\n", 1)[0]
         nums = NUMBER.findall(line)
@@ -495,8 +500,15 @@ def extract_answer(text: str) -> str | None:
         if len(nums) == 1 and NUMBER.fullmatch(boxed.strip().replace("$", "").replace(" ", "").rstrip(".")):
             return normalize_number(nums[0])
         return boxed.strip()
-    nums = NUMBER.findall(text)
+    nums = NUMBER.findall(text) if flexible else []
     return normalize_number(nums[-1]) if nums else None
+
+
+def answer_text(ids, tokenizer) -> str:
+    """The text answers are read from: the sample with every special token (whose names hold digits,
+    as in <|reserved_special_token_221|>) replaced by a space, so that none can yield an answer."""
+    plain = tokenizer.n_words - len(getattr(tokenizer, "special_tokens", ()))
+    return tokenizer.decode([i if i < plain else tokenizer.encode(" ")[0] for i in ids])
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -585,7 +597,7 @@ def evaluate(cfg: SampleConfig):
     path = os.path.join(out_dir, "samples.jsonl")
     meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), "seed": cfg.seed,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract,
             "state_dtype": str(state_dtype) if model.cfg.ssm_layers else None}  # a teacher has no SSM state
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(path) and os.path.exists(meta_path):  # resume only what the same settings drew
@@ -634,7 +646,7 @@ def evaluate(cfg: SampleConfig):
                 share = (time.perf_counter() - t0) / len(chunk)
                 for (p, j), ids in zip(chunk, outs):
                     text = tokenizer.decode(ids)
-                    answer = extract_answer(text)
+                    answer = extract_answer(answer_text(ids, tokenizer), cfg.flexible_extract)
                     s = {"problem": p, "sample": j, "text": text, "answer": answer, "gold": golds[p],
                          "correct": answer == golds[p], "tokens": len(ids), "time_s": share}
                     fh.write(json.dumps(s) + "\n")
@@ -650,7 +662,7 @@ def evaluate(cfg: SampleConfig):
     summary = {"model": name, "checkpoint": cfg.checkpoint, "device": device_name(device), "state_dtype": meta["state_dtype"],
                "n_problems": len(rows), "k": ks, "coverage": coverage, "majority": majority, "time_s": time_s,
                "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-               "max_new_tokens": max_new_tokens, "batch_fit": fit, "batch_sizes": {str(k): [len(b) for b in plan]
+               "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract, "batch_fit": fit, "batch_sizes": {str(k): [len(b) for b in plan]
                                                                                       for k, plan in plans.items()},
                "setup_s": round(setup_s, 2), "mean_tokens": sum(s["tokens"] for s in samples) / max(len(samples), 1)}
     write_json(os.path.join(out_dir, "summary.json"), summary)

@@ -1290,11 +1290,24 @@ def test_stop_rule_ends_rows_at_the_answer_line():
     ("The answer is \\boxed{42}.", "42"),
     ("so \\boxed{\\frac{1}{2}} and 7", "\\frac{1}{2}"),
     ("\\boxed{3} then \\boxed{1,000.0}", "1000"),
-    ("first 12 then 15.", "15"),
+    ("first 12 then 15.", None),  # no answer line: unanswered, however many numbers the text holds
     ("no numbers here", None),
 ])
 def test_extract_answer(text, answer):
     assert sample.extract_answer(text) == answer
+
+
+def test_flexible_extraction_is_opt_in_and_special_tokens_never_answer(tmp_path):
+    assert sample.extract_answer("first 12 then 15.", flexible=True) == "15"
+    assert sample.extract_answer("#### 7\nthen 9", flexible=True) == "7"  # an answer line still wins
+    tok = byte_tokenizer(tmp_path / "tok.model")
+    special = tok.special_tokens["<|reserved_special_token_221|>"]
+    ids = tok.encode("so it is\n#### ") + [special] + tok.encode("\n")
+    assert "221" in tok.decode(ids)  # the name's digits are in the raw text ...
+    assert sample.extract_answer(sample.answer_text(ids, tok)) is None  # ... but never an answer
+    assert sample.extract_answer(sample.answer_text(ids, tok), flexible=True) is None
+    ids = tok.encode("#### ") + [special] + tok.encode(" 42\n")
+    assert sample.extract_answer(sample.answer_text(ids, tok)) == "42"
 
 
 @pytest.mark.parametrize("split", ["test", "train"])
