@@ -54,6 +54,7 @@ also fuses each attention layer's q, k and v projections into one GEMM (LM.fuse_
 keep HF's names as views of the fused weight). Sampling takes its top-k in two passes over the
 logits (topk_by_chunks), not torch.topk's radix select.
 """
+import glob
 import json
 import math
 import os
@@ -65,6 +66,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 
 import mamba_distill as md
 
@@ -531,10 +533,17 @@ def ks_up_to(k):
     return [2 ** i for i in range(int(math.log2(k)) + 1)]
 
 
+def round_of(j):
+    """The round that draws sample j: round k takes every problem from k/2 samples (0 at k = 1) to k."""
+    return 1 if j == 0 else 2 ** (int(j).bit_length())
+
+
 def summarize(samples, n_problems, k_max):
     """coverage@k, majority@k and time@k from sample rows (dicts as in samples.jsonl).
-    time@k sums each sample's share of its batch's wall time over every sample with index < k:
-    the measured time it took to have k samples of every problem (rounds run k = 1, 2, 4, ...)."""
+    time@k is the measured wall-clock time it took to have k samples of every problem, rounds
+    k = 1, 2, 4, ... one after the other: per round, each process's time is the sum of its samples'
+    shares of their batches' wall times, and the round took as long as its slowest process (rounds
+    start together on every process); a round finished by a later, resumed run adds that run's time."""
     by_problem = [[] for _ in range(n_problems)]
     for s in sorted(samples, key=lambda s: (s["problem"], s["sample"])):
         by_problem[s["problem"]].append(s)
@@ -543,7 +552,13 @@ def summarize(samples, n_problems, k_max):
                 for k in ks]
     majority = [sum(majority_answer([s["answer"] for s in ss[:k]]) == ss[0]["gold"] for ss in by_problem) / n_problems
                 for k in ks]
-    time_s = [sum(s["time_s"] for s in samples if s["sample"] < k) for k in ks]
+    busy = Counter()  # (round, run, rank) -> seconds that process spent on the round
+    for s in samples:
+        busy[round_of(s["sample"]), s.get("run", 0), s.get("rank", 0)] += s["time_s"]
+    slowest = Counter()  # (round, run) -> the slowest process's time
+    for (r, run, _), t in busy.items():
+        slowest[r, run] = max(slowest[r, run], t)
+    time_s = [sum(t for (r, _), t in slowest.items() if r <= k) for k in ks]
     return ks, coverage, majority, time_s
 
 
@@ -575,17 +590,73 @@ def plan_round(todo, fit):
     return [todo[i:i + size] for i in range(0, len(todo), size)]
 
 
+def rank_files(out_dir):
+    """Per-process sample files of a run of several processes (merged into samples.jsonl at its end;
+    left behind only by a crash)."""
+    return sorted(glob.glob(os.path.join(out_dir, "samples.rank*.jsonl")))
+
+
+def merge_samples(out_dir, keep):
+    """samples.jsonl plus whatever per-process files a crashed run left, each (problem, sample) once,
+    filtered by keep(sample), written back to samples.jsonl atomically (the process files removed)."""
+    path = os.path.join(out_dir, "samples.jsonl")
+    merged = {}
+    for f in [path] + rank_files(out_dir):
+        for s in read_samples(f):
+            if keep(s):
+                merged.setdefault((s["problem"], s["sample"]), s)
+    samples = [merged[key] for key in sorted(merged)]
+    if os.path.exists(path) or samples:
+        md.write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
+    for f in rank_files(out_dir):
+        os.remove(f)
+    return samples
+
+
+class Group:
+    """The processes of a torchrun launch (one per GPU), or just this one. Coordination runs over a
+    gloo group on the host: its barriers never wait on the GPU's queue."""
+
+    def __init__(self, env):
+        self.rank, self.world = env.rank, env.world
+        self.gloo = dist.new_group(backend="gloo") if self.world > 1 else None
+
+    def barrier(self):
+        if self.gloo is not None:
+            dist.barrier(group=self.gloo)
+
+    def from_rank0(self, obj):
+        """rank 0's obj, on every process."""
+        if self.gloo is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.gloo)
+        return box[0]
+
+    def close(self):
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
 @torch.no_grad()
 def evaluate(cfg: SampleConfig):
     if cfg.k < 1 or cfg.k & (cfg.k - 1):
         raise md.InputError(f"--k: expected a power of two, got {cfg.k}")
-    device = torch.device(cfg.device)
+    env = md.setup_env(cfg.device)  # under torchrun: one process per GPU
+    group = Group(env)
+    try:
+        return _evaluate(cfg, env, group)
+    finally:
+        group.close()
+
+
+def _evaluate(cfg, env, group):
+    device = env.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = md.read_jsonl(cfg.data)
     rows = rows[:cfg.n_problems] if cfg.n_problems > 0 else rows
     name = cfg.name or os.path.basename(os.path.normpath(cfg.checkpoint))
     out_dir = os.path.join(cfg.out_dir, "eval", name)
-    os.makedirs(out_dir, exist_ok=True)
     tokenizer = md.Tokenizer(md.find_tokenizer(cfg.checkpoint))
     model = md.load_model(cfg.checkpoint, device, dtype).eval()
     prompts = [tokenizer.encode_chat([{"role": "user", "content": md.prompt_text(r["question"])}]) for r in rows]
@@ -594,35 +665,46 @@ def evaluate(cfg: SampleConfig):
     prompt_len = max(map(len, prompts))  # every batch is padded to it: a row's numbers never depend on its batch
     max_len = prompt_len + max_new_tokens
     state_dtype = resolve_state_dtype(cfg.state_dtype, dtype)
-    path = os.path.join(out_dir, "samples.jsonl")
     meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), "seed": cfg.seed,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
             "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract,
             "state_dtype": str(state_dtype) if model.cfg.ssm_layers else None}  # a teacher has no SSM state
-    meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(path) and os.path.exists(meta_path):  # resume only what the same settings drew
-        with open(meta_path) as fh:
-            old = json.load(fh)
-        old.setdefault("state_dtype", "torch.float32" if model.cfg.ssm_layers else None)  # files from before the flag
-        differ = sorted(key for key in meta if old.get(key) != meta[key])
-        if differ:
-            raise md.InputError(f"{meta_path}: earlier samples were drawn with other {', '.join(differ)}; "
-                                f"use another --name or delete {out_dir}")
-    write_json(meta_path, meta)
-    # keep what an interrupted run wrote, without the line it was writing and without samples this
-    # run does not ask for (a smaller --n_problems or --k)
-    samples = [s for s in read_samples(path) if s["problem"] < len(rows) and s["sample"] < cfg.k]
-    if os.path.exists(path):
-        md.write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
-        if samples:
-            print(f"resuming: {len(samples)} samples already in {path}")
+    path, meta_path = os.path.join(out_dir, "samples.jsonl"), os.path.join(out_dir, "meta.json")
+    error = None
+    if group.rank == 0:  # settings checked and finished samples gathered once, before any work
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            if (os.path.exists(path) or rank_files(out_dir)) and os.path.exists(meta_path):
+                with open(meta_path) as fh:
+                    old = json.load(fh)
+                old.setdefault("state_dtype", "torch.float32" if model.cfg.ssm_layers else None)  # from before the flag
+                old.setdefault("flexible_extract", False)
+                differ = sorted(key for key in meta if old.get(key) != meta[key])
+                if differ:
+                    raise md.InputError(f"{meta_path}: earlier samples were drawn with other {', '.join(differ)}; "
+                                        f"use another --name or delete {out_dir}")
+            write_json(meta_path, meta)
+            # keep what an interrupted run wrote (with any number of processes), without the line it was
+            # writing and without samples this run does not ask for (a smaller --n_problems or --k)
+            kept = merge_samples(out_dir, lambda s: s["problem"] < len(rows) and s["sample"] < cfg.k)
+            if kept:
+                print(f"resuming: {len(kept)} samples already in {path}")
+        except md.InputError as e:
+            error = str(e)
+    error = group.from_rank0(error)
+    if error:
+        raise md.InputError(error)
+    samples = read_samples(path)
     done = {(s["problem"], s["sample"]) for s in samples}
-    # rounds: round k takes every problem from k/2 samples (0 at k = 1) to k, so time@k is measured
+    run = group.from_rank0(time.time_ns())  # tells this run's samples from a resumed run's
+    # round k takes every problem from k/2 samples (0 at k = 1) to k, so time@k is measured; each
+    # process draws every world-th pair of a round
     rounds = {k: [(p, j) for j in range(k // 2 if k > 1 else 0, k) for p in range(len(rows)) if (p, j) not in done]
               for k in ks_up_to(cfg.k)}
-    # each model at its own largest batch, bounded only by the rows a round needs
+    mine = {k: todo[group.rank::group.world] for k, todo in rounds.items()}
+    # each process at its own largest batch, bounded only by the rows its share of a round needs
     fit = cfg.batch_size or largest_batch(model, max_len, dtype, device, 0, cfg.prefill_tokens, state_dtype)
-    plans = {k: plan_round(todo, fit) for k, todo in rounds.items() if todo}
+    plans = {k: plan_round(todo, fit) if todo else [] for k, todo in mine.items()}
     sizes = sorted({len(b) for plan in plans.values() for b in plan})
     stop = StopRule(model.cfg.vocab_size, tokenizer.stop_ids, tokenizer, device)
     t_setup = time.perf_counter()
@@ -632,12 +714,15 @@ def evaluate(cfg: SampleConfig):
         sampler.prepare(n)
     setup_s = time.perf_counter() - t_setup
     mode = ("compiled, " if sampler.forward is not model else "") + ("CUDA graphs" if sampler.use_graphs else "eager")
-    print(f"{name}: {len(rows)} problems x {cfg.k} samples, up to {fit} rows a batch (batches of {sizes} rows), "
-          f"cache {max_len} slots, decode step: {mode} (set up in {setup_s:.1f}s)", flush=True)
+    where = f" on {group.world} processes (this is rank {group.rank})" if group.world > 1 else ""
+    print(f"{name}: {len(rows)} problems x {cfg.k} samples{where}, up to {fit} rows a batch (batches of {sizes} "
+          f"rows), cache {max_len} slots, decode step: {mode} (set up in {setup_s:.1f}s)", flush=True)
+    my_path = path if group.world == 1 else os.path.join(out_dir, f"samples.rank{group.rank}.jsonl")
     t_start, n_new, n_tokens = time.perf_counter(), 0, 0
-    left = sum(map(len, rounds.values()))
-    with open(path, "a") as fh:
+    left = sum(map(len, mine.values()))
+    with open(my_path, "a") as fh:
         for k, plan in plans.items():
+            group.barrier()  # rounds start together, so a round lasts as long as its slowest process
             for chunk in plan:
                 t0 = time.perf_counter()
                 outs, stats = sampler.generate([prompts[p] for p, _ in chunk], max_new_tokens, tokenizer=tokenizer,
@@ -645,29 +730,34 @@ def evaluate(cfg: SampleConfig):
                                                prompt_len=prompt_len)
                 share = (time.perf_counter() - t0) / len(chunk)
                 for (p, j), ids in zip(chunk, outs):
-                    text = tokenizer.decode(ids)
                     answer = extract_answer(answer_text(ids, tokenizer), cfg.flexible_extract)
-                    s = {"problem": p, "sample": j, "text": text, "answer": answer, "gold": golds[p],
-                         "correct": answer == golds[p], "tokens": len(ids), "time_s": share}
+                    s = {"problem": p, "sample": j, "text": tokenizer.decode(ids), "answer": answer, "gold": golds[p],
+                         "correct": answer == golds[p], "tokens": len(ids), "time_s": share, "rank": group.rank,
+                         "run": run}
                     fh.write(json.dumps(s) + "\n")
-                    samples.append(s)
                     n_tokens += len(ids)
                 fh.flush()  # a crash loses at most the batch being generated
                 n_new += len(chunk)
                 left -= len(chunk)
                 el = time.perf_counter() - t_start
-                print(f"k={k} samples {len(samples)} (+{len(chunk)}) {n_tokens / el:.0f} new tok/s, "
-                      f"{stats['steps']} steps in {stats['decode_s']:.1f}s, ETA {left * el / n_new:.0f}s", flush=True)
+                print(f"{'' if group.world == 1 else f'[rank {group.rank}] '}k={k} +{len(chunk)} samples, "
+                      f"{n_tokens / el:.0f} new tok/s, {stats['steps']} steps in {stats['decode_s']:.1f}s, "
+                      f"ETA {left * el / n_new:.0f}s", flush=True)
+    group.barrier()
+    if group.rank != 0:
+        return None
+    samples = merge_samples(out_dir, lambda s: True)
     ks, coverage, majority, time_s = summarize(samples, len(rows), cfg.k)
-    summary = {"model": name, "checkpoint": cfg.checkpoint, "device": device_name(device), "state_dtype": meta["state_dtype"],
-               "n_problems": len(rows), "k": ks, "coverage": coverage, "majority": majority, "time_s": time_s,
-               "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-               "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract, "batch_fit": fit, "batch_sizes": {str(k): [len(b) for b in plan]
-                                                                                      for k, plan in plans.items()},
+    summary = {"model": name, "checkpoint": cfg.checkpoint, "device": device_name(device), "gpus": group.world,
+               "state_dtype": meta["state_dtype"], "n_problems": len(rows), "k": ks, "coverage": coverage,
+               "majority": majority, "time_s": time_s, "temperature": cfg.temperature, "top_p": cfg.top_p,
+               "top_k": cfg.top_k, "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract,
+               "batch_fit": fit, "batch_sizes": {str(k): [len(b) for b in plan] for k, plan in plans.items()},
                "setup_s": round(setup_s, 2), "mean_tokens": sum(s["tokens"] for s in samples) / max(len(samples), 1)}
     write_json(os.path.join(out_dir, "summary.json"), summary)
     for k, c, m, t in zip(ks, coverage, majority, time_s):
         print(f"k={k:5d} coverage {c:.3f} majority {m:.3f} time {t:.1f}s")
+    return summary
 
 
 def device_name(device):

@@ -75,9 +75,12 @@ token of grouped-query attention against the KV cache: q (b, h, e) against keys 
 (b, g, s, e) of g kv heads, h = g*r. Row i sees slots pad_i..t, t the slot just written. It is
 memory-bound: every key and value is read once. "Flash-decoding": each program takes one (row, kv
 head), so the r query heads of a group share each key they read (a (r, e) x (e, block) tl.dot, r
-padded to 16), and, when there are fewer rows than programs the GPU can run, one of NSPLIT shares of
-the row's keys; it keeps an online softmax (running max m, sum l, weighted values acc, rescaled when
-the max grows) and a second kernel merges the shares. t and pad are read from device memory, never
+padded to 16), and one split of the slots: splits are fixed ranges of SPLIT slots, the same whatever
+the batch, so a row's result never depends on how many rows run with it (what keeps samples
+reproducible across batch sizes and GPUs), and a cache of a few thousand slots is read by several
+programs per row even at small batch. Each keeps an online softmax (running max m, sum l, weighted
+values acc, rescaled when the max grows) and a second kernel merges the splits. t and pad are read
+from device memory, never
 from the host: the sampler's one captured CUDA graph serves every step, and a step reads only the
 keys that exist.
 
@@ -443,10 +446,11 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, H,
 @triton.jit
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, t_ptr, pad_ptr, acc_ptr, m_ptr, l_ptr, G, R, E, scale,
                         s_q_b, s_q_h, s_k_b, s_k_g, s_k_s, s_v_b, s_v_g, s_v_s,
-                        NSPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    """One (row b, kv head g, split j): the r query heads of group g against split j's share of the
-    row's keys [pad_b, t], with an online softmax; writes unnormalised partials for the combine."""
+                        NSPLIT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
+    """One (row b, kv head g, split j): the r query heads of group g against the row's keys [pad_b, t]
+    that lie in slots [j * SPLIT, (j + 1) * SPLIT), with an online softmax; writes unnormalised
+    partials for the combine."""
     bg, j = tl.program_id(0), tl.program_id(1)
     # int64: b * s_k_b passes 2^31 when one layer's cache holds more than 2^31 entries (a 1B hybrid's
     # few attention layers at batch 4096 and 2k tokens)
@@ -455,9 +459,8 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, t_ptr, pad_ptr, acc_ptr, m_ptr, l_p
     # a row whose padding reaches t (an empty prompt) attends to slot t alone, as the mask of the
     # parallel forward lets a padding query see itself: never a row with no key, so never NaN
     lo = tl.minimum(tl.load(pad_ptr + b), t)
-    per = tl.cdiv(tl.cdiv(t + 1 - lo, NSPLIT), BLOCK_S) * BLOCK_S  # keys per split, whole blocks
-    start = lo + j * per
-    end = tl.minimum(start + per, t + 1)
+    start = tl.maximum(lo, j * SPLIT)
+    end = tl.minimum((j + 1) * SPLIT, t + 1)  # start >= end: an empty split
     offs_r = tl.arange(0, BLOCK_R)
     offs_e = tl.arange(0, BLOCK_E)
     offs_s = tl.arange(0, BLOCK_S)
@@ -487,7 +490,8 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, t_ptr, pad_ptr, acc_ptr, m_ptr, l_p
         m = m_new
         s0 += BLOCK_S
     part = bg * NSPLIT + j  # an empty split leaves m = -inf, l = 0, acc = 0: it weighs nothing below
-    tl.store(acc_ptr + (part * BLOCK_R + offs_r[:, None]) * BLOCK_E + offs_e[None, :], acc)
+    tl.store(acc_ptr + (part * BLOCK_R + offs_r[:, None]) * BLOCK_E + offs_e[None, :], acc,
+             mask=r_mask[:, None])  # the r real heads only: r = 3 of BLOCK_R = 16 at the default shape
     tl.store(m_ptr + part * BLOCK_R + offs_r, m)
     tl.store(l_ptr + part * BLOCK_R + offs_r, l)
 
@@ -506,7 +510,8 @@ def _decode_attn_combine_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, G, R, E, s_o_b, s_
     l = tl.load(l_ptr + ml)
     m_all = tl.max(m, 0)  # (r,) finite: slot t itself is a key of every row
     w = tl.exp(m - m_all[None, :])  # (j, r) 0 for empty splits
-    acc = tl.load(acc_ptr + ml[:, :, None] * BLOCK_E + offs_e[None, None, :])  # (j, r, e)
+    acc = tl.load(acc_ptr + ml[:, :, None] * BLOCK_E + offs_e[None, None, :],
+                  mask=(offs_r < R)[None, :, None], other=0.0)  # (j, r, e)
     y = tl.sum(acc * w[:, :, None], 0) / tl.sum(l * w, 0)[:, None]  # (r, e)
     mask = (offs_r[:, None] < R) & (offs_e[None, :] < E)
     tl.store(o_ptr + b * s_o_b + (g * R + offs_r[:, None]) * s_o_h + offs_e[None, :],
@@ -705,9 +710,9 @@ def ssd_step(state, x, dt, A, B, C, D=None):
     return y
 
 
-# keys per block of the decode attention and the programs a launch should have at least (about 4
-# per SM of an H100/H200): with fewer (b * g) rows than that, each row's keys are split among programs
-ATTN_BLOCK_S, ATTN_PROGRAMS, ATTN_OPTS = 64, 512, dict(num_warps=4)
+# keys per block of the decode attention, and slots per split: a row's keys are cut at fixed slot
+# boundaries, one program per split (programs of splits past t exit at once)
+ATTN_BLOCK_S, ATTN_SPLIT, ATTN_OPTS = 64, 1024, dict(num_warps=4)
 
 
 def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
@@ -731,14 +736,14 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
         raise ValueError("scan_kernel.py: decode_attention needs the head dim e contiguous")
     r = h // g
     BLOCK_R, BLOCK_E = max(16, triton.next_power_of_2(r)), max(16, triton.next_power_of_2(e))  # tl.dot needs >= 16
-    nsplit = min(triton.next_power_of_2(triton.cdiv(ATTN_PROGRAMS, b * g)),  # enough programs to fill the GPU,
-                 triton.next_power_of_2(triton.cdiv(s, ATTN_BLOCK_S)))  # no more splits than blocks of keys
+    nsplit = triton.next_power_of_2(triton.cdiv(s, ATTN_SPLIT))  # depends on the cache length alone
     acc = torch.empty(b * g, nsplit, BLOCK_R, BLOCK_E, device=q.device, dtype=torch.float32)
     m = torch.empty(b * g, nsplit, BLOCK_R, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _decode_attn_kernel[(b * g, nsplit)](q, k_cache, v_cache, t, pad, acc, m, l, g, r, e, scale or e ** -0.5,
                                          *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
-                                         NSPLIT=nsplit, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E, BLOCK_S=ATTN_BLOCK_S,
+                                         NSPLIT=nsplit, SPLIT=ATTN_SPLIT, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
+                                         BLOCK_S=ATTN_BLOCK_S,
                                          # fp32 dots exact (not tf32); bf16/fp16 dots ignore the setting
                                          PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **ATTN_OPTS)
     y = torch.empty(b, h, e, device=q.device, dtype=q.dtype)

@@ -928,22 +928,33 @@ def decode_inputs(b, h, g, e, s, t, device, dtype, seed):
     return [x.to(device, dtype) for x in (q, k, v)] + [torch.tensor([t], device=device), pad.to(device)]
 
 
-# (b, h, g, e, s, t): GQA 4:1 and 3:1, MHA, e not a power of two; few rows, so keys are split among
-# up to 8 programs (some of them empty); t at the first and the last slot
+# (b, h, g, e, s, t): GQA 4:1 and 3:1, MHA, e not a power of two; t at the first and the last slot
 DECODE_SHAPES = [(3, 8, 2, 64, 100, 77), (2, 6, 2, 24, 50, 49), (1, 4, 4, 16, 300, 250), (5, 12, 4, 32, 40, 0)]
 
 
-@pytest.mark.parametrize("programs", [None, 1])  # 1: one split per row, so a split spans several
-@pytest.mark.parametrize("b, h, g, e, s, t", DECODE_SHAPES)  # blocks and the online softmax rescales
-def test_decode_attention_vs_reference(b, h, g, e, s, t, programs, monkeypatch):
-    if programs:
-        monkeypatch.setattr("scan_kernel.ATTN_PROGRAMS", programs)
+@pytest.mark.parametrize("split", [None, 64])  # None: one split spans several blocks and the online
+@pytest.mark.parametrize("b, h, g, e, s, t", DECODE_SHAPES)  # softmax rescales; 64: up to 8 splits, some empty
+def test_decode_attention_vs_reference(b, h, g, e, s, t, split, monkeypatch):
+    if split:
+        monkeypatch.setattr("scan_kernel.ATTN_SPLIT", split)
     q, k, v, tt, pad = decode_inputs(b, h, g, e, s, t, DEVICE, torch.float32, seed=s)
     if t == 0:  # the first slot: each row's only key is the one just written, padding or not
         pad.copy_(torch.tensor([0, 5, 0, 2, 1]))  # rows 1, 3, 4: an empty prompt (pad > t)
     y = decode_attention(q, k, v, tt, pad)
     assert_close(y, decode_attention_ref(q, k, v, tt, pad), what="decode attention")
     assert torch.isfinite(y).all()
+
+
+def test_decode_attention_row_does_not_depend_on_batch(monkeypatch):
+    """A row's output is bit for bit the same alone or among other rows: its keys are split at fixed
+    slots, not into a number of shares that depends on the batch (on a GPU in bf16 too)."""
+    monkeypatch.setattr("scan_kernel.ATTN_SPLIT", 64)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    q, k, v, tt, pad = decode_inputs(5, 6, 2, 32, 300, 250, DEVICE, dtype, seed=1)
+    together = decode_attention(q, k, v, tt, pad)
+    for i in range(5):
+        alone = decode_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], tt, pad[i:i + 1])
+        assert torch.equal(alone[0], together[i]), i
 
 
 def test_decode_attention_large_cache_offsets():
@@ -1189,6 +1200,29 @@ def test_sampling_seed_reproducible_and_top_k_1_is_greedy():
     assert top1 == greedy(model, PROMPTS, batch=3)
 
 
+def test_a_sample_does_not_depend_on_its_batch():
+    """With a seed per row (sample.py's sample_seed) and prompts padded to one length, a row draws the
+    same tokens alone, in any batch and at any position in it: what lets several processes split the
+    work and still draw the very samples one process would."""
+    model = tiny_models()["hybrid"]
+    sampler = sample.Sampler(model, 3, 32, temperature=1.0, top_k=0, top_p=0.9)
+    kw = dict(prompt_len=max(map(len, PROMPTS)))
+    together = sampler.generate(PROMPTS, NEW, seeds=[11, 12, 13], **kw)[0]
+    assert sampler.generate(PROMPTS[::-1], NEW, seeds=[13, 12, 11], **kw)[0] == together[::-1]
+    for i, prompt in enumerate(PROMPTS):
+        assert sampler.generate([prompt], NEW, seeds=[11 + i], **kw)[0][0] == together[i]
+    assert sampler.generate(PROMPTS, NEW, seeds=[21, 12, 13], **kw)[0][0] != together[0]  # the seed matters
+
+
+def test_row_uniforms_are_uniform_and_independent():
+    u = sample.row_uniforms(torch.arange(2000), torch.tensor(3), 64)  # (b, c)
+    assert ((u > 0) & (u < 1)).all() and abs(u.mean().item() - 0.5) < 0.005
+    assert abs(torch.corrcoef(torch.stack([u[:, 0], u[:, 1]]))[0, 1].item()) < 0.05  # ranks
+    assert abs(torch.corrcoef(torch.stack([u[:-1, 0], u[1:, 0]]))[0, 1].item()) < 0.05  # neighbouring seeds
+    v = sample.row_uniforms(torch.arange(2000), torch.tensor(4), 64)
+    assert abs(torch.corrcoef(torch.stack([u.flatten(), v.flatten()]))[0, 1].item()) < 0.02  # steps
+
+
 def test_sample_next_filters():
     """top-k and top-p keep exactly the candidates they should; temperature 0 is argmax."""
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)  # (b, v)
@@ -1375,6 +1409,75 @@ def test_evaluate_writes_and_resumes(tmp_path):
     meta.pop("state_dtype")  # written before the flag existed: those samples had an fp32 state
     meta_path.write_text(json.dumps(meta))
     sample.main(argv)
+
+
+def tiny_eval_checkpoint(tmp_path):
+    """A tiny random hybrid with its own BPE, saved as a checkpoint, and a 3-problem data file."""
+    rows = md.synthetic_split("test", 3, seed=1, task="short")
+    tok = md.train_bpe([r["question"] + r["answer"] for r in md.synthetic_split("train", 30, task="short")], 300,
+                       str(tmp_path / "tok.model"))
+    model = tiny_models(vocab_size=tok.n_words, max_position_embeddings=512)["hybrid"]
+    md.save_model(model, tok, str(tmp_path / "ckpt"))
+    md.write_jsonl(rows, str(tmp_path / "test.jsonl"))
+    return ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "test.jsonl"), "--out_dir", str(tmp_path),
+            "--max_new_tokens", "6", "--device", "cpu", "--flexible_extract"]
+
+
+def run_sample(argv, procs=1):
+    """sample.py as its own process(es): plain python, or torchrun with `procs` CPU processes (gloo)."""
+    import subprocess
+    import sys
+    launch = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={procs}"] if procs > 1 else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch + ["sample.py", *argv], cwd=HERE, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def eval_files(tmp_path, name):
+    d = tmp_path / "eval" / name
+    samples = {(s["problem"], s["sample"]): s for s in map(json.loads, (d / "samples.jsonl").read_text().splitlines())}
+    return samples, json.loads((d / "summary.json").read_text())
+
+
+def test_torchrun_sampling_matches_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo) draws every (problem, sample) once, and the merged samples
+    and metrics are those of one process: a sample's seed and numbers do not depend on the layout.
+    A run resumed with another number of processes keeps what was drawn and ends the same."""
+    argv = tiny_eval_checkpoint(tmp_path) + ["--k", "8", "--temperature", "1.0", "--top_k", "0", "--top_p", "1.0"]
+    run_sample(argv + ["--name", "one"])
+    run_sample(argv + ["--name", "two"], procs=2)
+    one, s1 = eval_files(tmp_path, "one")
+    two, s2 = eval_files(tmp_path, "two")
+    assert sorted(two) == [(p, j) for p in range(3) for j in range(8)]
+    assert {key: s["text"] for key, s in two.items()} == {key: s["text"] for key, s in one.items()}
+    assert {s["rank"] for s in two.values()} == {0, 1} and (s1["gpus"], s2["gpus"]) == (1, 2)
+    assert (s2["coverage"], s2["majority"]) == (s1["coverage"], s1["majority"])
+    assert not list((tmp_path / "eval" / "two").glob("samples.rank*"))  # merged, then removed
+    # two processes draw k <= 4 and "crash" leaving a per-process file; one process finishes k = 8
+    run_sample(argv[:-6] + ["--k", "4", "--temperature", "1.0", "--top_k", "0", "--top_p", "1.0", "--name", "mix"],
+               procs=2)
+    d = tmp_path / "eval" / "mix"
+    lines = (d / "samples.jsonl").read_text().splitlines()
+    (d / "samples.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    (d / "samples.rank1.jsonl").write_text("\n".join(lines[6:]) + "\n")
+    run_sample(argv + ["--name", "mix"])
+    mix, _ = eval_files(tmp_path, "mix")
+    assert {key: s["text"] for key, s in mix.items()} == {key: s["text"] for key, s in one.items()}
+    assert {s["run"] for s in mix.values() if s["sample"] < 4} != {s["run"] for s in mix.values() if s["sample"] >= 4}
+    assert not (d / "samples.rank1.jsonl").exists()
+
+
+def test_time_at_k_is_the_slowest_process_per_round():
+    """Rounds start together on every process, so a round takes its slowest process's time; a round
+    resumed in a later run adds that run's time."""
+    def s(j, t, rank=0, run=0):
+        return {"problem": 0, "sample": j, "answer": "1", "gold": "1", "correct": True, "time_s": t, "rank": rank,
+                "run": run}
+    samples = [s(0, 1.0), s(1, 2.0), s(2, 1.5, rank=0), s(3, 1.0, rank=1)]  # samples 2 and 3: round 4
+    ks, _, _, time_s = sample.summarize(samples, 1, 4)
+    assert ks == [1, 2, 4] and time_s == [1.0, 3.0, 4.5]  # round 4: max(1.5, 1.0)
+    samples[3]["run"] = 1  # sample 3 drawn by a later run: its time adds to round 4
+    assert sample.summarize(samples, 1, 4)[3] == [1.0, 3.0, 5.5]
 
 
 @needs_cuda
