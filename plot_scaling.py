@@ -43,6 +43,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 
 import matplotlib
@@ -138,8 +139,12 @@ def read_eval_summaries(out_dir):
         if not all(k >= 1 and k == int(k) for k in run["k"]) or not all(t > 0 for t in run["time_s"]):
             raise InputError(f"{path}: 'k' must hold positive integers and 'time_s' positive seconds")
         run["k"] = [int(k) for k in run["k"]]
+        gpus = s.get("gpus", 1)
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+            raise InputError(f"{path}: 'gpus' must be a positive whole number, got {gpus!r}")
         run.update(name=str(s.get("model", os.path.basename(os.path.dirname(path)))),
-                   device=str(s.get("device", "unknown device")), n_problems=s.get("n_problems"), path=path)
+                   device=str(s.get("device", "unknown device")), n_problems=s.get("n_problems"), path=path,
+                   gpus=gpus, checkpoint=os.path.normpath(str(s.get("checkpoint", path))))
         runs.append(run)
     return sorted(runs, key=lambda r: model_order(r["name"]))
 
@@ -232,6 +237,7 @@ def plain_log_ticks(axis):
 
 
 LABEL_BOX = dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.75)
+MARKERS, LINESTYLES = "os^vDP", ("-", "--", "-.", ":")
 
 
 def save_png(fig, path, dpi):
@@ -251,26 +257,29 @@ def save_png(fig, path, dpi):
 
 
 def plot_accuracy(runs, x_key, path, cfg):
+    """Coverage and majority vote against time (x_key "time_s", the headline figure) or against k."""
     colours = model_colours(r["name"] for r in runs)
     several_devices = len({r["device"] for r in runs}) > 1  # then each line names its own card
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True, layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.8), sharey=True, layout="constrained")
     for ax, metric, ylabel in ((axes[0], "coverage", "coverage@k = pass@k (% of problems)"),
                                (axes[1], "majority", "majority-vote accuracy@k (% of problems)")):
-        for run in runs:
+        for i, run in enumerate(runs):
             xs, ys = run[x_key], [100 * v for v in run[metric]]
             label = f"{run['name']} ({run['device']})" if several_devices else run["name"]
-            ax.plot(xs, ys, "o-", color=colours[run["name"]], label=label if ax is axes[0] else None)
-            if x_key == "time_s" and cfg.label_k:
-                for i, (x, y, k) in enumerate(zip(xs, ys, run["k"])):
-                    ax.annotate(f"k={k}" if i == 0 else str(k), (x, y), textcoords="offset points",
-                                xytext=(-4, 5), ha="right", fontsize=8, color=colours[run["name"]],
-                                bbox=LABEL_BOX)
+            # distinct markers and dashes, drawn in model order: a line under another still shows
+            ax.plot(xs, ys, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
+                    color=colours[run["name"]], label=label if ax is axes[0] else None, lw=1.6, ms=6,
+                    alpha=0.9, zorder=3 + i)
+            if x_key == "time_s" and cfg.label_k:  # k only at both ends, each model at its own height
+                for j, ha, dx in ((0, "right", -7), (len(xs) - 1, "left", 7)):
+                    ax.annotate(f"k={run['k'][j]}", (xs[j], ys[j]), textcoords="offset points",
+                                xytext=(dx, 12 * (i - (len(runs) - 1) / 2)), ha=ha, va="center", fontsize=7.5,
+                                color=colours[run["name"]], bbox=LABEL_BOX, zorder=10)
         ax.set_ylabel(ylabel)
-        ax.set_ylim(0, 105)
         ax.grid(True, which="major", alpha=0.3)
         if x_key == "time_s":
             ax.set_xscale("log")
-            ax.margins(x=0.08)  # room for the k=1 label left of the first point
+            ax.margins(x=0.18)  # room for the k labels at both ends
             plain_log_ticks(ax.xaxis)
             ax.set_xlabel("wall-clock time to draw k samples for every problem (s, log scale)")
         else:
@@ -284,17 +293,100 @@ def plot_accuracy(runs, x_key, path, cfg):
     counts = [r["n_problems"] for r in runs if r["n_problems"] is not None]
     details = [f"{_one_or_many(counts)} problems"] if counts else []
     details += [] if several_devices else [runs[0]["device"]]
-    against = "wall-clock time" if x_key == "time_s" else "samples per problem k"
-    fig.suptitle(f"Accuracy against {against} ({', '.join(details)})"
-                 + ("\nnumbers next to points: k" if x_key == "time_s" and cfg.label_k else ""))
+    if x_key == "time_s":
+        title = headline(runs) or "Accuracy against wall-clock time"
+        sub = "points left to right: k = 1, 2, 4, ...; a faster model reaches a larger k in the same time"
+    else:
+        title, sub = "Accuracy against samples per problem k", "what each model's samples are worth, whatever they cost"
+    fig.suptitle("\n".join(textwrap.wrap(title, 120)) + f"\n{sub} ({', '.join(details)})", fontsize=11)
     fig.legend(loc="outside lower center", ncol=min(len(runs), 6), title="model")
     save_png(fig, path, cfg.dpi)
 
 
+def accuracy_at(run, metric, t):
+    """A run's accuracy with the samples it had drawn by time t (its largest k whose time is <= t);
+    None before its first round ended."""
+    done = [v for v, tk in zip(run[metric], run["time_s"]) if tk <= t]
+    return done[-1] if done else None
+
+
+def share_above(student, teacher, metric, points=400):
+    """The share of the teacher's time range, from its k = 1 time to its largest-k time on a log scale,
+    in which the student's accuracy (what it had drawn by then) is strictly above the teacher's."""
+    lo, hi = math.log(teacher["time_s"][0]), math.log(teacher["time_s"][-1])
+    above = 0
+    for i in range(points):
+        t = math.exp(lo + (hi - lo) * (i + 0.5) / points)
+        s, tc = accuracy_at(student, metric, t), accuracy_at(teacher, metric, t)
+        above += s is not None and tc is not None and s > tc
+    return above / points
+
+
+def equal_time_table(runs):
+    """Per student: how much faster it drew its samples than the teacher, and in what share of the
+    teacher's time range its coverage / majority vote lie above the teacher's. [] without a teacher."""
+    teacher = next((r for r in runs if r["name"] == "teacher"), None)
+    if teacher is None:
+        return []
+    return [(r["name"], teacher["time_s"][-1] / r["time_s"][-1] if r["k"][-1] == teacher["k"][-1] else None,
+             share_above(r, teacher, "coverage"), share_above(r, teacher, "majority"))
+            for r in runs if r is not teacher]
+
+
+def headline(runs):
+    """The headline figure's title: its takeaway, computed from the runs (None without a teacher)."""
+    rows = [r for r in equal_time_table(runs) if r[1] is not None]
+    if not rows:
+        return None
+    name, speed, cov, maj = max(rows, key=lambda r: r[2] + r[3])
+    verdict = "beats" if min(cov, maj) > 0.5 else "does not beat"
+    return (f"At equal wall-clock time the {name} student {verdict} its teacher: it draws its samples "
+            f"{speed:.1f}x faster and is ahead for {100 * cov:.0f}% (coverage) / {100 * maj:.0f}% (majority vote) "
+            f"of the time range")
+
+
+def plot_gpus(pairs, path, cfg):
+    """Each model drawn on 1 GPU and on N GPUs (torchrun): the same samples, so the same accuracies,
+    reached sooner."""
+    colours = model_colours(one["name"] for one, _ in pairs)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True, layout="constrained")
+    for ax, metric in zip(axes, ("coverage", "majority")):
+        for one, many in pairs:
+            for run, style in ((one, "-o"), (many, "--s")):
+                ax.plot(run["time_s"], [100 * v for v in run[metric]], style, color=colours[one["name"]],
+                        label=f"{one['name']}, {run['gpus']} GPU{'s' * (run['gpus'] > 1)}" if ax is axes[0] else None)
+        ax.set_xscale("log")
+        plain_log_ticks(ax.xaxis)
+        ax.set_xlabel("wall-clock time to draw k samples for every problem (s, log scale)")
+        ax.set_ylabel(f"{metric}@k (% of problems)")
+        ax.set_title({"coverage": "coverage: any of k samples correct", "majority": "majority vote over k samples"}[metric])
+        ax.grid(True, which="major", alpha=0.3)
+    axes[1].yaxis.set_tick_params(labelleft=True)
+    fig.suptitle("The same draw on 1 GPU (solid) and on several GPUs of one host (dashed, torchrun): "
+                 f"{', '.join(f'{o[0]} {o[1]:.2f}x' for o in gpu_speedups(pairs))} at the largest k\n"
+                 f"({_one_or_many(r['device'] for pair in pairs for r in pair)})")
+    fig.legend(loc="outside lower center", ncol=min(2 * len(pairs), 8))
+    save_png(fig, path, cfg.dpi)
+
+
+def gpu_pairs(runs):
+    """[(1-GPU run, N-GPU run)] of the same checkpoint and sampling settings."""
+    pairs = []
+    for one in (r for r in runs if r["gpus"] == 1):
+        for many in (r for r in runs if r["gpus"] > 1):
+            if many["checkpoint"] == one["checkpoint"] and many["k"] == one["k"]:
+                pairs.append((one, many))
+    return pairs
+
+
+def gpu_speedups(pairs):
+    return [(one["name"], one["time_s"][-1] / many["time_s"][-1], many["gpus"]) for one, many in pairs]
+
+
 def accuracy_table(runs):
-    rows = [(r["name"], k, f"{100 * c:.1f}", f"{100 * m:.1f}", f"{t:.1f}")
+    rows = [(r["name"], r["gpus"], k, f"{100 * c:.1f}", f"{100 * m:.1f}", f"{t:.1f}")
             for r in runs for k, c, m, t in zip(r["k"], r["coverage"], r["majority"], r["time_s"])]
-    return format_table(("model", "k", "coverage %", "majority %", "time s"), rows)
+    return format_table(("model", "GPUs", "k", "coverage %", "majority %", "time s"), rows)
 
 
 # -----------------------------------------------------------------------------
@@ -321,62 +413,86 @@ def _length_sweep(rows):
     return [best[g] for g in sorted(best)]
 
 
-def plot_decode(bench, rows, hf, path, cfg):
-    colours = model_colours(r["model"] for r in rows)
-    shapes = sorted({r["shape"] for r in rows})
-    markers = dict(zip(shapes, "os^Dv<>p"))
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["shape"]), []).append(r)
-    keys = sorted(groups, key=lambda k: (k[1], model_order(k[0])))
-    sweeps = {key: _batch_sweep(groups[key]) for key in keys}
-    # the batch sweep's settings go in the panel title when every line shares them, else in the legend
-    settings = {key: f"prompt {sweep[0]['prompt_len']:g}, gen_len {sweep[0]['gen_len']:g}"
-                for key, sweep in sweeps.items()}
-    shared = _one_or_many(settings.values()) if len(set(settings.values())) == 1 else ""
-    fig, (ax_b, ax_l) = plt.subplots(1, 2, figsize=(13, 6), layout="constrained")
-    handles = []
-    for key in keys:
-        model, shape = key
-        style = dict(color=colours[model], marker=markers[shape])
-        label = f"{model}, {shape}" if len(shapes) > 1 else model
-        sweep, lens = sweeps[key], _length_sweep(groups[key])
-        for ax, x_key, points in ((ax_b, "batch", sweep), (ax_l, "gen_len", lens)):
-            xs = [r[x_key] for r in points]
-            ax.plot(xs, [r["tokens_per_s"] for r in points], "-", **style)
-            ax.plot(xs, [r["roofline_tokens_per_s"] for r in points], "--", color=colours[model], alpha=0.6)
-        for r in lens:
-            ax_l.annotate(f"b={r['batch']:g}", (r["gen_len"], r["tokens_per_s"]), textcoords="offset points",
-                          xytext=(0, 7), ha="center", fontsize=7, color=colours[model], bbox=LABEL_BOX)
-        handles.append(Line2D([], [], linestyle="-", label=label + ("" if shared else f" ({settings[key]})"),
-                              **style))
-    if rows:
-        handles.append(Line2D([], [], color="grey", linestyle="--",
-                              label="roofline (memory-bandwidth bound), colour of its model"))
-    hf_markers = dict(zip(sorted({str(r.get("cache", "?")) for r in hf}), "XP*h"))
-    for r in hf:
-        cache = str(r.get("cache", "?"))
-        style = dict(color="black", marker=hf_markers[cache], markersize=9, linestyle="none")
-        ax_b.plot([r["batch"]], [r["tokens_per_s"]], **style)
-        ax_l.plot([r["gen_len"]], [r["tokens_per_s"]], **style)
-        handles.append(Line2D([], [], label=f"HF transformers generate, {cache} cache (b={r['batch']:g}, "
-                                            f"prompt {r['prompt_len']:g}, gen_len {r['gen_len']:g})", **style))
-    ax_b.set_title("against batch size" + (f" ({shared} tokens)" if shared else ""))
-    ax_b.set_xlabel("batch size b = sequences decoded together (log2 scale)")
-    ax_l.set_title("against generation length, each at the largest batch b measured")
-    ax_l.set_xlabel("generated tokens per sequence, gen_len (log2 scale)")
-    for ax in (ax_b, ax_l):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.margins(x=0.06, y=0.08)
-        plain_log_ticks(ax.xaxis)
-        plain_log_ticks(ax.yaxis)
-        ax.set_ylabel("generated tokens/s (whole batch, prefill + decode, log scale)")
-        ax.grid(True, which="major", alpha=0.3)
-    date = f", {bench['date']}" if bench.get("date") else ""
-    copy = f", measured copy bandwidth {bench['copy_GBps']:g} GB/s" if "copy_GBps" in bench else ""
-    fig.suptitle(f"Decode throughput on {bench.get('device', 'unknown device')}{copy}{date}")
-    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8)
+def crossover(student, teacher):
+    """The shortest generation length measured at which the student's tokens/s pass the teacher's, or
+    None (length sweeps, rows sorted by gen_len)."""
+    teacher_at = {r["gen_len"]: r["tokens_per_s"] for r in teacher}
+    return next((r["gen_len"] for r in student if r["gen_len"] in teacher_at
+                 and r["tokens_per_s"] > teacher_at[r["gen_len"]]), None)
+
+
+def plot_decode(benches, path, cfg):
+    """One row of panels per (card, model shape): tokens/s against generation length at the largest
+    batch measured, and against batch size where a batch sweep was measured. A panel holds one shape,
+    one card and one way of measuring."""
+    panels = []  # (bench, shape, rows of that shape)
+    for bench in benches:
+        for shape in sorted({r["shape"] for r in bench["results"]}):
+            panels.append((bench, shape, [r for r in bench["results"] if r["shape"] == shape]))
+    models = sorted({r["model"] for _, _, rows in panels for r in rows}, key=model_order)
+    colours = model_colours(models)
+    with_batch = [len({r["batch"] for r in rows if r["gen_len"] == _batch_sweep(rows)[0]["gen_len"]}) > 1
+                  for _, _, rows in panels]
+    ncols = 2 if any(with_batch) else 1
+    fig, axes = plt.subplots(len(panels), ncols, figsize=(6.5 * ncols, 4.6 * len(panels) + 1.2),
+                             layout="constrained", squeeze=False)
+    for (bench, shape, rows), has_batch, ax_row in zip(panels, with_batch, axes):
+        ax_l, ax_b = ax_row[0], (ax_row[1] if ncols == 2 else None)
+        by_model = {m: [r for r in rows if r["model"] == m] for m in models if any(r["model"] == m for r in rows)}
+        # the length panel holds one way of measuring: the one most of this shape's rows used
+        method = max({r.get("method", "generate") for r in rows},
+                     key=lambda x: sum(r.get("method", "generate") == x for r in rows))
+        lengths = {m: _length_sweep(same) for m, rs in by_model.items()
+                   if (same := [r for r in rs if r.get("method", "generate") == method])}
+        methods = _one_or_many(r.get("method", "generate") for rs in lengths.values() for r in rs)
+        for i, (model, rs) in enumerate(lengths.items()):
+            xs = [r["gen_len"] for r in rs]
+            ax_l.plot(xs, [r["tokens_per_s"] for r in rs], marker=MARKERS[i % len(MARKERS)], color=colours[model],
+                      label=model, lw=1.6)
+            ax_l.plot(xs, [r["roofline_tokens_per_s"] for r in rs], "--", color=colours[model], alpha=0.5, lw=1)
+        batches = _one_or_many(r["batch"] for rs in lengths.values() for r in rs)
+        notes = [f"{s}: faster than the teacher from {c:g} new tokens" for s, rs in lengths.items()
+                 if s != "teacher" and "teacher" in lengths and (c := crossover(rs, lengths["teacher"]))]
+        if notes:
+            ax_l.text(0.02, 0.02, "\n".join(notes), transform=ax_l.transAxes, fontsize=8, va="bottom",
+                      bbox=LABEL_BOX)
+        ax_l.set_title(f"{shape} on {bench.get('device', '?')}: against generation length\n"
+                       f"(batch {batches}; {methods})", fontsize=10)
+        ax_l.set_xlabel("generated tokens per sequence, gen_len (log2 scale)")
+        ax_list = [ax_l]
+        if ax_b is not None and has_batch:
+            for i, (model, rs) in enumerate(by_model.items()):
+                sweep = _batch_sweep([r for r in rs if r.get("method", "generate") == "generate"] or rs)
+                xs = [r["batch"] for r in sweep]
+                ax_b.plot(xs, [r["tokens_per_s"] for r in sweep], marker=MARKERS[i % len(MARKERS)],
+                          color=colours[model], lw=1.6)
+                ax_b.plot(xs, [r["roofline_tokens_per_s"] for r in sweep], "--", color=colours[model], alpha=0.5, lw=1)
+            first = _batch_sweep(next(iter(by_model.values())))[0]
+            for hf in bench.get("hf_rows", []):
+                if hf["gen_len"] == first["gen_len"] and shape == "llama-3.2-1b":
+                    ax_b.plot([hf["batch"]], [hf["tokens_per_s"]], "kX" if hf.get("cache") == "static" else "kP", ms=9,
+                              label=f"HF generate, {hf.get('cache', '?')} cache")
+            ax_b.set_title(f"{shape}: against batch size (prompt {first['prompt_len']:g}, "
+                           f"{first['gen_len']:g} new tokens; whole generate calls)", fontsize=10)
+            ax_b.set_xlabel("batch size b = sequences decoded together (log2 scale)")
+            if bench.get("hf_rows"):
+                ax_b.legend(fontsize=8, loc="upper left")
+            ax_list.append(ax_b)
+        elif ax_b is not None:
+            ax_b.set_visible(False)
+        for ax in ax_list:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.margins(x=0.06, y=0.08)
+            plain_log_ticks(ax.xaxis)
+            plain_log_ticks(ax.yaxis)
+            ax.set_ylabel("generated tokens/s (log scale)")
+            ax.grid(True, which="major", alpha=0.3)
+    handles = [Line2D([], [], color=colours[m], marker=MARKERS[i % len(MARKERS)], label=m) for i, m in enumerate(models)]
+    handles.append(Line2D([], [], color="grey", linestyle="--", label="roofline: bytes a step must move / measured "
+                                                                      "copy bandwidth"))
+    fig.suptitle("Decode throughput: whole batches, prefill and decode, random weights, bf16")
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
     save_png(fig, path, cfg.dpi)
 
 
@@ -476,10 +592,13 @@ def make_plots(cfg):
     if cfg.dpi <= 0 or cfg.smooth < 1:
         raise InputError(f"--dpi must be > 0 and --smooth >= 1 (got {cfg.dpi}, {cfg.smooth})")
     summaries = os.path.join(cfg.out_dir, "eval", "*", "summary.json")
-    bench_path = os.path.join(cfg.out_dir, "bench", "decode.json")
+    bench_paths = os.path.join(cfg.out_dir, "bench", "decode*.json")
     logs = os.path.join(cfg.out_dir, "logs", "*.jsonl")
     runs = read_eval_summaries(cfg.out_dir)
-    bench, rows, hf = read_decode_bench(bench_path) if os.path.exists(bench_path) else (None, [], [])
+    benches = []
+    for path in sorted(glob.glob(bench_paths)):
+        bench, rows, hf = read_decode_bench(path)
+        benches.append(dict(bench, results=rows, hf_rows=hf, path=path))
     curves = read_logs(cfg.out_dir)
 
     plots_dir = cfg.plots_dir or os.path.join(cfg.out_dir, "plots")
@@ -490,21 +609,33 @@ def make_plots(cfg):
         written.append(os.path.join(plots_dir, name))
         return written[-1]
 
-    if runs:
+    one_gpu = [r for r in runs if r["gpus"] == 1]  # the headline compares models on one GPU each
+    if one_gpu:
         print(f"== accuracy per k ({summaries}; {_one_or_many(r['device'] for r in runs)}) ==")
         print(accuracy_table(runs), end="\n\n")
-        plot_accuracy(runs, "time_s", target("accuracy_vs_time.png"), cfg)
-        plot_accuracy(runs, "k", target("accuracy_vs_k.png"), cfg)
+        table = equal_time_table(one_gpu)
+        if table:
+            print("== at equal time: each student against the teacher (one GPU each) ==")
+            print(format_table(("model", "samples drawn x faster", "coverage above teacher", "majority above teacher"),
+                               [(n, "-" if s is None else f"{s:.2f}", f"{100 * c:.0f}% of the time range",
+                                 f"{100 * m:.0f}%") for n, s, c, m in table]), end="\n\n")
+        plot_accuracy(one_gpu, "time_s", target("accuracy_vs_time.png"), cfg)
+        plot_accuracy(one_gpu, "k", target("accuracy_vs_k.png"), cfg)
     else:
-        note(f"skipped accuracy_vs_time.png and accuracy_vs_k.png: no {summaries} found (run sample.py)")
-    if bench is None:
-        note(f"skipped decode_throughput.png: {bench_path} not found (run sample.py --bench)")
-    elif rows or hf:
-        print(f"== decode throughput ({bench_path}; {bench.get('device', 'unknown device')}) ==")
-        print(decode_table(rows, hf), end="\n\n")
-        plot_decode(bench, rows, hf, target("decode_throughput.png"), cfg)
+        note(f"skipped accuracy_vs_time.png and accuracy_vs_k.png: no one-GPU {summaries} found (run sample.py)")
+    pairs = gpu_pairs(runs)
+    if pairs:
+        print("== 1 GPU against several (same checkpoint, same samples) ==")
+        print(format_table(("model", "GPUs", "speed-up at the largest k"),
+                           [(n, g, f"{s:.2f}x") for n, s, g in gpu_speedups(pairs)]), end="\n\n")
+        plot_gpus(pairs, target("accuracy_vs_time_gpus.png"), cfg)
+    rows = [r for b in benches for r in b["results"]]
+    if rows:
+        print(f"== decode throughput ({bench_paths}) ==")
+        print(decode_table(rows, [h for b in benches for h in b["hf_rows"]]), end="\n\n")
+        plot_decode([b for b in benches if b["results"]], target("decode_throughput.png"), cfg)
     else:
-        note(f"skipped decode_throughput.png: {bench_path} has no 'results' or 'hf' rows")
+        note(f"skipped decode_throughput.png: no rows in {bench_paths} (run sample.py --bench)")
     if curves:
         print(f"== distillation losses ({logs}) ==")
         print(loss_table(curves), end="\n\n")

@@ -28,7 +28,7 @@ Outputs (read by plot_scaling.py):
   out/eval/<name>/summary.json   model, checkpoint, device, state_dtype, n_problems, k [1, 2, 4, ...], coverage,
       majority, time_s (per k: measured seconds to draw k samples of every problem, in rounds
       k = 1, 2, 4, ...; each round runs as full, padded batches), and the sampling settings
-  out/bench/decode.json          device, copy_GBps, date, torch, state_dtype, compile, results (one row
+  out/bench/decode_<shapes>.json device, copy_GBps, date, torch, state_dtype, compile, results (one row
       per shape, model, batch, prompt_len, gen_len: tokens_per_s, decode_tokens_per_s,
       roofline_tokens_per_s, roofline_frac, peak_mem_GB, prefill_s, decode_s, graph_capture_s, method)
       and hf (HF generate: cache, batch, ..., tokens_per_s, or error)
@@ -425,11 +425,12 @@ class Sampler:
             steps += 1
             if self.stop.active and steps % check_every == 0 and bool(self.done[:n].all()):  # syncs
                 break
-        out = self.out[:n, :steps].cpu()
+        out = self.out[:n, :steps].cpu().numpy()
+        done = self.done[:n].tolist()
         keep = torch.where(self.done[:n], self.end[:n], steps).tolist()
         rows = [out[i, :keep[i]].tolist() for i in range(n)]
-        if tokenizer is not None:
-            rows = [r[:answer_end(r, tokenizer)] for r in rows]
+        if tokenizer is not None:  # rows the rule did not stop: cut at an answer line it could not see
+            rows = [r if d else r[:answer_end(r, tokenizer)] for r, d in zip(rows, done)]
         sync()
         t2 = time.perf_counter()
         stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "prompt_len": l}
@@ -927,7 +928,7 @@ def _bench(cfg, device):
     bw = copy_bandwidth(device)
     result = {"device": device_name(device), "copy_GBps": bw, "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__, "state_dtype": str(state_dtype), "compile": cfg.compile, "results": [], "hf": []}
-    path = os.path.join(cfg.out_dir, "bench", "decode.json")
+    path = os.path.join(cfg.out_dir, "bench", f"decode_{cfg.bench_shapes.replace(',', '+')}.json")
     print(f"{result['device']}: copy bandwidth {bw:.0f} GB/s", flush=True)
     prompt_len = 128
     for shape in cfg.bench_shapes.split(","):

@@ -1685,7 +1685,8 @@ def test_ddp_matches_one_process(tmp_path):
 
 PLOT_MODELS = {"teacher": 1.0, "hybrid": 0.45, "pure": 0.3, "pure_random": 0.3}  # relative time per sample
 PLOT_KS = [1, 2, 4, 8, 16, 32, 64]
-PLOT_PNGS = ("accuracy_vs_time.png", "accuracy_vs_k.png", "decode_throughput.png", "distill_loss.png")
+PLOT_PNGS = ("accuracy_vs_time.png", "accuracy_vs_k.png", "accuracy_vs_time_gpus.png", "decode_throughput.png",
+             "distill_loss.png")
 
 
 def plot_write_json(path, obj):
@@ -1712,6 +1713,9 @@ def plot_fake_out(root, eval_=True, bench=True, logs=True):
                 "k": PLOT_KS, "coverage": coverage, "majority": majority,
                 "time_s": [round(9.5 * speed * k, 2) for k in PLOT_KS], "temperature": 0.8, "top_p": 0.95,
                 "max_new_tokens": 512, "batch_size": 256})
+        summary = json.loads(open(os.path.join(root, "eval", "teacher", "summary.json")).read())
+        plot_write_json(os.path.join(root, "eval", "teacher_2gpu", "summary.json"),  # the same draw on 2 GPUs
+                        dict(summary, model="teacher_2gpu", gpus=2, time_s=[t / 1.9 for t in summary["time_s"]]))
     if bench:
         rows = []
         for model, per_seq, biggest in (("teacher", 60.0, 256), ("hybrid", 110.0, 512), ("pure", 190.0, 1024)):
@@ -1728,6 +1732,13 @@ def plot_fake_out(root, eval_=True, bench=True, logs=True):
             "device": "FakeGPU 80GB", "copy_GBps": 3000.0, "date": "2026-11-27", "results": rows,
             "hf": [{"cache": "static", "batch": 256, "prompt_len": 128, "gen_len": 512, "tokens_per_s": 9380.0},
                    {"cache": "dynamic", "batch": 256, "prompt_len": 128, "gen_len": 512, "tokens_per_s": 7420.0}]})
+        small = [{"shape": "default", "model": m, "batch": 4096, "prompt_len": 128, "gen_len": g,
+                  "tokens_per_s": tps * (1 + 0.3 * (m != "teacher") * i), "roofline_tokens_per_s": 3 * tps,
+                  "method": "step times at 8 slots"}
+                 for m, tps in (("teacher", 1.2e6), ("hybrid", 1.0e6), ("pure", 1.1e6))
+                 for i, g in enumerate((512, 1024, 2048, 4096))]
+        plot_write_json(os.path.join(root, "bench", "decode_default.json"),
+                        {"device": "FakeGPU 80GB", "copy_GBps": 3000.0, "results": small, "hf": []})
     if logs:
         for name, model, init, offset in (("teacher", "teacher", "random", 0.0),
                                           ("hybrid", "hybrid", "attention", 0.3),
@@ -1771,13 +1782,17 @@ def test_plot_every_figure_and_table(tmp_path, capsys):
                      "9380", "HF static", f"{last_pure_random['loss']:.4g}"):
         assert expected in out, f"{expected!r} missing from the printed tables"
     assert out.count("wrote ") == len(PLOT_PNGS)
+    assert regex.search(r"\nteacher\s+2\s+1.90x", out)  # the 1-GPU vs 2-GPU table
+    speed = summary["time_s"]  # the fake hybrid is 0.45x the teacher's time per sample
+    assert f"{json.loads((tmp_path / 'eval' / 'teacher' / 'summary.json').read_text())['time_s'][-1] / speed[-1]:.2f}" in out
+    assert "pure: faster than the teacher" not in out  # (notes go into the figure, not the tables)
 
 
 def test_plot_missing_inputs(tmp_path, capsys):
     rc, out, err = plot_run(tmp_path / "nothing", capsys)
     assert rc == 1
     assert err.strip().splitlines()[-1].startswith("plot_scaling.py: error: nothing to plot")
-    for missing in ("summary.json", "decode.json", "*.jsonl"):
+    for missing in ("summary.json", "decode*.json", "*.jsonl"):
         assert missing in err, f"no note naming {missing}: {err}"
 
     plot_fake_out(tmp_path / "partial", eval_=False, logs=False)
