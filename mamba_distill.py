@@ -822,16 +822,21 @@ class Tokenizer:
         atomic_write(path, [text.encode()])
 
 
-def train_bpe(texts: list[str], vocab_size: int, path) -> Tokenizer:
+def train_bpe(texts: list[str], vocab_size: int, path, single_digits: bool = True) -> Tokenizer:
     """Train a byte-level BPE vocabulary of `vocab_size` base tokens (256 bytes + merges; the 256 special
     tokens come on top), write it to `path` in tiktoken's format and load it back.
 
     Classic BPE (Sennrich et al. 2016, byte-level as in GPT-2): split text into words with the Llama 3
     pattern, then repeatedly merge the most frequent adjacent pair of tokens. Rank = merge order, which is
     what tiktoken's encoder expects (it merges the lowest-rank pair first). Pairs are counted over unique
-    words weighted by frequency and updated only in the words that contain the merged pair."""
+    words weighted by frequency and updated only in the words that contain the merged pair.
+    single_digits: never merge digits, so every digit is its own token (as Llama 1 and 2 split numbers;
+    Llama 3's pattern allows up to three per token): column arithmetic then reads one digit per token
+    instead of digits hidden inside tokens like "509"."""
     assert vocab_size >= 256, "the base vocabulary starts with all 256 single bytes"
     word_freq = Counter(w for text in texts for w in regex.findall(LLAMA3_SPLIT_PATTERN, text))  # tiktoken's own splitter module
+    if single_digits:  # the pattern puts digits in words of their own: such words get no pairs to merge
+        word_freq = Counter({w: f for w, f in word_freq.items() if not w.isdigit()})
     words = [list(w.encode("utf-8")) for w in word_freq]  # each word as token ids, initially its bytes
     freqs = list(word_freq.values())
     vocab = [bytes([i]) for i in range(256)]  # id -> token bytes
@@ -1168,55 +1173,49 @@ def make_problem(rng: random.Random, n_steps: int) -> dict:
     return {"question": " ".join(q), "answer": "\n".join(s), "ops": ops}
 
 
-def _digits_from_ones(x: int) -> list[int]:
-    return [int(c) for c in reversed(str(x))]
+COLUMNS = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions"]
 
 
-def column_addition(a: int, b: int) -> list[str]:
-    """a + b worked column by column from the ones, as taught at school: one line per column."""
-    da, db = _digits_from_ones(a), _digits_from_ones(b)
-    lines, carry = [], 0
-    for i in range(max(len(da), len(db))):
+def column_lines(a: int, b: int, sign: str) -> list[str]:
+    """a + b or a - b (a >= b) worked column by column from the ones, as taught at school: one line per
+    column naming it, its two digits, the carry or borrow it takes and passes on, and the digits of the
+    result found so far. Every line reads only the line above it and the operands, and the last one
+    holds the whole result: nothing is assembled from far back."""
+    da, db = [int(c) for c in reversed(str(a))], [int(c) for c in reversed(str(b))]
+    lines, flow, so_far = [], 0, ""
+    for i in range(len(da) + 1):
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
-        s = x + y + carry
-        lines.append(f"{x} + {y} + {carry} = {s}, write {s % 10}, carry {s // 10}")
-        carry = s // 10
-    if carry:  # the carry out of the last column becomes a new leading digit
-        lines.append(f"0 + 0 + {carry} = {carry}, write {carry}, carry 0")
-    return lines
-
-
-def column_subtraction(a: int, b: int) -> list[str]:
-    """a - b (a >= b) worked column by column from the ones, borrowing from the next column."""
-    da, db = _digits_from_ones(a), _digits_from_ones(b)
-    lines, borrow = [], 0
-    for i, x in enumerate(da):
-        y = db[i] if i < len(db) else 0
-        r = x - y - borrow
-        if r < 0:
-            lines.append(f"{x} - {y} - {borrow} is below 0, so {x + 10} - {y} - {borrow} = {r + 10}, "
-                         f"write {r + 10}, borrow 1")
+        if i == len(da) and not (sign == "+" and flow):
+            break  # one more column only for the carry out of an addition
+        if sign == "+":
+            s = x + y + flow
+            digit, work, flow = s % 10, f"{x} + {y} + {flow} = {s}, write {s % 10}, carry {s // 10}", s // 10
         else:
-            lines.append(f"{x} - {y} - {borrow} = {r}, write {r}, borrow 0")
-        borrow = int(r < 0)
+            r = x - y - flow
+            digit = r % 10
+            work = (f"{x} - {y} - {flow} is below 0, so {x + 10} - {y} - {flow} = {digit}, write {digit}, borrow 1"
+                    if r < 0 else f"{x} - {y} - {flow} = {r}, write {r}, borrow 0")
+            flow = int(r < 0)
+        so_far = f"{digit}{so_far}"
+        lines.append(f"{COLUMNS[i]}: {work}; so far {so_far}")
     return lines
 
 
 def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digits: int = 4) -> dict:
     """A long-reasoning problem: n_people pass objects round a circle for n_turns turns, each giver
     handing the next person a tenth of what they hold (rounded down), and the question asks what one
-    of them holds at the end. The worked solution does every subtraction and addition column by column
-    and restates everyone's count after each turn, so it is long because the reasoning is long (about
-    250 tokens a turn under the default tokenizer), every line can be checked, and one wrong digit
-    anywhere carries through to a wrong final answer.
+    of them holds at the end. The worked solution restates everyone's count after each turn and does
+    every subtraction and addition column by column, so it is long because the reasoning is long
+    (about 250 tokens a turn under the default tokenizer), every line can be checked, each line needs
+    only what the last few lines say, and one wrong digit anywhere carries through to a wrong answer.
     Returns {"question", "answer", "ops"}; ops = ["relay", [start amounts], n_turns, asked index]."""
-    assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and digits >= 2
+    assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and 2 <= digits <= len(COLUMNS) - 1
     people = rng.sample(NAMES, n_people)
     names = [p[0] for p in people]
     hers = {name: "hers" if his == "her" else "his" for name, _, his in people}
     obj, box, _, _ = rng.choice(OBJECTS)
     start = [rng.randint(10 ** (digits - 1), 10 ** digits - 1) for _ in names]
-    asked = rng.randrange(n_people)
+    asked = names[rng.randrange(n_people)]
 
     def listing(amounts, unit=""):
         parts = [f"{n} has {a}{unit}" for n, a in zip(names, amounts)]
@@ -1226,29 +1225,28 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
                            for i in range(n_people))
     q = (f"{', '.join(names[:-1])} and {names[-1]} keep {obj} in {box}. {listing(start, f' {obj}')}. "
          f"They take turns passing {obj} on: {order}, and so on in that order. A tenth is rounded down to a "
-         f"whole number. After {n_turns} turns, how many {obj} does {names[asked]} have?")
-    s, x = [], list(start)
+         f"whole number. After {n_turns} turns, how many {obj} does {asked} have?")
+    x = list(start)
+    s = [f"At the start {listing(x)}."]
     for t in range(n_turns):
         g, r = t % n_people, (t + 1) % n_people
         give = x[g] // 10
-        s.append(f"Turn {t + 1} of {n_turns}: {names[g]} gives {names[r]} a tenth of {x[g]}, which is {give}.")
-        s.append(f"{names[g]}: {x[g]} - {give}")
-        s += column_subtraction(x[g], give)
-        x[g] -= give
-        s.append(f"{names[g]} has {x[g]}.")
-        s.append(f"{names[r]}: {x[r]} + {give}")
-        s += column_addition(x[r], give)
-        x[r] += give
-        s.append(f"{names[r]} has {x[r]}.")
+        s.append(f"Turn {t + 1} of {n_turns}, for {asked}: {names[g]} gives {names[r]} a tenth of {x[g]}, "
+                 f"which is {give}.")
+        for who, sign in ((g, "-"), (r, "+")):
+            s.append(f"{names[who]}: {x[who]} {sign} {give}")
+            s += column_lines(x[who], give, sign)
+            x[who] = x[who] - give if sign == "-" else x[who] + give
+            s.append(f"{names[who]} has {x[who]}.")
         s.append(f"Now {listing(x)}.")
-    s.append(f"After {n_turns} turns {names[asked]} has {x[asked]} {obj}.")
-    s.append(f"#### {x[asked]}")
-    return {"question": q, "answer": "\n".join(s), "ops": ["relay", start, n_turns, asked]}
+    s.append(f"After {n_turns} turns {asked} has {x[names.index(asked)]}.")
+    s.append(f"#### {x[names.index(asked)]}")
+    return {"question": q, "answer": "\n".join(s), "ops": ["relay", start, n_turns, names.index(asked)]}
 
 
 # task name -> (generator(rng, steps, **knobs), default min steps, default max steps): "relay" (the
 # default) has long chains of thought, "short" the GSM8K-sized ones of 2-8 arithmetic steps
-TASKS = {"relay": (make_relay_problem, 2, 14), "short": (make_problem, 2, 8)}
+TASKS = {"relay": (make_relay_problem, 2, 10), "short": (make_problem, 2, 8)}
 
 
 def split_of(question: str) -> str:
@@ -1373,7 +1371,7 @@ class DistillConfig:
     min_steps: int = opt(0, "difficulty: fewest turns (relay) or arithmetic steps (short) per problem; 0 = the "
                             "task's default (2)")
     max_steps: int = opt(0, "difficulty: most turns (relay) or steps (short) per problem; 0 = the task's default "
-                            "(relay 14, short 8)")
+                            "(relay 10, short 8)")
     digits: int = opt(4, "relay: digits of the starting amounts")
     n_train: int = opt(20000, "synthetic training problems")
     n_test: int = opt(500, "synthetic test problems")
@@ -1383,7 +1381,7 @@ class DistillConfig:
     n_heads: int = opt(6, "default teacher: query heads (head dim = d_model / n_heads)")
     n_kv_heads: int = opt(2, "default teacher: key/value heads (GQA, as in Llama 3.2)")
     d_ff: int = opt(1024, "default teacher: MLP width")
-    teacher_steps: int = opt(1500, "default teacher: training steps")
+    teacher_steps: int = opt(3000, "default teacher: training steps")
     teacher_lr: float = opt(2e-3, "default teacher: peak learning rate")
     # students
     students: str = opt("hybrid,pure", "students to distil: hybrid and/or pure")
