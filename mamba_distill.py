@@ -1,55 +1,58 @@
 """
-Distil a Llama 3 teacher into hybrid and pure Mamba students ("Thinking Slow, Fast", Paliotta et al. 2025).
+Thinking Slow, Fast (Paliotta et al. 2025), the distillation half: a Llama 3 teacher becomes hybrid and
+pure Mamba students whose mixers start from the teacher's attention weights, then learn to imitate it.
 
-What is in this file, top to bottom:
-  1. the model: one `LM` class that is a Llama 3 decoder when every layer keeps attention (the
-     teacher) and a Mamba / hybrid student when some layers' attention became a Mamba-2 mixer;
-  2. checkpoint files: HF-format directories (config.json + safetensors + a tiktoken BPE file);
-  3. attention -> SSM weight transfer (MambaInLlama / MOHAWK): an explicit mapping table;
-  4. files: the tokenizer (tiktoken BPE with Llama 3's specials), safetensors, the synthetic
-     GSM8K-style reasoning set and GSM8K jsonl reading;
-  5. the command line: one config dataclass, flags generated from it;
-  6. the training loop every stage shares (accumulation, DDP, checkpoints, resume, NaN stop);
-  7. the pipeline: data -> teacher -> students (1 align, 2 KL, 3 SFT) -> greedy accuracy;
-  8. the distillation-throughput benchmark.
+The paper's loop: teacher -> students (attention weights transferred into Mamba-2 mixers, as in
+MambaInLlama / MOHAWK, then distilled in three stages) -> many chain-of-thought samples from the fast
+students (sample.py) -> accuracy against wall-clock time (plot_scaling.py).
+
+Reading path, in the paper's order (the appendices after `main` hold everything that is not the paper):
+  LM, MambaMixer                 the model: a Llama decoder whose layers in cfg.ssm_layers hold a mixer
+  transfer_attention_to_mamba    attention -> SSM weight transfer, an explicit table with shape asserts
+  align_loss_fn, kl_loss_fn      the stage losses: 1 layer alignment, 2 KL to the teacher (3 is ce_loss)
+  distill_student                the stage plan
+  main                           data -> teacher -> students -> greedy accuracy
+  Appendix A training loop, checkpoints, resume, provenance; B tokenizer; C files (safetensors, HF
+  directories); D data (the relay task, GSM8K files, answers); E command line; F throughput bench.
 
 Run:
   python mamba_distill.py               # default: makes data, trains a small teacher, distils students
-  python mamba_distill.py --help        # every option of the config below
+  python mamba_distill.py --preset tiny --out_dir out_cpu   # seconds on a CPU: every stage, toy sizes
+  python mamba_distill.py --help        # every option
   python mamba_distill.py --teacher /path/to/Llama-3.2-1B-Instruct --data gsm8k/train.jsonl
   torchrun --nproc_per_node=2 mamba_distill.py   # the same run over 2 GPUs (DDP)
-  python mamba_distill.py --bench       # distillation throughput at the Llama-3.2-1B shape (compiled)
-  torchrun --nproc_per_node=2 mamba_distill.py --bench   # the same per GPU, on 2 GPUs: the scaling
+  python mamba_distill.py --bench       # distillation throughput at the Llama-3.2-1B shape
 
-Outputs, under --out_dir (default out/), read by sample.py and plot_scaling.py:
+Outputs, under --out_dir (read by sample.py and plot_scaling.py):
   data/train.jsonl, data/test.jsonl     the synthetic problems (GSM8K format)
   tokenizer.model                       the project's own BPE (tiktoken format), default run only
-  teacher/, hybrid/, pure/, pure_random/   HF-style model directories: config.json,
-                                        model.safetensors, tokenizer.model
+  teacher/, hybrid/, pure/, pure_random/   HF-style model directories: config.json, model.safetensors,
+                                        tokenizer.model
+  provenance.json                       the settings each of the above was made with; a run that finds
+                                        one made with other settings stops and says which differ
   logs/<model>.jsonl                    one line per logged step: model, init, stage, step, loss, lr,
                                         tokens, time_s (wall seconds since that model's run began)
   ckpt/<model>/                         the latest checkpoint (+ optimizer.safetensors, state.json)
   distill_summary.json                  greedy accuracy, parameters and stage wall times per model
-  bench/distill.json                    --bench: tokens/s, MFU, peak memory, compile, gpus, batch per student
+  bench/distill.json                    --bench: tokens/s, MFU, peak memory per student
 
 Glossary (letters in shape comments):
   b  batch                          l  sequence length (tokens)
   d  model width (hidden_size)      f  MLP width (intermediate_size)
-  h  query heads = SSM heads        k  key/value heads (GQA groups); r = h // k heads per group
+  h  query heads = SSM heads        g  key/value heads (GQA groups); r = h // g heads per group
   e  head dim (Llama) = p = n       p  SSM head dim (size of x per head)
   n  SSM state dim (size of B, C)   w  conv kernel width (d_conv)
-  s  cache slots (max sequence length of a KV cache)   v  vocabulary size
+  s  cache slots                    v  vocabulary size
 
 Attention -> Mamba (a mixer replaces self_attn in layer i; everything else is copied):
   teacher tensor                      student tensor                    why
   self_attn.q_proj.weight  (h*e, d) -> mixer.in_proj.weight[C rows]     queries read the state: C_t
-  self_attn.k_proj.weight  (k*e, d) -> mixer.in_proj.weight[B rows]     keys write the state:   B_t
-  self_attn.v_proj.weight  (k*e, d) -> mixer.in_proj.weight[x rows]     values are what is written: x_t
+  self_attn.k_proj.weight  (g*e, d) -> mixer.in_proj.weight[B rows]     keys write the state:   B_t
+  self_attn.v_proj.weight  (g*e, d) -> mixer.in_proj.weight[x rows]     values are what is written: x_t
   self_attn.o_proj.weight  (d, h*e) -> mixer.out_proj.weight            same output projection
 With no decay (A = 0), dt = 1, identity conv, no gate and D = 0 the mixer computes exactly causal
 *linear* attention y_t = sum_{s<=t} (C_t . B_s) x_s: softmax attention without softmax and RoPE.
 """
-import argparse
 import base64
 import binascii
 import hashlib
@@ -64,7 +67,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from contextlib import nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import regex  # installed with tiktoken, which splits text with it too
 import tiktoken
@@ -74,16 +77,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from scan_kernel import (conv_step, conv_step_ref, decode_attention, fused_kl_div, kl_div_ref, ring_rows,
-                         ssd_scan, ssd_scan_chunked_torch, ssd_step, ssd_step_ref)
-
-
-class InputError(Exception):
-    """Bad user input (a file, a flag, a config). The message is one line naming what is wrong."""
+from scan_kernel import (InputError, check_bounds, conv_step, conv_step_ref, decode_attention, flag, fused_kl_div,
+                         kl_div_ref, parse_config, ring_rows, ssd_scan, ssd_scan_chunked_torch, ssd_step, ssd_step_ref)
 
 
 # -----------------------------------------------------------------------------
-# 1. The model
+# 1. The model: a Llama 3 decoder; the layers in cfg.ssm_layers hold a Mamba-2 mixer instead of attention
 
 
 @dataclass
@@ -109,16 +108,32 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, path="config.json"):
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
-        if "head_dim" not in d or d["head_dim"] is None:  # older Llama configs leave it implicit
-            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise InputError(f"{path}: num_attention_heads={cfg.num_attention_heads} is not a multiple "
-                             f"of num_key_value_heads={cfg.num_key_value_heads}")
-        bad = [i for i in cfg.ssm_layers if not 0 <= i < cfg.num_hidden_layers]
-        if bad:
-            raise InputError(f"{path}: ssm_layers {bad} outside 0..{cfg.num_hidden_layers - 1}")
+        """A checked config: every size a positive whole number, heads that divide as GQA needs, layer
+        indices in range; anything else is an InputError naming the file and the field."""
+        if not isinstance(d, dict):
+            raise InputError(f"{path}: expected a JSON object")
+        cfg = cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "d_conv")
+        for name in sizes + ("head_dim",):
+            if name == "head_dim" and d.get("head_dim") is None:  # older Llama configs leave it implicit
+                cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+            v = getattr(cfg, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{path}: {name} must be a positive whole number, got {v!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(cfg, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise InputError(f"{path}: {name} must be a positive number, got {v!r}")
+        if cfg.num_attention_heads % cfg.num_key_value_heads or cfg.head_dim % 2:
+            raise InputError(f"{path}: num_attention_heads={cfg.num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={cfg.num_key_value_heads}, and head_dim={cfg.head_dim} even")
+        if not isinstance(cfg.tie_word_embeddings, bool) or not (cfg.rope_scaling is None or isinstance(cfg.rope_scaling, dict)):
+            raise InputError(f"{path}: tie_word_embeddings must be true or false, rope_scaling an object or null")
+        if not isinstance(cfg.ssm_layers, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg.num_hidden_layers for i in cfg.ssm_layers):
+            raise InputError(f"{path}: ssm_layers must list layer indices in 0..{cfg.num_hidden_layers - 1}, "
+                             f"got {cfg.ssm_layers!r}")
         return cfg
 
     def to_dict(self) -> dict:
@@ -133,15 +148,20 @@ class ModelConfig:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    """x / rms(x) * weight, the rms taken over each of `groups` equal slices of the last dim. With a
+    gate, x * silu(gate) is normalised: Mamba-2's gated RMSNorm, one group per head."""
+
+    def __init__(self, dim, eps, groups=1):
         super().__init__()
-        self.eps = eps
+        self.eps, self.groups = eps, groups
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        x32 = x.float()  # normalise in fp32, as Llama does, then cast back before the weight
+    def forward(self, x, gate=None):
+        if gate is not None:
+            x = x * F.silu(gate.to(x.dtype))
+        x32 = x.float().unflatten(-1, (self.groups, -1))  # (..., groups, dim / groups): fp32, as Llama does
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * x32.flatten(-2).to(x.dtype)  # cast back before the weight, as Llama does
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -156,7 +176,10 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         raise InputError(f"config.json: rope_scaling type {rs.get('rope_type')!r} is not supported (llama3 only)")
     # Llama 3.1: slow (long-wavelength) frequencies are divided by `factor`, fast ones kept, and the
     # band in between interpolated smoothly, so the model sees longer contexts as it saw 8k.
-    factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if not all(isinstance(rs.get(k), (int, float)) and rs[k] > 0 for k in keys):
+        raise InputError(f"config.json: rope_scaling needs positive numbers {', '.join(keys)}, got {rs}")
+    factor, lo, hi, old = (rs[k] for k in keys)
     wavelen = 2 * math.pi / inv_freq  # (e/2,) tokens per turn
     scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)  # (e/2,)
     smooth = (old / wavelen - lo) / (hi - lo)  # (e/2,) 0 at the slow end of the band, 1 at the fast end
@@ -171,121 +194,72 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with an optional preallocated KV cache."""
+    """Grouped-query attention (Llama 3): h query heads share g key/value heads, r = h/g each. With a
+    cache, the new tokens' keys and values are written at their slots and the query reads the slots
+    written so far."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.h, self.k, self.e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.h, self.g, self.e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d = cfg.hidden_size
         self.q_proj = nn.Linear(d, self.h * self.e, bias=False)
-        self.k_proj = nn.Linear(d, self.k * self.e, bias=False)
-        self.v_proj = nn.Linear(d, self.k * self.e, bias=False)
+        self.k_proj = nn.Linear(d, self.g * self.e, bias=False)
+        self.v_proj = nn.Linear(d, self.g * self.e, bias=False)
         self.o_proj = nn.Linear(self.h * self.e, d, bias=False)
-        self.qkv_sizes = [self.h * self.e, self.k * self.e, self.k * self.e]  # rows of q, k, v
-        self.qkv = None  # (h*e + 2*k*e, d) once fuse_qkv() has run: q, k, v weights in one tensor
 
-    def fuse_qkv(self):
-        """For decoding: keep q_proj, k_proj and v_proj's weights in one (h*e + 2*k*e, d) tensor and make
-        the three parameters views of it, so that a forward without gradients runs one GEMM, not three
-        (the 1B teacher's decode step at batch 256 on an H100: 1.32 ms of GEMMs, 1.48 ms unfused, in
-        profiles of two calls; three narrow products get small tiles that leave SMs idle). Names and
-        state_dict stay HF's. The storage is shared, so in-place writes (load_state_dict
-        without assign, an optimizer step) reach the fused weight; model.to() fuses again (_apply); a
-        parameter given new storage some other way sends forward back to three GEMMs (_fused_qkv)."""
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()  # (h*e + 2*k*e, d)
-        for proj, part in zip((self.q_proj, self.k_proj, self.v_proj), w.split(self.qkv_sizes)):
-            proj.weight.data = part
-        self.qkv = w
-
-    def _qkv_intact(self):
-        """Whether q_proj, k_proj and v_proj still live in self.qkv, at their rows."""
-        row, start = self.qkv.stride(0) * self.qkv.element_size(), self.qkv.data_ptr()
-        for proj, rows in zip((self.q_proj, self.k_proj, self.v_proj), self.qkv_sizes):
-            if proj.weight.data_ptr() != start:
-                return False
-            start += rows * row
-        return True
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        if self.qkv is not None and not self._qkv_intact():  # .to() gave the parameters new storage
-            self.fuse_qkv()
-        return self
-
-    def _fused_qkv(self):
-        """self.qkv while q_proj, k_proj and v_proj still live in it and no gradient is needed (the
-        parameters, not the fused tensor, are what autograd trains), else None."""
-        if self.qkv is None or torch.is_grad_enabled():
-            return None
-        if torch.compiler.is_compiling():  # data_ptr() would break the graph; the Sampler checks instead
-            return self.qkv
-        if not self._qkv_intact():  # re-bound (e.g. load_state_dict(..., assign=True)): the copy is stale
-            self.qkv = None
-        return self.qkv
+    def qkv(self, x):
+        """The three projections (b, l, h*e), (b, l, g*e), (b, l, g*e); sample.py's Sampler replaces
+        this with one GEMM over the three weights stacked."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, rope, cache=None, ctx=None):
         b, l, _ = x.shape
-        w = self._fused_qkv()
-        if w is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (b, l, h*e), (b, l, k*e), (b, l, k*e)
-        else:
-            q, k, v = F.linear(x, w).split(self.qkv_sizes, dim=-1)  # the same, from one GEMM
+        q, k, v = self.qkv(x)
         q = q.view(b, l, self.h, self.e).transpose(1, 2)  # (b, h, l, e)
-        k = k.view(b, l, self.k, self.e).transpose(1, 2)  # (b, k, l, e)
-        v = v.view(b, l, self.k, self.e).transpose(1, 2)  # (b, k, l, e)
+        k = k.view(b, l, self.g, self.e).transpose(1, 2)  # (b, g, l, e)
+        v = v.view(b, l, self.g, self.e).transpose(1, 2)  # (b, g, l, e)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:  # training / plain forward: causal over this sequence only
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (b, h, l, e)
         else:
-            k_cache, v_cache = cache  # (b, k, s, e) each, written in place at slots ctx.slots
+            k_cache, v_cache = cache  # (b, g, s, e) each: the new tokens go to slots ctx.slots
             k_cache.index_copy_(2, ctx.slots, k.to(k_cache.dtype))
             v_cache.index_copy_(2, ctx.slots, v.to(v_cache.dtype))
-            kv = ctx.kv_len
-            if ctx.mask is None:  # GPU decode: flash-decoding kernel, reads only slots pad..t of each row
-                # in the cache's dtype, as autocast would give SDPA (an fp32 model under bf16 autocast
-                # has an fp32 q here: RoPE's product with the fp32 embedding stream promotes it)
-                q = q.view(b, self.h, self.e).to(k_cache.dtype)  # (b, h, e)
-                y = decode_attention(q, k_cache, v_cache, ctx.slots, ctx.pad)  # (b, h, e)
+            if ctx.mask is None:  # one token on a GPU: the flash-decoding kernel reads slots pad..t alone
+                # (q in the cache's dtype, as autocast gives SDPA: an fp32 model under bf16 autocast
+                # has an fp32 q here, as RoPE's product with the fp32 embedding stream promotes it)
+                y = decode_attention(q.view(b, self.h, self.e).to(k_cache.dtype), k_cache, v_cache, ctx.slots, ctx.pad)
                 y = y.view(b, self.h, 1, self.e)  # (b, h, 1, e)
-            elif l == 1:
-                # Decode on a CPU: fold the r query heads of a group into the "query length" so that every
-                # backend reads each cached key once, with no repeat of the cache (r, e per group).
-                qg = q.view(b, self.k, self.h // self.k, self.e)  # (b, k, r, e)
-                y = F.scaled_dot_product_attention(qg, k_cache[:, :, :kv], v_cache[:, :, :kv],
-                                                   attn_mask=ctx.mask)  # (b, k, r, e)
-                y = y.reshape(b, self.h, 1, self.e)  # (b, h, 1, e)
             else:
+                kv = ctx.kv_len
                 y = F.scaled_dot_product_attention(q, k_cache[:, :, :kv], v_cache[:, :, :kv],
                                                    attn_mask=ctx.mask, enable_gqa=True)  # (b, h, l, e)
         return self.o_proj(y.transpose(1, 2).reshape(b, l, self.h * self.e))  # (b, l, d)
 
 
 class MambaMixer(nn.Module):
-    """Mamba-2 mixer in MambaInLlama's layout, shaped so the teacher's attention weights fit:
-    h SSM heads (= query heads), head dim p = state dim n = e; x and B come from the k key/value
-    heads and are shared by the r query heads of their group (GQA), C is per head.
+    """Mamba-2 mixer in MambaInLlama's layout, shaped so that the teacher's attention weights fit:
+    h SSM heads (= query heads), head dim p = state dim n = e; x and B come from the g key/value heads
+    and are shared by the r heads of their group (as keys and values are in GQA), C is per head.
 
-    in_proj rows: [z (h*p) | x (k*p) | B (k*n) | C (h*n) | dt (h)]
+    in_proj rows: [z (h*p) | x (g*p) | B (g*n) | C (h*n) | dt (h)]
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.h, self.k, self.p = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.h, self.g, self.p = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.n, self.w = cfg.head_dim, cfg.d_conv
-        d, hp, kp = cfg.hidden_size, self.h * self.p, self.k * self.p
-        self.sizes = {"z": hp, "x": kp, "B": kp, "C": hp, "dt": self.h}  # in_proj row blocks, in order
-        self.conv_dim = kp + kp + hp  # the conv runs over [x | B | C], as in Mamba-2
+        d, hp, gp = cfg.hidden_size, self.h * self.p, self.g * self.p
+        self.sizes = {"z": hp, "x": gp, "B": gp, "C": hp, "dt": self.h}  # in_proj row blocks, in order
+        self.conv_dim = gp + gp + hp  # the conv runs over [x | B | C], as in Mamba-2
         self.in_proj = nn.Linear(d, sum(self.sizes.values()), bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.w, groups=self.conv_dim,
                                 padding=self.w - 1)  # depthwise, causal once we trim the right side
         self.dt_bias = nn.Parameter(torch.zeros(self.h))
         self.A_log = nn.Parameter(torch.zeros(self.h))
         self.D = nn.Parameter(torch.ones(self.h))
-        self.norm = RMSNorm(hp, cfg.rms_norm_eps)  # gated RMSNorm, one group per head
+        self.norm = RMSNorm(hp, cfg.rms_norm_eps, groups=self.h)  # gated RMSNorm, one group per head
         self.out_proj = nn.Linear(hp, d, bias=False)
-        # switches for the linear-attention identity test; always on in real use
-        self.conv_act = True
-        self.gate = True
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -309,76 +283,54 @@ class MambaMixer(nn.Module):
         raise KeyError(name)
 
     def forward(self, u, cache=None, ctx=None):
+        """u (b, l, d) -> (b, l, d). Without a cache: the whole sequence (training). With one (from
+        LM.allocate_cache): l new tokens at cache slots ctx.slots, continuing the conv ring and the SSM
+        state the cache holds: a prefill, or one decode token (one step of the recurrence)."""
         b, l, _ = u.shape
-        z, xBC, dt = torch.split(self.in_proj(u), [self.sizes["z"], self.conv_dim, self.h], dim=-1)  # (b, l, h*p), (b, l, conv_dim), (b, l, h)
-        if ctx is not None and ctx.valid is not None:
-            # left padding must leave no trace: a zero conv input looks like "before the start",
-            # and dt = 0 means the state neither decays nor receives anything (exp(0) = 1).
-            xBC = xBC * ctx.valid[..., None].to(xBC.dtype)  # (b, l, conv_dim)
-        if cache is not None and l == 1:
-            return self._step(z, xBC, dt, cache, ctx.slots)
-        xBC_t = xBC.transpose(1, 2)  # (b, conv_dim, l)
-        if cache is not None:  # continue from the previous chunk's last w-1 inputs (see _step's ring)
-            conv_state, r = cache[0], self.w - 1  # (b, w-1, conv_dim)
-            past = conv_state.index_select(1, ring_rows(ctx.slots[:1], r))  # (b, w-1, conv_dim) oldest first
-            xBC_t = torch.cat([past.transpose(1, 2).to(xBC_t.dtype), xBC_t], dim=-1)  # (b, conv_dim, w-1+l)
-            last = xBC_t[:, :, -r:].transpose(1, 2).to(conv_state.dtype)  # (b, w-1, conv_dim) the last w-1 inputs
-            conv_state.index_copy_(1, ring_rows(ctx.slots[-1:] + 1, r), last)  # where the next step looks
-            xBC = F.conv1d(xBC_t, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # (b, conv_dim, l)
-        else:
-            xBC = self.conv1d(xBC_t)[..., :l]  # (b, conv_dim, l): keep the causal outputs
-        xBC = xBC.transpose(1, 2)  # (b, l, conv_dim)
-        if self.conv_act:
-            xBC = F.silu(xBC)
-        x, B, C = torch.split(xBC, [self.k * self.p, self.k * self.n, self.h * self.n], dim=-1)  # (b, l, k*p), (b, l, k*n), (b, l, h*n)
-        r = self.h // self.k
-        x = x.view(b, l, self.k, self.p).repeat_interleave(r, dim=2)  # (b, l, h, p) shared in a group
-        B = B.view(b, l, self.k, self.n).repeat_interleave(r, dim=2)  # (b, l, h, n)
-        C = C.reshape(b, l, self.h, self.n)  # (b, l, h, n)
+        z, xBC, dt = self.in_proj(u).split([self.sizes["z"], self.conv_dim, self.h], dim=-1)  # (b, l, h*p), (b, l, conv_dim), (b, l, h)
+        valid = None if ctx is None else ctx.valid  # (b, l) 0 at left padding
+        if valid is not None:
+            # left padding must leave no trace: a zero conv input looks like "before the start", and
+            # dt = 0 means the state neither decays nor receives anything (exp(0) = 1)
+            xBC = xBC * valid[..., None].to(xBC.dtype)
+        x, B, C = self.conv(xBC, cache, ctx).split([self.g * self.p, self.g * self.n, self.h * self.n], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h) > 0
-        if ctx is not None and ctx.valid is not None:
-            dt = dt * ctx.valid[..., None]
+        if valid is not None:
+            dt = dt * valid[..., None]
         A = -torch.exp(self.A_log.float())  # (h,) < 0: a decay per head
-        state = None if cache is None else cache[1]  # (b, h, p, n)
-        if x.is_cuda:  # the Triton kernels (scan_kernel.py)
-            y, final = ssd_scan(x, dt, A, B, C, self.D.float(), initial_state=state, return_final_state=True)
-        else:  # the same chunked algorithm in plain PyTorch: ~15x faster on a CPU than the sequential spec
-            y, final = ssd_scan_chunked_torch(x, dt, A, B, C, self.D.float(), initial_state=state)
-        if cache is not None:  # y (b, l, h, p), final (b, h, p, n)
-            cache[1].copy_(final)
-        return self._out(y.reshape(b, l, -1), z)
+        if cache is not None and l == 1:  # decode: one step, x and B read per group in place
+            step = ssd_step if u.is_cuda else ssd_step_ref  # the Triton kernel (scan_kernel.py) on a GPU
+            y = step(cache[1], x.view(b, self.g, self.p).to(z.dtype), dt[:, 0], A, B.view(b, self.g, self.n).to(z.dtype),
+                     C.view(b, self.h, self.n).to(z.dtype), self.D.float())  # (b, h, p)
+        else:
+            r = self.h // self.g
+            x = x.view(b, l, self.g, self.p).repeat_interleave(r, dim=2)  # (b, l, h, p) shared in a group
+            B = B.view(b, l, self.g, self.n).repeat_interleave(r, dim=2)  # (b, l, h, n)
+            C = C.reshape(b, l, self.h, self.n)  # (b, l, h, n)
+            # the Triton kernels on a GPU; on a CPU the same chunked algorithm in plain PyTorch
+            scan = ssd_scan if u.is_cuda else ssd_scan_chunked_torch
+            y, final = scan(x, dt, A, B, C, self.D.float(), None if cache is None else cache[1], return_final_state=True)
+            if cache is not None:  # y (b, l, h, p), final (b, h, p, n)
+                cache[1].copy_(final)
+        return self.out_proj(self.norm(y.reshape(b, l, -1), gate=z).to(self.out_proj.weight.dtype))  # (b, l, d)
 
-    def _step(self, z, xBC, dt, cache, slot):
-        """One decode token at cache slot `slot` ((1,) long): the conv, then one SSM recurrence step,
-        both updating the cache in place.
-
-        The conv state is a ring of the last w-1 inputs: slot s's input sits in row s % (w-1), so a
-        step writes one row (over the oldest input) instead of shifting the window, and reads rows
-        ring_rows(t) = (t + j) % (w-1), j = 0..w-2, to get slots t-w+1..t-1 in order (the
-        causal-conv1d package's causal_conv1d_update offers the same circular layout). Channels
-        last: contiguous rows."""
-        conv_state, ssm_state = cache  # (b, w-1, conv_dim), (b, h, p, n)
-        b = z.shape[0]
-        conv = conv_step if z.is_cuda else conv_step_ref  # the Triton kernel (scan_kernel.py) on GPU
-        xBC = conv(conv_state, xBC[:, 0], self.conv1d.weight[:, 0], self.conv1d.bias, slot, self.conv_act)  # (b, conv_dim)
-        x, B, C = torch.split(xBC, [self.k * self.p, self.k * self.n, self.h * self.n], dim=-1)  # (b, k*p), (b, k*n), (b, h*n)
-        # x and B stay per kv head: the step reads a group's x and B for each of its r heads
-        x = x.view(b, self.k, self.p).to(z.dtype)  # (b, k, p)
-        B = B.view(b, self.k, self.n).to(z.dtype)  # (b, k, n)
-        C = C.view(b, self.h, self.n).to(z.dtype)  # (b, h, n)
-        dt = F.softplus(dt[:, 0].float() + self.dt_bias.float())  # (b, h)
-        A = -torch.exp(self.A_log.float())  # (h,)
-        step = ssd_step if x.is_cuda else ssd_step_ref
-        y = step(ssm_state, x, dt, A, B, C, self.D.float())  # (b, h, p)
-        return self._out(y.reshape(b, 1, -1), z)
-
-    def _out(self, y, z):
-        if self.gate:  # Mamba-2's gated RMSNorm: normalise y * silu(z) (per head group)
-            y = y * F.silu(z.to(y.dtype))
-            yg = y.float().view(*y.shape[:-1], self.h, self.p)  # (b, l, h, p)
-            yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.norm.eps)
-            y = self.norm.weight * yg.reshape(y.shape).to(y.dtype)
-        return self.out_proj(y.to(self.out_proj.weight.dtype))  # (b, l, d)
+    def conv(self, xBC, cache=None, ctx=None):
+        """The causal depthwise conv of (b, l, conv_dim), then silu. With a cache it continues from a
+        ring of the last w-1 inputs: slot s's input sits in row s % (w-1), so a decode token writes
+        one row (over the oldest input) instead of shifting the window, and reads rows ring_rows(t),
+        oldest first (causal-conv1d's causal_conv1d_update keeps the same circular layout)."""
+        b, l, _ = xBC.shape
+        if cache is None:
+            return F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))  # (b, l, conv_dim)
+        ring, r = cache[0], self.w - 1  # (b, w-1, conv_dim)
+        if l == 1:  # one kernel on a GPU, in place on the ring
+            step = conv_step if xBC.is_cuda else conv_step_ref
+            return step(ring, xBC[:, 0], self.conv1d.weight[:, 0], self.conv1d.bias, ctx.slots)[:, None]  # (b, 1, conv_dim)
+        past = ring.index_select(1, ring_rows(ctx.slots[:1], r)).to(xBC.dtype)  # (b, w-1, conv_dim) oldest first
+        seq = torch.cat([past, xBC], 1)  # (b, w-1+l, conv_dim)
+        ring.index_copy_(1, ring_rows(ctx.slots[-1:] + 1, r), seq[:, -r:].to(ring.dtype))  # where the next token looks
+        out = F.conv1d(seq.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # (b, conv_dim, l)
+        return F.silu(out.transpose(1, 2))
 
 
 class MLP(nn.Module):
@@ -461,17 +413,9 @@ class LM(nn.Module):
         ang = torch.cat([ang, ang], dim=-1)[:, None]  # (b, 1, l, e)
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
-    def fuse_qkv(self):
-        """Every attention layer's q, k, v projections as one GEMM in forwards without gradients (the
-        Sampler calls this; see Attention.fuse_qkv). Returns self."""
-        for blk in self.model.layers:
-            if hasattr(blk, "self_attn"):
-                blk.self_attn.fuse_qkv()
-        return self
-
     def allocate_cache(self, batch, max_len, dtype, device, state_dtype=torch.float32):
         """Per layer: (k, v) (b, k, s, e) for attention, (conv (b, w-1, conv_dim), state (b, h, p, n))
-        for a mixer: the last w-1 conv inputs (a ring, see MambaMixer._step) and the SSM state, which is
+        for a mixer: the last w-1 conv inputs (a ring, see MambaMixer.conv) and the SSM state, which is
         fp32 unless state_dtype says otherwise (bf16 halves a pure student's decode traffic)."""
         c = self.cfg
         if torch.device(device).type != "meta":  # (a meta cache only counts bytes)
@@ -541,92 +485,8 @@ class LM(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 2. Checkpoint directories (HF layout: config.json, model*.safetensors, tokenizer.model)
+# 2. Attention -> Mamba weight transfer (MambaInLlama, Wang et al. 2024; MOHAWK, Bick et al. 2024)
 
-TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model")  # ours, Meta's HF repos
-
-
-def write_text(path, text):
-    atomic_write(path, [text.encode()])  # readers see the old file or the new one, never half of one
-
-
-def read_config(path) -> ModelConfig:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise InputError(f"{path}: no such checkpoint directory")
-    if not os.path.isfile(cfg_path):
-        raise InputError(f"{cfg_path}: no such file (is {path} a checkpoint directory?)")
-    try:
-        with open(cfg_path) as fh:
-            d = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{cfg_path}: not valid JSON ({e})") from None
-    if isinstance(d.get("rope_parameters"), dict):  # newer HF writes rope settings in one dict
-        rp = d["rope_parameters"]
-        d.setdefault("rope_theta", rp.get("rope_theta", ModelConfig.rope_theta))
-        if rp.get("rope_type", "default") != "default":
-            d.setdefault("rope_scaling", rp)
-    return ModelConfig.from_dict(d, cfg_path)
-
-
-def load_model(path, device="cpu", dtype=torch.float32) -> LM:
-    """Build the model that config.json describes and load its weights, strictly (every tensor
-    present, none extra, every shape right), without ever unpickling anything."""
-    cfg = read_config(path)
-    sd = load_state_dict(path)
-    with torch.device("meta"):  # no time wasted on a random init that is overwritten next
-        model = LM(cfg)
-    if cfg.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # HF omits the tied copy
-    want = model.state_dict()
-    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
-           if k in sd and sd[k].shape != v.shape]
-    if missing or extra or bad:
-        what = "; ".join(s for s in (f"missing {missing[:3]}" if missing else "",
-                                      f"unexpected {extra[:3]}" if extra else "",
-                                      f"shape {bad[:3]}" if bad else "") if s)
-        raise InputError(f"{path}/config.json does not match the weights: {what}")
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(device)
-
-
-def find_tokenizer(path) -> str:
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    raise InputError(f"{path}: no tokenizer file (looked for {', '.join(TOKENIZER_FILES)})")
-
-
-def load_teacher(path, device="cpu", dtype=torch.float32):
-    """A local HF-format Llama directory -> (LM, Tokenizer)."""
-    model = load_model(path, device, dtype)
-    return model, Tokenizer(find_tokenizer(path))
-
-
-def save_model(model: LM, tokenizer, path):
-    """Write an HF-style directory; a teacher written here loads in HF's LlamaForCausalLM too."""
-    os.makedirs(path, exist_ok=True)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    if model.cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight")
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    save_state_dict(sd, path)
-    tokenizer.save(os.path.join(path, "tokenizer.model"))
-    write_text(os.path.join(path, "config.json"),
-               json.dumps({**model.cfg.to_dict(), "torch_dtype": dtype}, indent=2))
-
-
-save_teacher = save_model  # the public name for teachers: a teacher is an LM with no ssm_layers
-
-
-# -----------------------------------------------------------------------------
-# 3. Attention -> Mamba weight transfer (MambaInLlama, Wang et al. 2024; MOHAWK, Bick et al. 2024)
-
-# (teacher tensor in layer i, student tensor in layer i, block of in_proj rows or None for all)
 ATTENTION_TO_SSM = [
     ("self_attn.q_proj.weight", "mixer.in_proj.weight", "C"),  # (h*e, d): the query reads the state
     ("self_attn.k_proj.weight", "mixer.in_proj.weight", "B"),  # (k*e, d): the key writes it
@@ -645,9 +505,7 @@ def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention") -> LM
     Tensors attention has no counterpart for (z's rows, dt, A, D, conv, the gated norm) keep Mamba-2's
     initialisation (MambaMixer.reset_ssm_parameters), as in MambaInLlama, which found the attention
     weights to be what matters. Stage 1 then trains every mixer tensor, but from a mixer that already
-    reads and writes its state with the teacher's own projections: in the H100 default run
-    (results/h100/logs) the pure student's stage-1 loss was 0.85 at step 25 against 1.27 from random
-    mixers, and ended at 0.27 against 0.32.
+    reads and writes its state with the teacher's own projections.
     """
     if init not in ("attention", "random"):
         raise InputError(f"--init: expected 'attention' or 'random', got {init!r}")
@@ -681,38 +539,642 @@ def spread_layers(n_layers, n_keep) -> list:
     return sorted({int(step * j + step / 2) for j in range(n_keep)})
 
 
-# -----------------------------------------------------------------------------
-# 4. Files, tokenizer and data
-
-
-def atomic_write(path, chunks):
-    """Write an iterable of bytes-like chunks to `path` through a temp file in the same directory
-    and os.replace, so a crash mid-write never leaves a half-written file under the real name."""
-    path = str(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def student_layers(kind, n_layers, attn_fraction):
+    """The layers that become mixers: all of them in a pure student; in a hybrid, all but a share
+    attn_fraction of attention layers kept, spread evenly over depth."""
+    keep = spread_layers(n_layers, round(attn_fraction * n_layers)) if kind == "hybrid" else []
+    return [i for i in range(n_layers) if i not in keep]
 
 
 # -----------------------------------------------------------------------------
-# 4a. Tokenizer: tiktoken BPE with Llama 3's split pattern and special tokens
+# 3. The three stage losses; each returns (the loss summed over a micro-batch's tokens, their count)
 
-# Llama 3's pre-tokenizer (Meta's llama3 tokenizer.py): text is first cut into "words" (contractions,
-# letter runs with one leading non-letter, numbers of 1-3 digits, punctuation runs, whitespace) and BPE
-# merges never cross a word boundary. tiktoken runs it with the `regex` module (\p{L} letters, \p{N} numbers).
+def align_loss_fn(teacher, ssm_layers, pad_id):
+    """Stage 1 (MOHAWK's hidden-state alignment): each student mixer gets the teacher's own input to
+    that layer's attention and must reproduce the attention's output. Layers train independently.
+    The error of each token is relative to the size of its target, so that every layer counts alike."""
+    def loss_fn(student, x, y, m):
+        collect = []
+        with torch.no_grad():
+            teacher(x, collect=collect)
+        real = (x != pad_id).float()  # (b, l)
+        loss = 0.0
+        for i in ssm_layers:
+            h_in, target = collect[i]  # (b, l, d) each
+            out = student.model.layers[i].mixer(h_in)  # (b, l, d)
+            err = (out.float() - target.float()).pow(2).sum(-1) / target.float().pow(2).sum(-1).clamp(min=1e-6)  # (b, l)
+            loss = loss + (err * real).sum()
+        return loss / len(ssm_layers), real.sum()
+    return loss_fn
+
+
+def kl_loss_fn(teacher, direction, temperature, pad_id):
+    """Stage 2: distil the teacher's next-token distribution at every real token: forward
+    KL(p_T || p_S) (mass-covering) or reverse KL(p_S || p_T) (mode-seeking), both softmaxes at the
+    temperature. On a GPU the KL is scan_kernel.py's fused Triton kernel, which never materialises
+    an fp32 (b*l, v) tensor; elsewhere its PyTorch definition."""
+    def loss_fn(student, x, y, m):
+        with torch.no_grad():
+            t_logits = teacher(x)  # (b, l, v)
+        s_logits = student(x)  # (b, l, v)
+        kl_div = fused_kl_div if s_logits.is_cuda else kl_div_ref
+        kl = kl_div(s_logits, t_logits, temperature, direction)  # (b, l) fp32
+        real = (x != pad_id).float()  # (b, l) every real token, the prompt's included
+        # soft targets' gradients scale as 1 / T^2 (Hinton et al. 2015): T^2 makes them independent of T
+        return temperature ** 2 * (kl * real).sum(), real.sum()
+    return loss_fn
+
+
+def ce_loss(model, x, y, m):
+    """Cross-entropy on the solution tokens (m = 1), not on the prompt."""
+    logits = model(x)  # (b, l, v)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (b*l,)
+    return (ce * m.flatten()).sum(), m.sum()
+
+
+# -----------------------------------------------------------------------------
+# 4. The stage plan, and the pipeline: data -> teacher -> students -> greedy accuracy
+
+STAGES = ("teacher", "align", "kl", "sft")  # in the order a model's run goes through them
+
+
+def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, want):
+    """Transfer, then the three stages (MOHAWK, MambaInLlama): 1 each mixer learns to reproduce the
+    attention output of its layer from the teacher's own hidden states; 2 the whole student learns the
+    teacher's next-token distribution; 3 (optional) fine-tuning on the solutions. Each stage checkpoints,
+    so a run resumes where it stopped. Returns the student and its stage wall times."""
+    torch.manual_seed(cfg.seed + zlib.crc32(name.encode()))  # the same init whatever ran before
+    student = transfer_attention_to_mamba(teacher, ssm_layers, init).float().to(env.device)
+    if env.main:
+        print(f"{name}: {len(ssm_layers)}/{teacher.cfg.num_hidden_layers} layers are Mamba, init={init}, "
+              f"{student.num_params() / 1e6:.1f}M parameters")
+    plan = [("align", cfg.align_steps if ssm_layers else 0, cfg.align_lr, align_loss_fn(teacher, ssm_layers, tok.pad_id)),
+            ("kl", cfg.kl_steps, cfg.kl_lr, kl_loss_fn(compiled(teacher, cfg, env), cfg.kl, cfg.temperature, tok.pad_id)),
+            ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
+    # stage 1 trains the mixers alone (the rest is the teacher's); stages 2 and 3 train everything
+    trains = {"align": lambda pname: ".mixer." in pname, "kl": lambda pname: True, "sft": lambda pname: True}
+    run = ModelRun(name, init, cfg, env, want, [(stage, steps) for stage, steps, _, _ in plan])
+    for stage, steps, lr, loss_fn in plan:
+        if run.stage_done(stage, student):
+            continue
+        for pname, p in student.named_parameters():
+            p.requires_grad_(trains[stage](pname))
+        student.train()
+        run_stage(stage, student, loss_fn, steps, lr, cfg, env, batches, tok, run)
+    student.eval().requires_grad_(False)
+    return student, run.times
+
+
+def get_teacher(cfg, env, train_rows, want):
+    """A local Llama (--teacher), the one an earlier run with the same settings trained, or a new one
+    trained here on the training solutions (cross-entropy); saved and loaded back through the same path
+    a real Llama checkpoint takes. Returns (model, tokenizer)."""
+    dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32  # frozen: bf16 is enough
+    if cfg.teacher:
+        return load_teacher(cfg.teacher, env.device, dtype)
+    path = os.path.join(cfg.out_dir, "teacher")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        tok_path = os.path.join(cfg.out_dir, "tokenizer.model")
+        if env.main and not os.path.isfile(tok_path):
+            record_artifact(cfg.out_dir, "tokenizer.model", want["tokenizer.model"])
+            train_bpe([r["question"] + "\n" + r["answer"] for r in train_rows], cfg.vocab_size, tok_path)
+        barrier(env)
+        tok = Tokenizer(tok_path)
+        mcfg = ModelConfig(vocab_size=tok.n_words, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                           num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                           num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_model // cfg.n_heads, rope_theta=10000.0,
+                           max_position_embeddings=cfg.seq_len * 4, tie_word_embeddings=True,
+                           bos_token_id=tok.bos_id, eos_token_id=[tok.eos_id, tok.eot_id])
+        torch.manual_seed(cfg.seed)
+        model = LM(mcfg)
+        for name, p in model.named_parameters():  # GPT-2 style small init keeps the first steps stable
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02 / (math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1))
+        model.to(env.device)
+        batches = Batches(tok, train_rows, cfg.seq_len, cfg.seed)
+        if env.main:
+            print(f"teacher: {model.num_params() / 1e6:.1f}M parameters, vocab {tok.n_words}, {len(train_rows)} "
+                  f"problems of {batches.mean_len:.0f} tokens on average ({batches.cut} cut to --seq_len)")
+        run = ModelRun("teacher", "random", cfg, env, want["teacher"], [("teacher", cfg.teacher_steps)])
+        if not run.stage_done("teacher", model):
+            model.train()
+            run_stage("teacher", model, ce_loss, cfg.teacher_steps, cfg.teacher_lr, cfg, env, batches, tok, run)
+        finish_model(model.eval(), tok, cfg, env, "teacher", want["teacher"], run.times)
+    return load_teacher(path, env.device, dtype)
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tok, rows, cfg, env):
+    """Share of test problems whose greedy solution ends with the right "#### answer"."""
+    prompts = [encode_prompt(tok, r["question"]) for r in rows]
+    stop = StopRule(model.cfg.vocab_size, tok.stop_ids, tok, env.device)
+    outs = greedy_generate(model, prompts, stop, cfg.max_new_tokens or auto_max_new_tokens(tok, rows),
+                           env.amp or torch.float32)
+    right = [extract_answer(answer_text(o, tok)) == normalize_number(gold_answer(r["answer"])) for o, r in zip(outs, rows)]
+    return sum(right) / max(len(right), 1)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = apply_preset(parse_config(DistillConfig, argv, __doc__.strip().splitlines()[0]), argv)
+    check_config(cfg)  # every flag, and every file a flag names, before any work
+    env = setup_env(cfg.device)
+    if cfg.bench:
+        return bench(cfg, env)
+    n_layers = read_config(cfg.teacher).num_hidden_layers if cfg.teacher else cfg.n_layers
+    runs = [(s, student_layers(s, n_layers, cfg.attn_fraction), cfg.init) for s in filter(None, cfg.students.split(","))]
+    if cfg.random_baseline:
+        runs.append((f"{cfg.random_baseline}_random", student_layers(cfg.random_baseline, n_layers, cfg.attn_fraction), "random"))
+    want = wanted_artifacts(cfg, runs)  # the settings each artifact of this run is made with
+    if cfg.fresh and env.main:
+        start_over(cfg.out_dir, [name for name, _, _ in runs])
+    barrier(env)
+    check_artifacts(cfg, env, want)  # anything made with other settings stops the run here, in one line
+    t_start, times = time.time(), {}
+    train_rows, test_rows = load_data(cfg, env, want)
+    teacher, tok = get_teacher(cfg, env, train_rows, want)
+    teacher.eval().requires_grad_(False)
+    if tok.n_words > teacher.cfg.vocab_size:
+        raise InputError(f"{cfg.teacher}: its tokenizer has {tok.n_words} ids, the model's vocabulary {teacher.cfg.vocab_size}")
+    batches = Batches(tok, train_rows, cfg.seq_len, cfg.seed + 1)
+    models = {"teacher": teacher}
+    for name, ssm_layers, init in runs:
+        path = os.path.join(cfg.out_dir, name)
+        if os.path.isfile(os.path.join(path, "config.json")):  # made by an earlier run with these settings
+            if env.main:
+                print(f"{name}: already distilled in {path} with these settings")
+            models[name] = load_model(path, env.device)
+            continue
+        models[name], stage_times = distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, want[name])
+        finish_model(models[name], tok, cfg, env, name, want[name], stage_times)
+    record = read_provenance(cfg.out_dir)
+    summary = {"device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+               "preset": cfg.preset, "config": asdict(cfg), "models": {}}
+    if env.main:
+        t0 = time.time()
+        rows = test_rows[:cfg.eval_n]
+        for name, model in models.items():
+            entry = {"params": model.num_params(), "ssm_layers": model.cfg.ssm_layers,
+                     "path": cfg.teacher if name == "teacher" and cfg.teacher else os.path.join(cfg.out_dir, name),
+                     "stage_times_s": record.get(name, {}).get("times", {})}
+            if rows:
+                entry["greedy_acc"] = greedy_accuracy(model, tok, rows, cfg, env)
+                print(f"{name:>12}: greedy accuracy {entry['greedy_acc']:.3f} on {len(rows)} test problems")
+            summary["models"][name] = entry
+        times["eval"] = time.time() - t0
+        times["total"] = time.time() - t_start
+        summary["run_times_s"] = {k: round(v, 1) for k, v in times.items()}
+        write_json(os.path.join(cfg.out_dir, "distill_summary.json"), summary)
+        print("stage wall times (s): " + ", ".join(f"{m}/{s} {t:.0f}" for m, e in summary["models"].items()
+                                                    for s, t in e["stage_times_s"].items())
+              + f"; evaluation {times['eval']:.0f}, this run {times['total']:.0f}")
+    if env.world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Appendix A. Training: where things run, batches, the loop every stage shares, checkpoints, logs,
+# and provenance (which settings made which file)
+
+
+@dataclass
+class Env:
+    """Where things run, decided once: device, autocast dtype, and the DDP rank (if any)."""
+    device: torch.device
+    amp: torch.dtype | None  # bf16 autocast on GPU, none on CPU
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+
+def setup_env(device: str) -> Env:
+    """device is auto, cuda or cpu (check_config has seen to that)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is visible")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dev = torch.device(device)
+    if world > 1:  # started by torchrun: one process per GPU
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if device == "cuda":
+            dev = torch.device("cuda", local)
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return Env(dev, torch.bfloat16 if device == "cuda" else None, rank, world)
+
+
+def barrier(env):
+    if env.world > 1:
+        dist.barrier()
+
+
+class Batches:
+    """Tokenised examples and a batch order that depends only on (seed, stage, step), so that a
+    resumed run sees exactly the batches it would have seen.
+
+    Examples are kept sorted by length, and a step's batch is a random window of `batch` neighbours
+    in that order: its sequences have about the same length, and it is padded only to the longest of
+    them (rounded up to a multiple of 64), so that little compute goes to padding when lengths vary
+    from a few hundred to a few thousand tokens (HF's group_by_length does the same)."""
+
+    def __init__(self, tok, rows, seq_len, seed):
+        answers = tok.encode_batch([r["answer"] for r in rows])
+        prompts = [encode_prompt(tok, r["question"]) for r in rows]
+        enc = [(p + a + [tok.eot_id], [0] * len(p) + [1] * (len(a) + 1)) for p, a in zip(prompts, answers)]
+        enc.sort(key=lambda e: len(e[0]))  # stable: ties keep row order
+        self.cut = sum(len(ids) > seq_len + 1 for ids, _ in enc)  # examples longer than a sequence
+        self.mean_len = sum(len(ids) for ids, _ in enc) / max(len(enc), 1)
+        enc = [(ids[:seq_len + 1], mask[:seq_len + 1]) for ids, mask in enc]  # inputs + shifted targets
+        self.lengths = [len(ids) for ids, _ in enc]
+        self.ids = [torch.tensor(ids, dtype=torch.int32) for ids, _ in enc]  # ragged, int32: small in memory
+        self.mask = [torch.tensor(mask, dtype=torch.bool) for _, mask in enc]
+        self.pad_id, self.seq_len, self.seed = tok.pad_id, seq_len, seed
+
+    def get(self, stage, step, batch, rank=0, world=1, micro=0, n_micro=1):
+        """This rank's share of micro-batch `micro` of the global batch of `step`:
+        inputs, targets, loss mask (b, l) and how many input tokens are real (not padding)."""
+        # a stable hash: Python's hash() of a str changes from one process to the next
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{stage}/{step}".encode()))
+        n = len(self.ids)
+        if n >= batch:  # a window of neighbours in length order, its members in random order
+            first = int(torch.randint(0, n - batch + 1, (1,), generator=g))
+            order = first + torch.randperm(batch, generator=g)  # (batch,) global batch
+        else:  # fewer examples than a batch: draw with replacement
+            order = torch.randint(0, n, (batch,), generator=g)
+        per = batch // (world * n_micro)
+        take = order[(micro * world + rank) * per:(micro * world + rank + 1) * per].tolist()
+        l = min(self.seq_len + 1, -(-max(self.lengths[i] for i in take) // 64) * 64 + 1)  # tokens + 1
+        ids = torch.full((per, l), self.pad_id, dtype=torch.long)  # (b, l+1)
+        mask = torch.zeros(per, l)  # (b, l+1)
+        for row, i in enumerate(take):
+            ids[row, :self.lengths[i]] = self.ids[i]
+            mask[row, :self.lengths[i]] = self.mask[i].float()
+        real = sum(self.lengths[i] - 1 for i in take)
+        return ids[:, :-1], ids[:, 1:], mask[:, 1:], real
+
+
+def lr_at(step, steps, peak, warmup):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    w = max(1, int(warmup * steps))
+    if step < w:
+        return peak * (step + 1) / w
+    t = (step - w) / max(1, steps - w)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(params, lr, weight_decay, device):
+    named = [(n, p) for n, p in params if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2]  # matrices; no decay on norms, biases, dt, A, D
+    other = [p for n, p in named if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (a NaN loss); the last good checkpoint is kept."""
+
+
+class StageLoss(nn.Module):
+    """student + loss function as one module, so DDP sees one forward per micro-batch (the teacher is
+    kept outside the module tree: frozen, replicated, never synchronised)."""
+
+    def __init__(self, student, loss_fn):
+        super().__init__()
+        self.student, self.loss_fn = student, loss_fn
+
+    def forward(self, x, y, m):
+        return self.loss_fn(self.student, x, y, m)  # (loss summed over tokens, token count)
+
+
+def compiled(model, cfg, env):
+    """torch.compile(model) when --compile is on and the device is a GPU, else the model itself. The
+    compiled module shares the model's parameters; only calls of its forward go through it."""
+    return torch.compile(model) if cfg.compile and env.device.type == "cuda" else model
+
+
+def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run=None):
+    """The training loop every stage shares: accumulate, clip, step, log, checkpoint.
+
+    loss_fn(model, inputs, targets, mask) -> (the loss summed over a micro-batch's tokens, how many
+    tokens that is); the parameters that require grad are trained. run: the model's ModelRun, which
+    resumes, logs and checkpoints it (None: the benchmark, which does none of that).
+    """
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, peak_lr, cfg.weight_decay, env.device)
+    step0, tokens = run.start(stage, model, optimizer) if run else (0, 0)
+    module = StageLoss(compiled(model, cfg, env), loss_fn)
+    if env.world > 1:
+        module = DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    trainable = [p for _, p in params]
+    t_last, tok_last = time.time(), tokens
+    for step in range(step0, steps):
+        lr = lr_at(step, steps, peak_lr, cfg.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=env.device)
+        count = torch.zeros((), device=env.device)
+        real = 0  # input tokens that are not padding, this rank
+        for micro in range(cfg.grad_accum):
+            *xym, n_real = batches.get(stage, step, cfg.batch_size, env.rank, env.world, micro, cfg.grad_accum)
+            x, y, m = (t.to(env.device) for t in xym)
+            real += n_real
+            last_micro = micro == cfg.grad_accum - 1
+            # gradients are averaged across GPUs only once, on the last micro-batch
+            with (module.no_sync() if env.world > 1 and not last_micro else nullcontext()), env.autocast():
+                s, n = module(x, y, m)
+            s.backward()
+            loss_sum += s.detach()
+            count += n
+        # The losses are sums over tokens; dividing the summed gradient by the step's token count
+        # afterwards gives the mean over every token of the step, however they fall in micro-batches
+        # and GPUs (DDP has averaged the sums over GPUs, so divide by the mean count per GPU).
+        if env.world > 1:
+            stats = torch.stack([loss_sum, count, torch.tensor(float(real), device=env.device)])
+            dist.all_reduce(stats)
+            loss_sum, count, real = stats[0], stats[1] / env.world, int(stats[2].item())
+        for p in trainable:
+            if p.grad is not None:
+                p.grad.div_(count.clamp(min=1))
+        loss_value = (loss_sum / (count * env.world).clamp(min=1)).item()  # the step's one host sync
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"{run.name if run else 'bench'} {stage} step {step + 1}: loss is {loss_value}; "
+                                f"the last good checkpoint is in {run.ckpt if run else '-'}")
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += real
+        if run and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
+            now = time.time()
+            run.log(stage, step, steps, loss_value, lr, tokens, (tokens - tok_last) / max(now - t_last, 1e-9))
+            t_last, tok_last = now, tokens
+        if run and (step + 1 == steps or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
+            run.checkpoint(stage, step + 1, tokens, model, optimizer, tok)
+    if run:
+        run.end_stage(stage)
+
+
+class ModelRun:
+    """One model's run through its stages: what it resumes from, its log, its checkpoints, the wall
+    time of each stage. Without --resume a model starts over and its log is emptied; with --resume it
+    continues from its checkpoint (check_artifacts has made sure that the checkpoint was made with this
+    run's settings) and its log is cut back to the checkpoint's step. So no step is ever logged twice,
+    and the stage times cover the whole run, the part before a crash included."""
+
+    def __init__(self, name, init, cfg, env, settings, plan):
+        self.name, self.init, self.cfg, self.env, self.settings = name, init, cfg, env, settings
+        self.steps = dict(plan)  # stage -> steps
+        self.ckpt = os.path.join(cfg.out_dir, "ckpt", name)
+        self.log_path = os.path.join(cfg.out_dir, "logs", f"{name}.jsonl")
+        self.state = read_state(self.ckpt) if cfg.resume else None
+        self.times = dict(self.state["times"]) if self.state else {}  # stage -> wall seconds
+        self.t0 = time.time() - (self.state["time_s"] if self.state else 0.0)
+        if env.main:
+            at = (STAGES.index(self.state["stage"]), self.state["step"]) if self.state else (-1, 0)
+            kept = [line for line, r in read_jsonl(self.log_path, {"stage": str, "step": int}, lenient=True, raw=True)
+                    if (STAGES.index(r["stage"]), r["step"]) <= at]
+            write_text(self.log_path, "".join(kept))
+
+    def stage_done(self, stage, model):
+        """Whether `stage` has nothing left to run: no steps, or a checkpoint past it (when the
+        checkpoint ends this very stage, its weights are loaded here)."""
+        s = self.state
+        if self.steps[stage] == 0:
+            return True
+        if s is None or STAGES.index(stage) > STAGES.index(s["stage"]):
+            return False
+        if stage == s["stage"] and s["step"] < self.steps[stage]:
+            return False
+        if stage == s["stage"]:
+            load_checkpoint(model, None, self.ckpt)
+        return True
+
+    def start(self, stage, model, optimizer):
+        """(first step, tokens so far) of a stage, its weights and optimizer moments restored from the
+        checkpoint when the run resumes inside it."""
+        s = self.state
+        if s is not None and s["stage"] == stage:
+            load_checkpoint(model, optimizer, self.ckpt)
+            self.stage_t0 = time.time() - self.times.get(stage, 0.0)
+            if self.env.main:
+                print(f"{self.name}: resuming {stage} after step {s['step']}")
+            return s["step"], s["tokens"]
+        self.stage_t0 = time.time()
+        return 0, 0
+
+    def log(self, stage, step, steps, loss, lr, tokens, tok_s):
+        if not self.env.main:
+            return
+        t = time.time() - self.t0
+        eta = (steps - step - 1) * (tokens / max(step + 1, 1)) / max(tok_s, 1e-9)
+        print(f"{self.name:>12} {stage:>7} step {step + 1:5d}/{steps} loss {loss:.4f} lr {lr:.2e} "
+              f"{tok_s / 1e3:7.1f}k tok/s  eta {eta / 60:5.1f} min", flush=True)
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps({"model": self.name, "init": self.init, "stage": stage, "step": step + 1,
+                                 "loss": round(loss, 6), "lr": lr, "tokens": tokens, "time_s": round(t, 3)}) + "\n")
+
+    def checkpoint(self, stage, step, tokens, model, optimizer, tok):
+        if self.env.main:
+            save_checkpoint(model, optimizer, tok, self.ckpt, {
+                "stage": stage, "step": step, "tokens": tokens, "time_s": round(time.time() - self.t0, 3),
+                "times": {**self.times, stage: round(time.time() - self.stage_t0, 1)},
+                "settings": self.settings, **run_conditions(self.cfg, self.env)})
+        barrier(self.env)  # nobody reads a checkpoint that is still being written
+
+    def end_stage(self, stage):
+        self.times[stage] = round(time.time() - self.stage_t0, 1)
+
+
+def run_conditions(cfg, env):
+    """What a resumed run must share with the one it continues besides the settings: a run resumed on
+    another kind of device, or compiled differently, would not end with the uninterrupted run's weights."""
+    return {"device": env.device.type, "compile": cfg.compile}
+
+
+def save_checkpoint(model, opt, tok, path, state):
+    """model dir + optimizer + state.json, written into a temp dir and swapped in whole."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tok, tmp)
+    flat = {}
+    for i, s in opt.state_dict()["state"].items():  # i: the parameter's index in opt.param_groups
+        for k, v in s.items():
+            flat[f"{i}.{k}"] = v.detach().float().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
+    save_safetensors(flat, os.path.join(tmp, "optimizer.safetensors"))
+    write_json(os.path.join(tmp, "state.json"), state)
+    if os.path.isdir(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(ckpt):
+    """The complete checkpoint under this name, if any (.old survives a crash between two renames)."""
+    for p in (ckpt, ckpt + ".old"):
+        if os.path.isfile(os.path.join(p, "state.json")):
+            return p
+    return None
+
+
+def read_state(ckpt):
+    """state.json of the checkpoint (stage, step, tokens, time_s, times, settings, device, compile), or None."""
+    path = checkpoint_dir(ckpt)
+    return None if path is None else read_json(os.path.join(path, "state.json"))
+
+
+def load_checkpoint(model, opt, ckpt):
+    """Restore the weights, and the optimizer's moments when opt is given, of save_checkpoint's files."""
+    path = checkpoint_dir(ckpt)
+    loaded = load_model(path, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    if opt is None:
+        return
+    flat = load_safetensors(os.path.join(path, "optimizer.safetensors"))
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        if f"{i}.step" in flat:
+            sd["state"][i] = {"step": flat[f"{i}.step"].reshape(()),
+                              "exp_avg": flat[f"{i}.exp_avg"].view_as(p).to(p),
+                              "exp_avg_sq": flat[f"{i}.exp_avg_sq"].view_as(p).to(p)}
+    opt.load_state_dict(sd)
+
+
+# The settings that decide each artifact. The others (where files go, how often to log or checkpoint,
+# how many problems to evaluate, which models this run makes) cannot change one, and may differ
+# between the run that made an artifact and one that reuses or resumes it.
+DATA_SETTINGS = ("task", "min_steps", "max_steps", "digits", "n_train", "seed")
+TEACHER_SETTINGS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "teacher_steps", "teacher_lr")
+STUDENT_SETTINGS = ("align_steps", "align_lr", "kl_steps", "kl_lr", "kl", "temperature", "sft_steps", "sft_lr")
+OPTIM_SETTINGS = ("batch_size", "grad_accum", "seq_len", "warmup", "weight_decay", "grad_clip", "seed")
+
+
+def wanted_artifacts(cfg, runs):
+    """{artifact: the settings that make it} for everything this run writes under out_dir: the
+    synthetic data, the tokenizer and teacher it trains, and each student (runs: (name, ssm_layers,
+    init)). A student's settings hold its teacher's, so a new teacher makes every student stale."""
+    pick = lambda names: {k: getattr(cfg, k) for k in names}
+    train = {"data": file_fingerprint(cfg.data)} if cfg.data else pick(DATA_SETTINGS)
+    want = {}
+    if not (cfg.data and cfg.test_data):
+        want["data"] = {**pick(DATA_SETTINGS), "n_test": cfg.n_test}
+    if cfg.teacher:
+        teacher = {"teacher": weights_fingerprint(cfg.teacher)}
+    else:
+        want["tokenizer.model"] = {**train, "vocab_size": cfg.vocab_size}
+        want["teacher"] = teacher = {**train, **pick(TEACHER_SETTINGS + OPTIM_SETTINGS)}
+    for name, layers, init in runs:
+        want[name] = {**train, **pick(STUDENT_SETTINGS + OPTIM_SETTINGS), "teacher": teacher, "ssm_layers": layers,
+                      "init": init}
+    return want
+
+
+def artifact_path(out_dir, name):
+    return os.path.join(out_dir, {"data": "data/train.jsonl", "tokenizer.model": "tokenizer.model"}.get(
+        name, os.path.join(name, "config.json")))
+
+
+def read_provenance(out_dir):
+    path = os.path.join(out_dir, "provenance.json")
+    return read_json(path) if os.path.exists(path) else {}
+
+
+def record_artifact(out_dir, name, settings, times=None):
+    """Note in out_dir/provenance.json the settings that make artifact `name`, before it is written: a
+    crash in between leaves a record without the artifact, never an artifact without its record."""
+    record = read_provenance(out_dir)
+    record[name] = {"settings": settings, **({"times": times} if times else {})}
+    write_json(os.path.join(out_dir, "provenance.json"), record)
+
+
+def differences(old, new):
+    """'field old -> new' for each setting that differs (a nested teacher's: 'teacher')."""
+    keys = sorted(set(old) | set(new))
+    return [k if isinstance(old.get(k), dict) or isinstance(new.get(k), dict) else f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+            for k in keys if old.get(k) != new.get(k)]
+
+
+def check_artifacts(cfg, env, want):
+    """Before any work: stop if out_dir holds an artifact of this run made with other settings (or one
+    that no record explains), or a checkpoint of an unfinished model that this run would otherwise
+    silently start over or continue under other settings."""
+    record = read_provenance(cfg.out_dir)
+    remedy = "use another --out_dir, or --fresh to start over"
+    for name, settings in want.items():
+        path = artifact_path(cfg.out_dir, name)
+        have = record.get(name, {}).get("settings")
+        if os.path.exists(path) and have != settings:
+            if have is None:
+                raise InputError(f"{path}: found, but {cfg.out_dir}/provenance.json does not say what made it; {remedy}")
+            raise InputError(f"{path} was made with other settings ({', '.join(differences(have, settings)[:4])}); {remedy}")
+        ckpt = os.path.join(cfg.out_dir, "ckpt", name)
+        state = read_state(ckpt)
+        if state is None or name in ("data", "tokenizer.model") or os.path.exists(path):
+            continue  # nothing unfinished
+        now = {"settings": settings, **run_conditions(cfg, env)}
+        then = {k: state.get(k) for k in now}
+        if then != now:
+            raise InputError(f"{ckpt}: an unfinished run of {name} with other settings "
+                             f"({', '.join(differences(then['settings'] or {}, settings)[:4] or differences(then, now))}); {remedy}")
+        if not cfg.resume:
+            raise InputError(f"{ckpt}: an unfinished run of {name} ({state['stage']} step {state['step']}); "
+                             "add --resume to continue it, or --fresh to start over")
+
+
+def start_over(out_dir, students):
+    """--fresh: remove what this run would make (data, tokenizer, models, their checkpoints and logs,
+    the records and the summary), nothing else under out_dir."""
+    names = ["data", "tokenizer.model", "teacher", *students, "ckpt", "provenance.json", "distill_summary.json"]
+    names += [os.path.join("logs", f"{m}.jsonl") for m in ["teacher", *students]]
+    gone = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+    for n in gone:
+        path = os.path.join(out_dir, n)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if gone:
+        print(f"--fresh: removed {', '.join(gone)} from {out_dir}")
+
+
+def load_data(cfg, env, want):
+    """Training and test rows: the given jsonl files, or the synthetic splits (written to out_dir/data)."""
+    rows = {}
+    for split, path, n in (("train", cfg.data, cfg.n_train), ("test", cfg.test_data, cfg.n_test)):
+        if path:
+            rows[split] = read_jsonl(path)
+            continue
+        knobs = {"digits": cfg.digits} if cfg.task == "relay" else {}
+        rows[split] = synthetic_split(split, n, cfg.seed, cfg.task, cfg.min_steps, cfg.max_steps, **knobs)
+        target = os.path.join(cfg.out_dir, "data", f"{split}.jsonl")
+        if env.main and not os.path.exists(target):
+            record_artifact(cfg.out_dir, "data", want["data"])
+            write_jsonl(rows[split], target)
+    return rows["train"], rows["test"]
+
+
+def finish_model(model, tok, cfg, env, name, settings, times):
+    """Write a finished model's directory (its record first), and let every process wait for it."""
+    if env.main:
+        record_artifact(cfg.out_dir, name, settings, times)
+        save_model(model, tok, os.path.join(cfg.out_dir, name))
+    barrier(env)
+
+
+# -----------------------------------------------------------------------------
+# Appendix B. The tokenizer: tiktoken BPE with Llama 3's split pattern and special tokens
+
 LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Llama 3's 256 special tokens, in id order right after the base vocabulary (Meta's llama-models).
 LLAMA3_SPECIAL_TOKENS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -882,11 +1344,110 @@ def train_bpe(texts: list[str], vocab_size: int, path, single_digits: bool = Tru
 
 
 # -----------------------------------------------------------------------------
-# 4b. Checkpoint files: safetensors (our own reader/writer; never pickle)
-#
-# Layout: 8-byte little-endian header size N, N bytes of JSON
-#   {"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ..., "__metadata__": {...}}
-# then the raw little-endian tensor bytes back to back; offsets count from the end of the header.
+# Appendix C. Files: atomic writes, json, safetensors (our own reader and writer: nothing is ever
+# unpickled), HF-style model directories
+
+
+def atomic_write(path, data):
+    """Write bytes (or an iterable of bytes-like chunks) to `path` through a temp file in the same
+    directory and os.replace, so a crash mid-write never leaves a half-written file under the name."""
+    path = str(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
+                f.write(chunk)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    atomic_write(path, text.encode())
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def read_json(path):
+    """A JSON file, or an InputError naming it and what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def read_jsonl(path, required=None, lenient=False, raw=False):
+    """The rows of a jsonl file, one JSON object a line, blank lines skipped. required: {key: type} each
+    row must hold (default: GSM8K's question and answer strings); anything else is an InputError naming
+    the file and line. lenient: a missing file has no rows, and a torn last line (a crash while it was
+    appended) is dropped. raw: (line, row) pairs."""
+    required = {"question": str, "answer": str} if required is None else required
+    if lenient and not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if lenient and i == len(lines):
+                break
+            raise InputError(f"{path}:{i}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{i}: expected a JSON object")
+        for key, kind in required.items():
+            if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool) != (kind is bool):
+                raise InputError(f"{path}:{i}: field {key!r} is missing or not a {kind.__name__}")
+        rows.append((line, row) if raw else row)
+    if not rows and not lenient:
+        raise InputError(f"{path}: no rows")
+    return rows
+
+
+def write_jsonl(rows: list[dict], path):
+    atomic_write(path, [json.dumps(row).encode() + b"\n" for row in rows])
+
+
+def file_fingerprint(path, blocks=256, block=4096):
+    """A short hash of a file that changes when its content does: its size and, for a file of more
+    than blocks * block bytes, `blocks` evenly spaced blocks of it (retrained weights change
+    everywhere; reading gigabytes would take seconds), else all of it."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(str(size).encode())
+            if size <= blocks * block:
+                h.update(f.read())
+            else:
+                for i in range(blocks):
+                    f.seek(i * (size - block) // (blocks - 1))
+                    h.update(f.read(block))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(path):
+    """The fingerprint of a model directory: its config.json, weight files and tokenizer file."""
+    names = sorted(f for f in os.listdir(path) if f == "config.json" or f.startswith("model") and
+                   f.endswith((".safetensors", ".json")))
+    files = [os.path.join(path, f) for f in names] + [find_tokenizer(path)]
+    return hashlib.sha256("".join(file_fingerprint(f) for f in files).encode()).hexdigest()[:16]
+
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -975,40 +1536,6 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_state_dict(state_dict: dict[str, torch.Tensor], directory, max_shard_bytes: int | None = None):
-    """Write weights the way HF's save_pretrained does: `model.safetensors`, or when the total exceeds
-    max_shard_bytes, shards `model-00001-of-0000N.safetensors` plus `model.safetensors.index.json`
-    mapping every tensor name to its shard. Files of the other layout left by an earlier save are removed
-    (transformers would otherwise pick a stale `model.safetensors` before the index)."""
-    os.makedirs(directory, exist_ok=True)
-    shards, size = [{}], 0  # greedy: start a new shard when the next tensor would overflow this one
-    for name, t in state_dict.items():
-        nbytes = t.numel() * t.element_size()
-        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        files = ["model.safetensors"]
-    else:
-        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for file, shard in zip(files, shards):
-        save_safetensors(shard, os.path.join(directory, file))
-    index_path = os.path.join(directory, "model.safetensors.index.json")
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
-            "weight_map": {name: file for file, shard in zip(files, shards) for name in shard},
-        }
-        atomic_write(index_path, [json.dumps(index, indent=2).encode()])
-    stale = [f for f in os.listdir(directory) if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", f)]
-    stale += ["model.safetensors.index.json"] if len(shards) == 1 and os.path.exists(index_path) else []
-    for f in stale:
-        if f not in files:
-            os.remove(os.path.join(directory, f))
-
-
 def load_state_dict(directory) -> dict[str, torch.Tensor]:
     """Read HF-layout weights: `model.safetensors.index.json` + its shards if the index exists, else
     `model.safetensors`."""
@@ -1036,8 +1563,96 @@ def load_state_dict(directory) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model")  # ours, Meta's HF repos
+
+
+def read_config(path) -> ModelConfig:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise InputError(f"{path}: no such checkpoint directory")
+    if not os.path.isfile(cfg_path):
+        raise InputError(f"{cfg_path}: no such file (is {path} a checkpoint directory?)")
+    d = read_json(cfg_path)
+    if isinstance(d, dict) and isinstance(d.get("rope_parameters"), dict):  # newer HF writes rope settings in one dict
+        rp = d["rope_parameters"]
+        d.setdefault("rope_theta", rp.get("rope_theta", ModelConfig.rope_theta))
+        if rp.get("rope_type", "default") != "default":
+            d.setdefault("rope_scaling", rp)
+    return ModelConfig.from_dict(d, cfg_path)
+
+
+def load_model(path, device="cpu", dtype=torch.float32) -> LM:
+    """Build the model that config.json describes and load its weights, strictly (every tensor
+    present, none extra, every shape right), without ever unpickling anything."""
+    cfg = read_config(path)
+    sd = load_state_dict(path)
+    with torch.device("meta"):  # no time wasted on a random init that is overwritten next
+        model = LM(cfg)
+    if cfg.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # HF omits the tied copy
+    want = model.state_dict()
+    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
+           if k in sd and sd[k].shape != v.shape]
+    if missing or extra or bad:
+        what = "; ".join(s for s in (f"missing {missing[:3]}" if missing else "",
+                                      f"unexpected {extra[:3]}" if extra else "",
+                                      f"shape {bad[:3]}" if bad else "") if s)
+        raise InputError(f"{path}/config.json does not match the weights: {what}")
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise InputError(f"{path}: weight {k} holds NaN or infinite values")
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device)
+
+
+def find_tokenizer(path) -> str:
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise InputError(f"{path}: no tokenizer file (looked for {', '.join(TOKENIZER_FILES)})")
+
+
+def load_teacher(path, device="cpu", dtype=torch.float32):
+    """A local HF-format Llama directory -> (LM, Tokenizer), checked to be a teacher (no mixers) whose
+    vocabulary holds every id of its tokenizer."""
+    model = load_model(path, device, dtype)
+    if model.cfg.ssm_layers:
+        raise InputError(f"{path}: a student (Mamba layers {model.cfg.ssm_layers}), not a Llama teacher")
+    tok = Tokenizer(find_tokenizer(path))
+    if tok.n_words > model.cfg.vocab_size:
+        raise InputError(f"{find_tokenizer(path)}: {tok.n_words} token ids, more than the model's vocab_size "
+                         f"{model.cfg.vocab_size}")
+    return model, tok
+
+
+def save_model(model: LM, tokenizer, path):
+    """Write an HF-style directory (a teacher written here loads in HF's LlamaForCausalLM too), whole:
+    into a temp directory that then replaces `path`."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight")  # HF leaves the tied copy out
+    save_safetensors(sd, os.path.join(tmp, "model.safetensors"))
+    tokenizer.save(os.path.join(tmp, "tokenizer.model"))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    write_json(os.path.join(tmp, "config.json"), {**model.cfg.to_dict(), "torch_dtype": dtype})
+    if os.path.isdir(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+save_teacher = save_model  # the public name for teachers: a teacher is an LM with no ssm_layers
+
+
 # -----------------------------------------------------------------------------
-# 4c. Data: synthetic GSM8K-style problems, GSM8K jsonl files, prompts
+# Appendix D. Data: the synthetic tasks (GSM8K's format), GSM8K files, prompts, answers, stopping
 
 NAMES = [  # (name, subject pronoun, possessive)
     ("Mia", "she", "her"), ("Liam", "he", "his"), ("Ava", "she", "her"), ("Noah", "he", "his"),
@@ -1048,7 +1663,6 @@ NAMES = [  # (name, subject pronoun, possessive)
     ("Leila", "she", "her"), ("Felix", "he", "his"), ("Nadia", "she", "her"), ("Owen", "he", "his"),
     ("Grace", "she", "her"), ("Tariq", "he", "his"), ("Ines", "she", "her"), ("Samuel", "he", "his"),
 ]
-# (plural object, container of several, a place to get more, what a few of them can be used for)
 OBJECTS = [
     ("apples", "bags", "market", "a pie"), ("marbles", "jars", "toy store", "a game"),
     ("stickers", "sheets", "book fair", "a poster"), ("cookies", "boxes", "bakery", "a party"),
@@ -1244,8 +1858,6 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
     return {"question": q, "answer": "\n".join(s), "ops": ["relay", start, n_turns, names.index(asked)]}
 
 
-# task name -> (generator(rng, steps, **knobs), default min steps, default max steps): "relay" (the
-# default) has long chains of thought, "short" the GSM8K-sized ones of 2-8 arithmetic steps
 TASKS = {"relay": (make_relay_problem, 2, 10), "short": (make_problem, 2, 8)}
 
 
@@ -1273,43 +1885,22 @@ def synthetic_split(split: str, n: int, seed: int = 0, task: str = "relay", min_
     return rows
 
 
-def read_jsonl(path) -> list[dict]:
-    """Read a GSM8K-format jsonl file: one {"question": str, "answer": str, ...} per line; blank lines
-    are skipped. Anything else is an InputError naming the file and line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read data file ({getattr(e, 'strerror', None) or e})") from None
-    rows = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise InputError(f"{path}:{i}: not valid JSON") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{i}: expected a JSON object with 'question' and 'answer'")
-        for key in ("question", "answer"):
-            if not isinstance(row.get(key), str):
-                raise InputError(f"{path}:{i}: field {key!r} is missing or not a string")
-        rows.append(row)
-    if not rows:
-        raise InputError(f"{path}: no rows")
-    return rows
-
-
-def write_jsonl(rows: list[dict], path):
-    atomic_write(path, [json.dumps(row).encode() + b"\n" for row in rows])
-
-
 def gold_answer(answer_text: str) -> str:
     """The final answer of a GSM8K-style solution: the rest of the line after the last '####', without
     commas ("#### 1,200" -> "1200"); "" if there is none. Used for gold answers and model samples alike."""
     if "####" not in answer_text:
         return ""
     return answer_text.rsplit("####", 1)[1].split("\n", 1)[0].strip().replace(",", "")
+
+
+def prompt_text(question: str) -> str:
+    """The user message for training and sampling (the model's reply is the GSM8K-style answer)."""
+    return f"{question.strip()}\nSolve it step by step and end with '#### <answer>'."
+
+
+def encode_prompt(tok, question):
+    """The chat prompt the model answers (Llama 3's instruct format, open assistant turn)."""
+    return tok.encode_chat([{"role": "user", "content": prompt_text(question)}])
 
 
 def auto_max_new_tokens(tok, rows) -> int:
@@ -1319,110 +1910,214 @@ def auto_max_new_tokens(tok, rows) -> int:
     return -(-int(1.25 * longest) // 64) * 64
 
 
-def prompt_text(question: str) -> str:
-    """The user message for training and sampling (the model's reply is the GSM8K-style answer)."""
-    return f"{question.strip()}\nSolve it step by step and end with '#### <answer>'."
+def normalize_number(s: str) -> str:
+    """'$1,200.00' -> '1200', '0.50' -> '0.5', ' 42. ' -> '42': the form answers are compared in."""
+    s = s.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    if re.fullmatch(r"-?\d+\.\d+", s):
+        s = s.rstrip("0").rstrip(".")
+    return s
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def boxed_contents(text: str) -> str | None:
+    """The contents of the last \\boxed{...}, matching nested braces; None if there is none."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # unbalanced: the sample was cut off inside the box
+
+
+def extract_answer(text: str, flexible: bool = False) -> str | None:
+    """The final answer a solution wrote, normalised (normalize_number): the first number on its last
+    "####" line (GSM8K; the line's text if it holds no number), else the contents of its last
+    \\boxed{...} (MATH); None (unanswered) if it wrote neither. flexible: also take the last number
+    anywhere in the text when there is no answer line (what GSM8K harnesses call flexible extraction;
+    off by default, since it credits numbers the model never gave as its answer)."""
+    if "####" in text:
+        line = text.rsplit("####", 1)[1].split("\n", 1)[0]
+        nums = NUMBER.findall(line)
+        if nums:
+            return normalize_number(nums[0])
+        if line.strip():
+            return normalize_number(line)
+    boxed = boxed_contents(text)
+    if boxed is not None and boxed.strip():
+        nums = NUMBER.findall(boxed)
+        # a plain number inside the box is normalised; anything else (\frac{1}{2}, x+1) kept as written
+        if len(nums) == 1 and NUMBER.fullmatch(boxed.strip().replace("$", "").replace(" ", "").rstrip(".")):
+            return normalize_number(nums[0])
+        return boxed.strip()
+    nums = NUMBER.findall(text) if flexible else []
+    return normalize_number(nums[-1]) if nums else None
+
+
+def answer_text(ids, tokenizer) -> str:
+    """The text answers are read from: the sample with every special token (whose names hold digits,
+    as in <|reserved_special_token_221|>) replaced by a space, so that none can yield an answer."""
+    plain = tokenizer.n_words - len(getattr(tokenizer, "special_tokens", ()))
+    return tokenizer.decode([i if i < plain else tokenizer.encode(" ")[0] for i in ids])
+
+
+class StopRule:
+    """When a row of generated tokens is finished, decided on the device at every step: at a stop token
+    (not kept), or at the newline that ends a "#### <number>" answer line (kept). Per-token flags:
+    is_stop, has_hash (the token's text holds "####"), has_digit, has_newline. A row's answer-line
+    watch (phase): 0 outside one, 1 after "####", 2 once a digit followed; a newline in phase 2 ends the
+    row, a newline before any digit closes the line. A "####" split over two tokens is not seen here:
+    such a row runs to the length limit and answer_end() cuts it on the host, with the same result."""
+
+    def __init__(self, vocab_size, stop_ids=(), tokenizer=None, device="cpu"):
+        flags = torch.zeros(4, vocab_size, dtype=torch.bool)  # is_stop, has_hash, has_digit, has_newline
+        for i in stop_ids:
+            if i < vocab_size:
+                flags[0, i] = True
+        if tokenizer is not None:
+            for i in range(min(vocab_size, tokenizer.n_words)):
+                b = tokenizer.token_bytes(i)
+                flags[1:, i] = torch.tensor([b"####" in b, any(48 <= c <= 57 for c in b), b"\n" in b])
+        self.is_stop, self.has_hash, self.has_digit, self.has_newline = flags.to(device)
+        self.active = bool(flags.any())
+
+    def update(self, tok, col, phase, done, end):
+        """Fold this step's tokens tok (b,) at new-token index col (0-d long) into the rows' watch:
+        phase, done (b,) and end (b,), the number of tokens a finished row keeps; in place."""
+        stop, hsh, dig, nl = self.is_stop[tok], self.has_hash[tok], self.has_digit[tok], self.has_newline[tok]
+        finish = ~done & (stop | ((phase == 2) & nl))  # (b,)
+        end.copy_(torch.where(finish, col + (~stop).long(), end))
+        done.logical_or_(finish)
+        # "####" opens a line (its own newline, as in "####\n", closes it at once); a digit after it arms it
+        phase.copy_(torch.where(hsh & ~nl, 1, torch.where(nl, 0, torch.where((phase == 1) & dig, 2, phase))))
+
+
+ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")  # "#### <number>" and the newline that ends it
+
+
+def answer_end(ids, tokenizer):
+    """How many of `ids` to keep so that they end with the newline of the first "#### <number>" line
+    (the text-level form of StopRule's answer-line watch), or len(ids) when there is none."""
+    text = tokenizer.decode(ids)
+    m = ANSWER_LINE.search(text)
+    if m is None:
+        return len(ids)
+    want, have = len(text[:m.end()].encode()), 0  # bytes up to the end of the line
+    for j, i in enumerate(ids):
+        have += len(tokenizer.token_bytes(i))
+        if have >= want:
+            return j + 1
+    return len(ids)
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts, stop, max_new_tokens, dtype, check_every=16):
+    """Greedy continuations of prompts (lists of ids), as one batch through the model's cache: the
+    prompts left-padded and prefilled, then one token a step; a row ends as `stop` (a StopRule) says,
+    the batch once every row has. The plain form of what sample.py's Sampler does fast."""
+    p = next(model.parameters())
+    dev, b, l = p.device, len(prompts), max(map(len, prompts))
+    pad = torch.tensor([l - len(x) for x in prompts], device=dev)  # (b,)
+    idx = torch.tensor([[0] * (l - len(x)) + list(x) for x in prompts], device=dev)  # (b, l)
+    cache = model.allocate_cache(b, l + max_new_tokens, dtype, dev)
+    phase, end = torch.zeros(b, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    out = []
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != p.dtype):
+        logits = model.lm_head(model(idx, cache, start=0, pad=pad, return_hidden=True)[:, -1])  # (b, v)
+        for t in range(max_new_tokens):
+            out.append(logits.argmax(-1))  # (b,)
+            stop.update(out[-1], torch.tensor(t, device=dev), phase, done, end)
+            if t + 1 == max_new_tokens or (stop.active and t % check_every == 0 and bool(done.all())):
+                break
+            logits = model(out[-1][:, None], cache, start=torch.tensor(l + t, device=dev), pad=pad)[:, -1]  # (b, v)
+    rows = torch.stack(out, 1).tolist()  # (b, steps)
+    return [r[:k] for r, k in zip(rows, torch.where(done, end, len(out)).tolist())]
 
 
 # -----------------------------------------------------------------------------
-# 5. Command line: one dataclass, flags generated from it
-
-
-def parse_config(cls, argv=None, description=None):
-    """--field value flags for every field of a dataclass; unknown flags are an error (exit 2)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,  # presets need exact names
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(cls):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        kind = type(default) if default is not None else str
-        text = f.metadata.get("help", " ").replace("%", "%%")  # argparse formats help with %
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="{true,false}",
-                                nargs="?", const=True, help=text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=default, help=text)
-    return cls(**vars(parser.parse_args(argv)))
-
-
-def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+# Appendix E. The command line: one dataclass, a flag per field, presets
 
 
 @dataclass
 class DistillConfig:
-    out_dir: str = opt("out", "where data, checkpoints, logs and the summary go")
-    preset: str = opt("default", "default (about 5 min on one H200), smoke (about 1 min) or tiny (CPU tests)")
-    teacher: str = opt("", "a local HF Llama directory; empty = train a small teacher on the data first")
-    data: str = opt("", "a GSM8K-format jsonl for training; empty = the synthetic set written to out_dir/data")
-    test_data: str = opt("", "a GSM8K-format jsonl to evaluate greedy accuracy; empty = the synthetic test split")
-    device: str = opt("auto", "auto, cuda or cpu")
-    seed: int = opt(0, "seed of the data, the initialisation and the batch order")
+    out_dir: str = flag("out", "where data, models, checkpoints, logs and the summary go")
+    preset: str = flag("default", "default (about 8 min on one H200), smoke (about 1 min) or tiny (seconds, CPU)",
+                       choices=("default", "smoke", "tiny"))
+    fresh: bool = flag(False, "start over: first remove the data, tokenizer, models, checkpoints, logs and records "
+                              "an earlier run left in out_dir")
+    resume: bool = flag(False, "continue each unfinished model from its checkpoint, made with the same settings "
+                               "(log_every, ckpt_every, eval_n, max_new_tokens, students and random_baseline "
+                               "may differ: they change no model)")
+    teacher: str = flag("", "a local HF Llama directory; empty = train a small teacher on the data first")
+    data: str = flag("", "a GSM8K-format jsonl to train on; empty = the synthetic task, written to out_dir/data")
+    test_data: str = flag("", "a GSM8K-format jsonl for the greedy accuracy; empty = the synthetic test split")
+    device: str = flag("auto", "auto, cuda or cpu", choices=("auto", "cuda", "cpu"))
+    seed: int = flag(0, "seed of the data, the initialisation and the batch order", at_least=0)
     # synthetic data and the default teacher
-    task: str = opt("relay", "synthetic task: relay (long chains of thought, ~2,000 solution tokens) or short "
-                             "(GSM8K-sized, 60-200 tokens)")
-    min_steps: int = opt(0, "difficulty: fewest turns (relay) or arithmetic steps (short) per problem; 0 = the "
-                            "task's default (2)")
-    max_steps: int = opt(0, "difficulty: most turns (relay) or steps (short) per problem; 0 = the task's default "
-                            "(relay 10, short 8)")
-    digits: int = opt(4, "relay: digits of the starting amounts")
-    n_train: int = opt(20000, "synthetic training problems")
-    n_test: int = opt(500, "synthetic test problems")
-    vocab_size: int = opt(1024, "base BPE vocabulary of the project's own tokenizer (256 specials come on top)")
-    d_model: int = opt(384, "default teacher: hidden size")
-    n_layers: int = opt(8, "default teacher: layers")
-    n_heads: int = opt(6, "default teacher: query heads (head dim = d_model / n_heads)")
-    n_kv_heads: int = opt(2, "default teacher: key/value heads (GQA, as in Llama 3.2)")
-    d_ff: int = opt(1024, "default teacher: MLP width")
-    teacher_steps: int = opt(3000, "default teacher: training steps")
-    teacher_lr: float = opt(2e-3, "default teacher: peak learning rate")
+    task: str = flag("relay", "synthetic task: relay (long chains of thought, about 2,000 solution tokens) or "
+                              "short (GSM8K-sized, 60-200 tokens)", choices=tuple(TASKS))
+    min_steps: int = flag(0, "difficulty: fewest turns (relay) or arithmetic steps (short) per problem; 0 = the "
+                             "task's default (2)", at_least=0)
+    max_steps: int = flag(0, "difficulty: most turns (relay) or steps (short) per problem; 0 = the task's default "
+                             "(relay 10, short 8)", at_least=0)
+    digits: int = flag(4, "relay: digits of the starting amounts", at_least=2, at_most=len(COLUMNS) - 1)
+    n_train: int = flag(20000, "synthetic training problems", at_least=1)
+    n_test: int = flag(500, "synthetic test problems", at_least=1)
+    vocab_size: int = flag(1024, "base BPE vocabulary of the project's tokenizer (256 specials come on top)",
+                           at_least=256)
+    d_model: int = flag(384, "default teacher: hidden size", at_least=2)
+    n_layers: int = flag(8, "default teacher: layers", at_least=1)
+    n_heads: int = flag(6, "default teacher: query heads (head dim = d_model / n_heads)", at_least=1)
+    n_kv_heads: int = flag(2, "default teacher: key/value heads (GQA, as in Llama 3.2)", at_least=1)
+    d_ff: int = flag(1024, "default teacher: MLP width", at_least=1)
+    teacher_steps: int = flag(3000, "default teacher: training steps", at_least=1)
+    teacher_lr: float = flag(2e-3, "default teacher: peak learning rate", above=0)
     # students
-    students: str = opt("hybrid,pure", "students to distil: hybrid and/or pure")
-    attn_fraction: float = opt(0.25, "share of attention layers a hybrid keeps, spread over depth")
-    init: str = opt("attention", "attention (MambaInLlama transfer) or random mixers")
-    random_baseline: str = opt("pure", "also distil this student from random mixers (empty = no baseline)")
-    align_steps: int = opt(150, "stage 1: layer-wise mixer alignment steps (0 = skip)")
-    align_lr: float = opt(2e-3, "stage 1: peak learning rate")
-    kl_steps: int = opt(600, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)")
-    kl_lr: float = opt(6e-4, "stage 2: peak learning rate")
-    kl: str = opt("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)")
-    temperature: float = opt(1.0, "stage 2: softmax temperature of both models (loss scaled by T^2)")
-    sft_steps: int = opt(0, "stage 3: supervised fine-tuning steps on the solutions (0 = skip)")
-    sft_lr: float = opt(3e-4, "stage 3: peak learning rate")
+    students: str = flag("hybrid,pure", "students to distil: hybrid and/or pure (comma-separated; empty = none)")
+    attn_fraction: float = flag(0.25, "share of attention layers a hybrid keeps, spread over depth", at_least=0,
+                                at_most=1)
+    init: str = flag("attention", "attention (MambaInLlama transfer) or random mixers", choices=("attention", "random"))
+    random_baseline: str = flag("pure", "also distil this student from random mixers (empty = no baseline)",
+                                choices=("", "hybrid", "pure"))
+    align_steps: int = flag(150, "stage 1: layer-wise mixer alignment steps (0 = skip)", at_least=0)
+    align_lr: float = flag(2e-3, "stage 1: peak learning rate", above=0)
+    kl_steps: int = flag(600, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
+    kl_lr: float = flag(6e-4, "stage 2: peak learning rate", above=0)
+    kl: str = flag("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)",
+                   choices=("forward", "reverse"))
+    temperature: float = flag(1.0, "stage 2: softmax temperature of both models (loss scaled by T^2)", above=0)
+    sft_steps: int = flag(0, "stage 3: supervised fine-tuning steps on the solutions (0 = skip)", at_least=0)
+    sft_lr: float = flag(3e-4, "stage 3: peak learning rate", above=0)
     # optimisation (shared by every stage)
-    batch_size: int = opt(16, "sequences per optimizer step (over all GPUs and accumulation steps)")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    seq_len: int = opt(4096, "most tokens of a training sequence (longer examples are cut); a batch holds "
-                             "examples of similar length and is padded only to its longest")
-    warmup: float = opt(0.05, "share of each stage spent warming up the learning rate")
-    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
-    grad_clip: float = opt(1.0, "clip the gradient norm to this")
-    log_every: int = opt(25, "steps between progress lines")
-    ckpt_every: int = opt(500, "steps between checkpoints (0 = only at the end of a stage)")
-    resume: bool = opt(False, "continue each model from its last checkpoint in out_dir")
-    eval_n: int = opt(200, "test problems for the greedy accuracy of each model (0 = skip)")
-    max_new_tokens: int = opt(0, "generation limit when evaluating; 0 = the longest test solution + 25%")
-    bench: bool = opt(False, "measure distillation throughput at the Llama-3.2-1B shape and exit")
-    compile: bool = opt(False, "torch.compile the student's forward (stages 2 and 3; stage 1 calls the mixers "
-                               "directly) and the teacher's in stage 2 (GPU only): fuses the norms and "
-                               "activations; costs about a minute per model to compile")
+    batch_size: int = flag(16, "sequences per optimizer step (over all GPUs and accumulation steps)", at_least=1)
+    grad_accum: int = flag(1, "micro-batches per optimizer step", at_least=1)
+    seq_len: int = flag(4096, "most tokens of a training sequence (longer examples are cut); a batch holds examples "
+                              "of similar length and is padded only to its longest", at_least=16)
+    warmup: float = flag(0.05, "share of each stage spent warming up the learning rate", at_least=0, at_most=1)
+    weight_decay: float = flag(0.1, "AdamW weight decay (matrices only)", at_least=0)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this", above=0)
+    log_every: int = flag(25, "steps between progress lines", at_least=1)
+    ckpt_every: int = flag(500, "steps between checkpoints (0 = only at the end of a stage)", at_least=0)
+    eval_n: int = flag(200, "test problems for the greedy accuracy of each model (0 = skip)", at_least=0)
+    max_new_tokens: int = flag(0, "generation limit when evaluating; 0 = the longest test solution + 25%", at_least=0)
+    bench: bool = flag(False, "measure distillation throughput at the Llama-3.2-1B shape and exit")
+    compile: bool = flag(False, "torch.compile the student's forward (stages 2 and 3; stage 1 calls the mixers "
+                                "directly) and the teacher's in stage 2 (GPU only): fuses the norms and "
+                                "activations; costs about a minute per model to compile")
 
 
 PRESETS = {  # fields that a preset changes, unless the command line set them
     "default": {},
     "smoke": dict(n_train=4000, n_test=200, teacher_steps=300, align_steps=40, kl_steps=120,
                   eval_n=100, d_model=256, n_layers=6, n_heads=4, d_ff=768, ckpt_every=0, max_steps=6),
-    "tiny": dict(n_train=64, n_test=8, vocab_size=300, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1,
-                 d_ff=64, teacher_steps=4, align_steps=2, kl_steps=3, sft_steps=2, batch_size=4,
-                 grad_accum=2, seq_len=320, eval_n=2, max_new_tokens=8, log_every=1, ckpt_every=2,
-                 task="short"),
+    "tiny": dict(task="short", n_train=64, n_test=8, vocab_size=300, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1,
+                 d_ff=64, teacher_steps=4, align_steps=2, kl_steps=3, sft_steps=2, batch_size=4, grad_accum=2,
+                 seq_len=320, eval_n=2, max_new_tokens=8, log_every=1, ckpt_every=2),
 }
 
 
@@ -1432,539 +2127,77 @@ BENCH = dict(batch_size=16, seq_len=2048, grad_accum=4, compile=True)
 
 
 def apply_preset(cfg: DistillConfig, argv) -> DistillConfig:
-    """The preset's values for every field the command line did not set."""
-    if cfg.preset not in PRESETS:
-        raise InputError(f"--preset: expected one of {sorted(PRESETS)}, got {cfg.preset!r}")
+    """The preset's values for every field the command line did not set; a task's default number of
+    steps where the command line left it at 0."""
     bench = dict(BENCH, batch_size=BENCH["batch_size"] * int(os.environ.get("WORLD_SIZE", 1)))
     preset = dict(PRESETS[cfg.preset], **(bench if cfg.bench else {}))
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}  # parse_config allows no abbreviations
-    return replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+    cfg = replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+    _, lo, hi = TASKS[cfg.task]
+    return replace(cfg, min_steps=cfg.min_steps or lo, max_steps=cfg.max_steps or hi)
 
 
 def check_config(cfg: DistillConfig):
-    """Bad flags fail here, in one line, before any data or teacher work."""
-    choices = {"kl": ("forward", "reverse"), "init": ("attention", "random"), "task": tuple(TASKS),
-               "random_baseline": ("", "hybrid", "pure"), "device": ("auto", "cuda", "cpu")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise InputError(f"--{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
+    """Bad flags fail here, each in one line, before any data or model work: the bounds of each flag,
+    how the sizes fit together, and the files and directories the flags name."""
+    check_bounds(cfg)
     unknown = set(filter(None, cfg.students.split(","))) - {"hybrid", "pure"}
     if unknown:
         raise InputError(f"--students: unknown {sorted(unknown)} (expected hybrid and/or pure)")
-    if cfg.batch_size % (int(os.environ.get("WORLD_SIZE", 1)) * cfg.grad_accum):
-        raise InputError(f"--batch_size {cfg.batch_size} must be a multiple of grad_accum ({cfg.grad_accum}) "
-                         f"x the number of processes ({os.environ.get('WORLD_SIZE', 1)})")
-
-
-# -----------------------------------------------------------------------------
-# 6. Training machinery shared by the teacher and every distillation stage
-
-
-@dataclass
-class Env:
-    """Where things run, decided once: device, autocast dtype, and the DDP rank (if any)."""
-    device: torch.device
-    amp: torch.dtype | None  # bf16 autocast on GPU, none on CPU
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
-
-
-def setup_env(device: str) -> Env:
-    """device is auto, cuda or cpu (check_config has seen to that)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is visible")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dev = torch.device(device)
-    if world > 1:  # started by torchrun: one process per GPU
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if device == "cuda":
-            dev = torch.device("cuda", local)
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    return Env(dev, torch.bfloat16 if device == "cuda" else None, rank, world)
-
-
-def encode_examples(tok, rows):
-    """Chat prompt + solution + <|eot_id|> of every row -> [(ids, mask)], mask 1 on the solution's
-    tokens."""
-    answers = tok.encode_batch([r["answer"] for r in rows])
-    out = []
-    for row, answer in zip(rows, answers):
-        prompt = tok.encode_chat([{"role": "user", "content": prompt_text(row["question"])}])
-        out.append((prompt + answer + [tok.eot_id], [0] * len(prompt) + [1] * (len(answer) + 1)))
-    return out
-
-
-class Batches:
-    """Tokenised examples and a batch order that depends only on (seed, stage, step), so that a
-    resumed run sees exactly the batches it would have seen.
-
-    Examples are kept sorted by length, and a step's batch is a random window of `batch` neighbours
-    in that order: its sequences have about the same length, and it is padded only to the longest of
-    them (rounded up to a multiple of 64), so that little compute goes to padding when lengths vary
-    from a few hundred to a few thousand tokens (HF's group_by_length does the same)."""
-
-    def __init__(self, tok, rows, seq_len, seed):
-        enc = sorted(encode_examples(tok, rows), key=lambda e: len(e[0]))  # stable: ties keep row order
-        self.cut = sum(len(ids) > seq_len + 1 for ids, _ in enc)  # examples longer than a sequence
-        self.mean_len = sum(len(ids) for ids, _ in enc) / max(len(enc), 1)
-        enc = [(ids[:seq_len + 1], mask[:seq_len + 1]) for ids, mask in enc]  # inputs + shifted targets
-        self.lengths = [len(ids) for ids, _ in enc]
-        self.ids = [torch.tensor(ids, dtype=torch.int32) for ids, _ in enc]  # ragged, int32: small in memory
-        self.mask = [torch.tensor(mask, dtype=torch.bool) for _, mask in enc]
-        self.pad_id, self.seq_len, self.seed = tok.pad_id, seq_len, seed
-
-    def get(self, stage, step, batch, rank=0, world=1, micro=0, n_micro=1):
-        """This rank's share of micro-batch `micro` of the global batch of `step`:
-        inputs, targets, loss mask (b, l) and how many input tokens are real (not padding)."""
-        # a stable hash: Python's hash() of a str changes from one process to the next
-        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{stage}/{step}".encode()))
-        n = len(self.ids)
-        if n >= batch:  # a window of neighbours in length order, its members in random order
-            first = int(torch.randint(0, n - batch + 1, (1,), generator=g))
-            order = first + torch.randperm(batch, generator=g)  # (batch,) global batch
-        else:  # fewer examples than a batch: draw with replacement
-            order = torch.randint(0, n, (batch,), generator=g)
-        per = batch // (world * n_micro)
-        take = order[(micro * world + rank) * per:(micro * world + rank + 1) * per].tolist()
-        l = min(self.seq_len + 1, -(-max(self.lengths[i] for i in take) // 64) * 64 + 1)  # tokens + 1
-        ids = torch.full((per, l), self.pad_id, dtype=torch.long)  # (b, l+1)
-        mask = torch.zeros(per, l)  # (b, l+1)
-        for row, i in enumerate(take):
-            ids[row, :self.lengths[i]] = self.ids[i]
-            mask[row, :self.lengths[i]] = self.mask[i].float()
-        real = sum(self.lengths[i] - 1 for i in take)
-        return ids[:, :-1], ids[:, 1:], mask[:, 1:], real
-
-
-def lr_at(step, steps, peak, warmup):
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    w = max(1, int(warmup * steps))
-    if step < w:
-        return peak * (step + 1) / w
-    t = (step - w) / max(1, steps - w)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def make_optimizer(params, lr, weight_decay, device):
-    named = [(n, p) for n, p in params if p.requires_grad]
-    decay = [p for n, p in named if p.dim() >= 2]  # matrices; no decay on norms, biases, dt, A, D
-    other = [p for n, p in named if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
-class TrainingError(Exception):
-    """A run that cannot go on (a NaN loss); the last good checkpoint is kept."""
-
-
-def save_checkpoint(model, opt, tok, path, state):
-    """model dir + optimizer + state.json, written into a temp dir and swapped in whole."""
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tok, tmp)
-    flat = {}
-    for i, s in opt.state_dict()["state"].items():  # i: the parameter's index in opt.param_groups
-        for k, v in s.items():
-            flat[f"{i}.{k}"] = v.detach().float().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
-    save_safetensors(flat, os.path.join(tmp, "optimizer.safetensors"))
-    write_text(os.path.join(tmp, "state.json"), json.dumps(state))
-    if os.path.isdir(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def checkpoint_dir(ckpt):
-    """The complete checkpoint under this name, if any (.old survives a crash between two renames)."""
-    for p in (ckpt, ckpt + ".old"):
-        if os.path.isfile(os.path.join(p, "state.json")):
-            return p
-    return None
-
-
-def read_state(ckpt):
-    """state.json of the checkpoint (stage, step, tokens, time_s), or None."""
-    path = checkpoint_dir(ckpt)
-    if path is None:
-        return None
-    with open(os.path.join(path, "state.json")) as fh:
-        return json.load(fh)
-
-
-def load_checkpoint(model, opt, ckpt):
-    """Restore the weights, and the optimizer's moments when opt is given, of save_checkpoint's files."""
-    path = checkpoint_dir(ckpt)
-    loaded = load_model(path, dtype=next(model.parameters()).dtype)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    if opt is None:
-        return
-    flat = load_safetensors(os.path.join(path, "optimizer.safetensors"))
-    sd = opt.state_dict()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        if f"{i}.step" in flat:
-            sd["state"][i] = {"step": flat[f"{i}.step"].reshape(()),
-                              "exp_avg": flat[f"{i}.exp_avg"].view_as(p).to(p),
-                              "exp_avg_sq": flat[f"{i}.exp_avg_sq"].view_as(p).to(p)}
-    opt.load_state_dict(sd)
-
-
-class Logger:
-    """Progress lines on stdout and one jsonl line per logged step (rank 0 only)."""
-
-    def __init__(self, path, env, model_name, init):
-        self.path, self.env, self.model, self.init = path, env, model_name, init
-        self.t0 = time.time()
-
-    def elapsed(self):
-        return time.time() - self.t0
-
-    def resume(self, stage, step, elapsed):
-        """Continue the clock of a checkpoint and drop the lines logged after it (they are redone)."""
-        self.t0 = time.time() - elapsed
-        if not self.env.main or not os.path.exists(self.path):
-            return
-        with open(self.path) as fh:
-            lines = [ln for ln in fh if ln.strip()]
-        records = [json.loads(ln) for ln in lines]
-        keep = [ln for ln, r in zip(lines, records) if not (r["stage"] == stage and r["step"] > step)]
-        write_text(self.path, "".join(keep))
-
-    def log(self, stage, step, steps, loss, lr, tokens, tok_s):
-        if not self.env.main:
-            return
-        t = self.elapsed()
-        eta = (steps - step - 1) * (tokens / max(step + 1, 1)) / max(tok_s, 1e-9)
-        print(f"{self.model:>12} {stage:>7} step {step + 1:5d}/{steps} loss {loss:.4f} lr {lr:.2e} "
-              f"{tok_s / 1e3:7.1f}k tok/s  eta {eta / 60:5.1f} min", flush=True)
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps({"model": self.model, "init": self.init, "stage": stage, "step": step + 1,
-                                 "loss": round(loss, 6), "lr": lr, "tokens": tokens,
-                                 "time_s": round(t, 3)}) + "\n")
-
-
-class StageLoss(nn.Module):
-    """student + loss function as one module, so DDP sees one forward per micro-batch (the teacher is
-    kept outside the module tree: frozen, replicated, never synchronised)."""
-
-    def __init__(self, student, loss_fn):
-        super().__init__()
-        self.student, self.loss_fn = student, loss_fn
-
-    def forward(self, x, y, m):
-        return self.loss_fn(self.student, x, y, m)  # (loss summed over tokens, token count)
-
-
-def compiled(model, cfg, env):
-    """torch.compile(model) when --compile is on and the device is a GPU, else the model itself. The
-    compiled module shares the model's parameters; only calls of its forward go through it."""
-    return torch.compile(model) if cfg.compile and env.device.type == "cuda" else model
-
-
-def run_stage(stage, student, loss_fn, steps, peak_lr, cfg, env, batches, tok, ckpt, logger, resume=None):
-    """The training loop every stage shares: accumulate, clip, step, log, checkpoint.
-
-    loss_fn(student, inputs, targets, mask) -> (sum of the loss over a micro-batch's tokens, how many
-    tokens that is); the parameters that require grad are trained.
-    resume: state.json of a checkpoint of this stage to continue from (same batches, same schedule).
-    """
-    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    opt = make_optimizer(params, peak_lr, cfg.weight_decay, env.device)
-    step0, tokens = 0, 0
-    if resume is not None and resume.get("stage") == stage:
-        load_checkpoint(student, opt, ckpt)
-        step0, tokens = resume["step"], resume.get("tokens", 0)
-        logger.resume(stage, step0, resume.get("time_s", 0.0))
-        if env.main:
-            print(f"{logger.model}: resuming {stage} after step {step0}")
-    module = StageLoss(compiled(student, cfg, env), loss_fn)
-    if env.world > 1:
-        module = DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    trainable = [p for _, p in params]
-    t_last, tok_last = time.time(), tokens
-    for step in range(step0, steps):
-        lr = lr_at(step, steps, peak_lr, cfg.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss_sum = torch.zeros((), device=env.device)
-        count = torch.zeros((), device=env.device)
-        real = 0  # input tokens that are not padding, this rank
-        for micro in range(cfg.grad_accum):
-            *xym, n_real = batches.get(stage, step, cfg.batch_size, env.rank, env.world, micro, cfg.grad_accum)
-            x, y, m = (t.to(env.device) for t in xym)
-            real += n_real
-            last_micro = micro == cfg.grad_accum - 1
-            # gradients are averaged across GPUs only once, on the last micro-batch
-            with (module.no_sync() if env.world > 1 and not last_micro else nullcontext()), env.autocast():
-                s, n = module(x, y, m)
-            s.backward()
-            loss_sum += s.detach()
-            count += n
-        # The losses are sums over tokens; dividing the summed gradient by the step's token count
-        # afterwards gives the mean over every token of the step, however they fall in micro-batches
-        # and GPUs (DDP has averaged the sums over GPUs, so divide by the mean count per GPU).
-        if env.world > 1:
-            stats = torch.stack([loss_sum, count, torch.tensor(float(real), device=env.device)])
-            dist.all_reduce(stats)
-            loss_sum, count, real = stats[0], stats[1] / env.world, int(stats[2].item())
-        for p in trainable:
-            if p.grad is not None:
-                p.grad.div_(count.clamp(min=1))
-        loss_value = (loss_sum / (count * env.world).clamp(min=1)).item()  # the step's one host sync
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"{logger.model} {stage} step {step + 1}: loss is {loss_value}; "
-                                f"the last good checkpoint is {ckpt}")
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tokens += real
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            now = time.time()
-            logger.log(stage, step, steps, loss_value, lr, tokens, (tokens - tok_last) / max(now - t_last, 1e-9))
-            t_last, tok_last = now, tokens
-        save = ckpt and (step + 1 == steps or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0))
-        if save and env.main:
-            save_checkpoint(student, opt, tok, ckpt, {"stage": stage, "step": step + 1, "tokens": tokens,
-                                                      "time_s": round(logger.elapsed(), 3)})
-        if save and env.world > 1:
-            dist.barrier()  # nobody reads a checkpoint that is still being written
-
-
-def ce_loss(model, x, y, m):
-    """Cross-entropy on the solution tokens (m = 1), not on the prompt."""
-    logits = model(x)  # (b, l, v)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (b*l,)
-    return (ce * m.flatten()).sum(), m.sum()
-
-
-def kl_loss_fn(teacher, direction, temperature, pad_id):
-    """Stage 2: distil the teacher's next-token distribution at every real token: forward
-    KL(p_T || p_S) (mass-covering) or reverse KL(p_S || p_T) (mode-seeking), both softmaxes at the
-    temperature. On a GPU the KL is scan_kernel.py's fused Triton kernel, which never materialises
-    an fp32 (b*l, v) tensor; elsewhere its PyTorch definition."""
-    def loss_fn(student, x, y, m):
-        with torch.no_grad():
-            t_logits = teacher(x)  # (b, l, v)
-        s_logits = student(x)  # (b, l, v)
-        kl_div = fused_kl_div if s_logits.is_cuda else kl_div_ref
-        kl = kl_div(s_logits, t_logits, temperature, direction)  # (b, l) fp32
-        real = (x != pad_id).float()  # (b, l) every real token, the prompt's included
-        # soft targets' gradients scale as 1 / T^2 (Hinton et al. 2015): T^2 makes them independent of T
-        return temperature ** 2 * (kl * real).sum(), real.sum()
-    return loss_fn
-
-
-def align_loss_fn(teacher, ssm_layers, pad_id):
-    """Stage 1 (MOHAWK's hidden-state alignment): each student mixer gets the teacher's own input to
-    that layer's attention and must reproduce the attention's output. Layers train independently.
-    The error of each token is relative to the size of its target, so that every layer counts alike."""
-    def loss_fn(student, x, y, m):
-        collect = []
-        with torch.no_grad():
-            teacher(x, collect=collect)
-        real = (x != pad_id).float()  # (b, l)
-        loss = 0.0
-        for i in ssm_layers:
-            h_in, target = collect[i]  # (b, l, d) each
-            out = student.model.layers[i].mixer(h_in)  # (b, l, d)
-            err = (out.float() - target.float()).pow(2).sum(-1) / target.float().pow(2).sum(-1).clamp(min=1e-6)  # (b, l)
-            loss = loss + (err * real).sum()
-        return loss / len(ssm_layers), real.sum()
-    return loss_fn
-
-
-# -----------------------------------------------------------------------------
-# 7. The pipeline: data -> teacher -> students (align -> kl -> sft) -> greedy accuracy
-
-STAGES = ("align", "kl", "sft")
-
-
-def load_data(cfg, env):
-    """Training and test rows: the given jsonl files, or the synthetic splits (written to out_dir/data)."""
-    rows = {}
-    for split, path, n in (("train", cfg.data, cfg.n_train), ("test", cfg.test_data, cfg.n_test)):
-        if path:
-            rows[split] = read_jsonl(path)
-        else:
-            knobs = {"digits": cfg.digits} if cfg.task == "relay" else {}
-            rows[split] = synthetic_split(split, n, cfg.seed, cfg.task, cfg.min_steps, cfg.max_steps, **knobs)
-            if env.main:
-                write_jsonl(rows[split], os.path.join(cfg.out_dir, "data", f"{split}.jsonl"))
-    return rows["train"], rows["test"]
-
-
-def barrier(env):
-    if env.world > 1:
-        dist.barrier()
-
-
-def get_teacher(cfg, env, train_rows, times):
-    """A local Llama (--teacher), the one a previous run trained, or a new one trained here."""
-    dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32  # frozen: bf16 is enough
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise InputError(f"--batch_size {cfg.batch_size} must be a multiple of --grad_accum ({cfg.grad_accum}) "
+                         f"x the number of processes ({world})")
+    if cfg.min_steps > cfg.max_steps:
+        raise InputError(f"--min_steps {cfg.min_steps} is more than --max_steps {cfg.max_steps}")
+    if not cfg.teacher and (cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2 or cfg.n_heads % cfg.n_kv_heads):
+        raise InputError(f"--d_model {cfg.d_model} must split into --n_heads {cfg.n_heads} heads of an even size, and "
+                         f"--n_heads be a multiple of --n_kv_heads {cfg.n_kv_heads}")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise InputError(f"--out_dir {cfg.out_dir}: exists and is not a directory")
+    parent = cfg.out_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out_dir {cfg.out_dir}: {parent} is not writable")
+    for name in ("data", "test_data"):
+        path = getattr(cfg, name)
+        if path and not os.path.isfile(path):
+            raise InputError(f"--{name} {path}: no such file")
     if cfg.teacher:
-        return load_teacher(cfg.teacher, env.device, dtype)
-    path = os.path.join(cfg.out_dir, "teacher")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        if env.main:
-            print(f"teacher: using the one already trained in {path}")
-        return load_teacher(path, env.device, dtype)
-    t0 = time.time()
-    tok_path = os.path.join(cfg.out_dir, "tokenizer.model")
-    if env.main and not os.path.isfile(tok_path):
-        texts = [r["question"] + "\n" + r["answer"] for r in train_rows]
-        train_bpe(texts, cfg.vocab_size, tok_path)
-    barrier(env)
-    tok = Tokenizer(tok_path)
-    head_dim = cfg.d_model // cfg.n_heads
-    mcfg = ModelConfig(vocab_size=tok.n_words, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                       num_key_value_heads=cfg.n_kv_heads, head_dim=head_dim, rope_theta=10000.0,
-                       max_position_embeddings=cfg.seq_len * 4, tie_word_embeddings=True,
-                       bos_token_id=tok.bos_id, eos_token_id=[tok.eos_id, tok.eot_id])
-    torch.manual_seed(cfg.seed)
-    model = LM(mcfg)
-    for name, p in model.named_parameters():  # GPT-2 style small init keeps the first steps stable
-        if p.dim() == 2:
-            nn.init.normal_(p, std=0.02 / (math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1))
-    model.to(env.device)
-    batches = Batches(tok, train_rows, cfg.seq_len, cfg.seed)
-    if env.main:
-        print(f"teacher: {model.num_params() / 1e6:.1f}M parameters, vocab {tok.n_words}, "
-              f"{len(train_rows)} problems of {batches.mean_len:.0f} tokens on average ({batches.cut} cut)")
-    ckpt = os.path.join(cfg.out_dir, "ckpt", "teacher")
-    logger = Logger(os.path.join(cfg.out_dir, "logs", "teacher.jsonl"), env, "teacher", "random")
-    model.train()
-    run_stage("teacher", model, ce_loss, cfg.teacher_steps, cfg.teacher_lr, cfg, env, batches, tok, ckpt,
-              logger, read_state(ckpt) if cfg.resume else None)
-    if env.main:
-        save_teacher(model, tok, path)
-    barrier(env)
-    times["teacher"] = time.time() - t0
-    # reload through the same path a real Llama checkpoint takes
-    return load_teacher(path, env.device, dtype)
-
-
-def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, times):
-    """Transfer, then the three stages; each stage trains what it needs and checkpoints."""
-    path = os.path.join(cfg.out_dir, name)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        if env.main:
-            print(f"{name}: already distilled in {path} (delete it to distil again)")
-        return load_model(path, env.device)
-    torch.manual_seed(cfg.seed + zlib.crc32(name.encode()))  # the same init whatever ran before
-    student = transfer_attention_to_mamba(teacher, ssm_layers, init).float().to(env.device)
-    if env.main:
-        n_ssm = len(ssm_layers)
-        print(f"{name}: {n_ssm}/{teacher.cfg.num_hidden_layers} layers are Mamba, init={init}, "
-              f"{student.num_params() / 1e6:.1f}M parameters")
-    ckpt = os.path.join(cfg.out_dir, "ckpt", name)
-    logger = Logger(os.path.join(cfg.out_dir, "logs", f"{name}.jsonl"), env, name, init)
-    state = read_state(ckpt) if cfg.resume else None
-    plan = [("align", cfg.align_steps, cfg.align_lr, align_loss_fn(teacher, ssm_layers, tok.pad_id)),
-            ("kl", cfg.kl_steps, cfg.kl_lr, kl_loss_fn(compiled(teacher, cfg, env), cfg.kl, cfg.temperature, tok.pad_id)),
-            ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
-    for stage, steps, lr, loss_fn in plan:
-        if steps == 0 or (stage == "align" and not ssm_layers):
-            continue
-        if state and STAGES.index(stage) < STAGES.index(state["stage"]):
-            continue  # finished before the checkpoint
-        if state and stage == state["stage"] and state["step"] >= steps:
-            load_checkpoint(student, None, ckpt)  # this stage finished: take its weights, go on
-            logger.resume(stage, state["step"], state.get("time_s", 0.0))
-            continue
-        t0 = time.time()
-        for pname, p in student.named_parameters():
-            # stage 1 trains only the mixers (MOHAWK / MambaInLlama); later stages train everything
-            p.requires_grad_(stage != "align" or ".mixer." in pname)
-        student.train()
-        run_stage(stage, student, loss_fn, steps, lr, cfg, env, batches, tok, ckpt, logger,
-                  state if state and state["stage"] == stage else None)
-        times[f"{name}/{stage}"] = time.time() - t0
-    student.eval().requires_grad_(False)
-    if env.main:
-        save_model(student, tok, path)
-    barrier(env)
-    return student
-
-
-def greedy_accuracy(model, tok, rows, cfg, env):
-    """Share of test problems whose greedy solution ends with the right "#### answer"."""
-    from sample import answer_text, extract_answer, generate, normalize_number  # sample.py imports this file
-
-    prompts = [tok.encode_chat([{"role": "user", "content": prompt_text(r["question"])}]) for r in rows]
-    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
-        outs = generate(model, prompts, tok, max_new_tokens=cfg.max_new_tokens or auto_max_new_tokens(tok, rows),
-                        temperature=0.0,
-                        dtype=env.amp or torch.float32)
-    right = [extract_answer(answer_text(o, tok)) == normalize_number(gold_answer(r["answer"]))
-             for o, r in zip(outs, rows)]
-    return sum(right) / max(len(right), 1)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = apply_preset(parse_config(DistillConfig, argv, __doc__.strip().splitlines()[0]), argv)
-    check_config(cfg)
-    env = setup_env(cfg.device)
-    if cfg.bench:
-        return bench(cfg, env)
-    os.makedirs(os.path.join(cfg.out_dir, "logs"), exist_ok=True)
-    t_start, times = time.time(), {}
-    train_rows, test_rows = load_data(cfg, env)
-    teacher, tok = get_teacher(cfg, env, train_rows, times)
-    teacher.eval().requires_grad_(False)
-    batches = Batches(tok, train_rows, cfg.seq_len, cfg.seed + 1)
-    n = teacher.cfg.num_hidden_layers
-    keep = spread_layers(n, round(cfg.attn_fraction * n))
-    layers = {"hybrid": [i for i in range(n) if i not in keep], "pure": list(range(n))}
-    runs = [(s, layers[s], cfg.init) for s in filter(None, cfg.students.split(","))]
-    if cfg.random_baseline:
-        runs.append((f"{cfg.random_baseline}_random", layers[cfg.random_baseline], "random"))
-    models = {"teacher": teacher}
-    for name, ssm_layers, init in runs:
-        models[name] = distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, times)
-    summary = {"device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
-               "preset": cfg.preset, "config": asdict(cfg), "models": {}}
-    if env.main:
-        t0 = time.time()
-        rows = test_rows[:cfg.eval_n]
-        for name, model in models.items():
-            entry = {"params": model.num_params(), "ssm_layers": model.cfg.ssm_layers,
-                     "path": cfg.teacher if name == "teacher" and cfg.teacher else os.path.join(cfg.out_dir, name)}
-            if rows:
-                entry["greedy_acc"] = greedy_accuracy(model, tok, rows, cfg, env)
-                print(f"{name:>12}: greedy accuracy {entry['greedy_acc']:.3f} on {len(rows)} test problems")
-            summary["models"][name] = entry
-        times["eval"] = time.time() - t0
-        times["total"] = time.time() - t_start
-        summary["stage_times_s"] = {k: round(v, 1) for k, v in times.items()}
-        write_text(os.path.join(cfg.out_dir, "distill_summary.json"), json.dumps(summary, indent=2))
-        print("stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    if env.world > 1:
-        dist.destroy_process_group()
-    return summary
+        mcfg = read_config(cfg.teacher)
+        if mcfg.ssm_layers:
+            raise InputError(f"--teacher {cfg.teacher}: a student (Mamba layers {mcfg.ssm_layers}), not a Llama teacher")
+        find_tokenizer(cfg.teacher)
 
 
 # -----------------------------------------------------------------------------
-# 8. Benchmark: distillation throughput at the Llama-3.2-1B shape (random weights)
+# Appendix F. Benchmark: distillation throughput at the Llama-3.2-1B shape (random weights)
 
-LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
-                    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                    max_position_embeddings=131072, tie_word_embeddings=True)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+SHAPES = {  # Meta's config.json values of Llama 3.2 1B and 3B, and the default run's small teacher
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, head_dim=128),
+    "default": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
+                    num_key_value_heads=2, head_dim=64, vocab_size=1280, rope_theta=10000.0, rope_scaling=None,
+                    max_position_embeddings=16384),
+}
+
+
+def shape_config(shape, kind="teacher", attn_fraction=0.25) -> ModelConfig:
+    """The config of a SHAPES entry as a teacher, hybrid or pure student."""
+    if shape not in SHAPES:
+        raise InputError(f"unknown model shape {shape!r} (known: {', '.join(SHAPES)})")
+    llama = dict(vocab_size=128256, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, max_position_embeddings=131072)
+    cfg = ModelConfig(tie_word_embeddings=True, **{**llama, **SHAPES[shape]})
+    if kind not in ("teacher", "hybrid", "pure"):
+        raise InputError(f"unknown model kind {kind!r} (teacher, hybrid, pure)")
+    return replace(cfg, ssm_layers=[] if kind == "teacher" else student_layers(kind, cfg.num_hidden_layers, attn_fraction))
+
+
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, vendor datasheets
 
 
@@ -1983,26 +2216,27 @@ class RandomBatches:
 def bench(cfg, env, warmup=2, steps=8):
     if env.device.type != "cuda":
         raise InputError("--bench needs a CUDA GPU")
-    mcfg = ModelConfig(**LLAMA_3_2_1B)
+    path = os.path.join(cfg.out_dir, "bench", "distill.json")
+    if env.main and os.path.exists(path):
+        raise InputError(f"{path} exists (an earlier benchmark): use another --out_dir, or delete it")
+    mcfg = shape_config("llama-3.2-1b")
     torch.manual_seed(0)
     teacher = LM(mcfg).to(env.device, torch.bfloat16).eval().requires_grad_(False)
     name = torch.cuda.get_device_name(env.device)
     peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
     batches = RandomBatches(mcfg.vocab_size, cfg.seq_len)
-    logger = Logger(os.devnull, replace(env, rank=1), "bench", "attention")  # silent
     results = []
-    students = {"hybrid": [i for i in range(16) if i not in spread_layers(16, 4)], "pure": list(range(16))}
     for kind in filter(None, cfg.students.split(",")):
-        ssm = students[kind]
+        ssm = student_layers(kind, mcfg.num_hidden_layers, 0.25)
         student = transfer_attention_to_mamba(teacher, ssm).float().to(env.device).train()
         n_t = teacher.num_params() - teacher.model.embed_tokens.weight.numel() * (not mcfg.tie_word_embeddings)
         n_s = student.num_params() - student.model.embed_tokens.weight.numel() * (not mcfg.tie_word_embeddings)
         loss_fn = kl_loss_fn(compiled(teacher, cfg, env), "forward", 1.0, pad_id=-1)
         torch.cuda.reset_peak_memory_stats(env.device)
-        run_stage("kl", student, loss_fn, warmup, 1e-5, cfg, env, batches, None, None, logger)
+        run_stage("kl", student, loss_fn, warmup, 1e-5, cfg, env, batches, None)
         torch.cuda.synchronize(env.device)
         t0 = time.time()
-        run_stage("kl", student, loss_fn, steps, 1e-5, cfg, env, batches, None, None, logger)
+        run_stage("kl", student, loss_fn, steps, 1e-5, cfg, env, batches, None)
         torch.cuda.synchronize(env.device)
         dt = time.time() - t0
         tok_s = steps * cfg.batch_size * cfg.seq_len / dt  # all GPUs together
@@ -2017,9 +2251,9 @@ def bench(cfg, env, warmup=2, steps=8):
         del student
         torch.cuda.empty_cache()
     if env.main:  # next to sample.py's decode.json, for the record
-        write_text(os.path.join(cfg.out_dir, "bench", "distill.json"), json.dumps(
-            {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shape": "llama-3.2-1b",
-             "flops_per_token": "6 N_student + 2 N_teacher", "peak_flops": peak, "results": results}, indent=2))
+        write_json(path, {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                          "shape": "llama-3.2-1b", "flops_per_token": "6 N_student + 2 N_teacher", "peak_flops": peak,
+                          "results": results})
     if env.world > 1:
         dist.destroy_process_group()
     return results

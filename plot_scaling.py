@@ -3,7 +3,8 @@ Plot the measurements of mamba_distill.py and sample.py: accuracy against time, 
 
 Reads what the other scripts wrote under one output directory (formats: the "Outputs" parts of the
 docstrings of mamba_distill.py and sample.py) and writes PNG files into <out_dir>/plots/, printing the same numbers
-as plain-text tables on stdout. No GPU needed (torch comes in only through mamba_distill's flag parser).
+as plain-text tables on stdout. It imports neither torch nor the project's other files: it draws on
+any machine with matplotlib and numpy.
 
 Run:
   python plot_scaling.py                     # reads out/, writes out/plots/*.png
@@ -38,13 +39,14 @@ figure at all could be drawn the script exits with status 1.
 Glossary: k samples per problem, b batch size (sequences decoded together), gen_len new tokens per
 sequence, coverage@k = pass@k, majority@k = accuracy of the most frequent extracted answer of k.
 """
+import argparse
 import glob
 import json
 import math
 import os
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import matplotlib
 
@@ -54,9 +56,9 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation  # noqa: E402
 
-# One command-line convention for the whole project: --help and flags generated from the dataclass.
-# (mamba_distill imports torch, so this script needs it installed although it draws no tensors.)
-from mamba_distill import InputError, parse_config  # noqa: E402
+
+class InputError(Exception):
+    """A bad input file or flag; the message names it (file:line where there is a line)."""
 
 
 @dataclass
@@ -72,6 +74,18 @@ class PlotConfig:
 
 # -----------------------------------------------------------------------------
 # Reading and checking the input files
+
+
+def parse_config(cls, argv=None, description=None):
+    """--field value for every field of the dataclass, as the project's other scripts do (their
+    parse_config lives in scan_kernel.py, which needs torch; this script must not)."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kind = (lambda s: {"true": True, "false": False}[s.lower()]) if isinstance(default, bool) else type(default)
+        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f.metadata.get("help", " "))
+    return cls(**vars(parser.parse_args(argv)))
 
 
 def read_json(path):

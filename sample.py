@@ -1,58 +1,52 @@
 """
-Sample many chain-of-thought solutions fast, score them, and time them ("Thinking Slow, Fast",
-Paliotta et al. 2025): the test-time-scaling measurements, plus the decode speed benchmark.
+Thinking Slow, Fast (Paliotta et al. 2025), the test-time-scaling half: draw many chain-of-thought
+samples per problem fast, score them, and time them; and the decode speed benchmark.
 
-What is in this file, top to bottom:
-  1. sampling: one batched generation loop for every model kind (Llama teacher, hybrid and pure Mamba
-     students): a left-padded prefill with the parallel forward, then one token per step from a
-     preallocated cache (KV slots for attention layers, a fixed-size conv + SSM state for Mamba
-     layers); on GPU each decode step is a captured CUDA graph;
-  2. evaluation: answer extraction, coverage@k (unbiased pass@k), majority@k, and the measured
-     wall-clock time to produce k samples for every problem;
-  3. the speed benchmark (--bench): decode tokens/s against batch size and generation length for
-     Llama-3.2-1B/3B shapes with random weights, the memory-bandwidth roofline, and HF transformers'
-     `generate` side by side.
+In this file: 1. the Sampler, one batched generation loop for every model kind (Llama teacher, hybrid
+and pure Mamba students): a left-padded prefill with the parallel forward, then one token per step
+from a preallocated cache (KV slots for attention layers, a fixed-size conv + SSM state for Mamba
+layers), each step a captured CUDA graph on a GPU; 2. evaluation: coverage@k (unbiased pass@k) and
+majority@k against the measured wall-clock time to draw k samples of every problem, on one GPU or
+several (torchrun); 3. the decode speed benchmark (--bench).
 
 Run:
-  python sample.py --checkpoint out/hybrid                     # eval on out/data/test.jsonl
-  python sample.py --checkpoint out/teacher --data ../shared/data/gsm8k/test.jsonl --k 64
-  python sample.py --bench                                     # speed benchmark, Llama-3.2-1B shapes (GPU)
-  python sample.py --bench --bench_shapes llama-3.2-3b --bench_models teacher,pure --bench_hf false
-  python sample.py --help                                      # every option
+  python sample.py --checkpoint out/pure                      # eval on out/data/test.jsonl, 64 samples each
+  torchrun --nproc_per_node=2 sample.py --checkpoint out/pure --name pure_2gpu   # the same draw on 2 GPUs
+  python sample.py --checkpoint out/teacher --data ../shared/data/gsm8k/test.jsonl --max_new_tokens 1024
+  python sample.py --bench                                    # decode speed, Llama-3.2-1B shapes (GPU)
+  python sample.py --bench --bench_shapes default --bench_batches "" --bench_gen_lens 256,512,1024,2048,4096
+  python sample.py --help                                     # every option
 
 Outputs (read by plot_scaling.py):
-  out/eval/<name>/samples.jsonl  one line per sample, appended as batches finish (a rerun resumes):
-      problem, sample (its index j < k), text, answer, gold, correct, tokens, time_s (its share of
-      its batch's wall time)
-  out/eval/<name>/meta.json      the checkpoint, data and sampling settings; a resume must match them
-  out/eval/<name>/summary.json   model, checkpoint, device, state_dtype, n_problems, k [1, 2, 4, ...], coverage,
-      majority, time_s (per k: measured seconds to draw k samples of every problem, in rounds
-      k = 1, 2, 4, ...; each round runs as full, padded batches), and the sampling settings
-  out/bench/decode_<shapes>.json device, copy_GBps, date, torch, state_dtype, compile, results (one row
-      per shape, model, batch, prompt_len, gen_len: tokens_per_s, decode_tokens_per_s,
-      roofline_tokens_per_s, roofline_frac, peak_mem_GB, prefill_s, decode_s, graph_capture_s, method)
-      and hf (HF generate: cache, batch, ..., tokens_per_s, or error)
+  out/eval/<name>/samples.jsonl  one line per sample, as batches finish (a rerun resumes): problem, sample
+      (its index j < k), text, answer, gold, correct, tokens, time_s (its share of its batch's wall
+      time), rank (the process that drew it), run (which invocation)
+  out/eval/<name>/meta.json      the weights' fingerprint, the data's and the sampling settings: a
+      resumed run must match them
+  out/eval/<name>/summary.json   model, checkpoint, weights, device, gpus, n_problems, k [1, 2, 4, ...],
+      coverage, majority, time_s (per k: measured seconds to draw k samples of every problem, rounds
+      k = 1, 2, 4, ... one after the other), batch sizes, set-up time, the sampling settings
+  out/bench/decode_<shapes>.json device, copy_GBps, date, torch, state_dtype, compile, results (one row per
+      shape, model, batch, prompt_len, gen_len: tokens_per_s, decode_tokens_per_s, roofline_tokens_per_s,
+      roofline_frac, peak_mem_GB, prefill_s, decode_s, graph_capture_s, method) and hf (HF generate)
 
 Glossary (letters in shape comments):
-  b  batch (rows generated together)     l  prompt length after left padding
-  v  vocabulary size                     d  model width
-  s  cache slots (prompt + new tokens)
-  t  the cache slot written by a decode step (0-d long tensor, so that a CUDA graph can replay it)
-  c  candidate tokens kept by top-k before top-p
-  r  rows of one prefill chunk           n  rows in this call (<= b)
-  k  (evaluation) samples per problem; coverage@k, majority@k
+  b  rows a sampler holds                n  rows of one call (<= b)
+  l  prompt length after left padding    v  vocabulary size, d model width
+  s  cache slots (prompt + new tokens)   c  candidate tokens kept by top-k before top-p
+  t  the cache slot a decode step writes (a 0-d device tensor, so that one CUDA graph replays every step)
+  r  rows of one prefill chunk           k  (evaluation) samples per problem: coverage@k, majority@k
 
-Why one graph serves every step: a captured graph replays fixed kernels on fixed buffers, so
-nothing the step needs may change on the host. The slot t of the new token lives in a 0-d device
-tensor that the step increments itself, and the GPU attention kernel (decode_attention in
-scan_kernel.py, "flash-decoding") reads t and each row's left padding from memory and visits only
-slots pad..t: a teacher step reads as many keys as exist, never the whole cache; a student's conv
-step (conv_step) reads it too, to find its place in the ring of past inputs. Before capture the
-decode step is compiled with torch.compile, which fuses the norms, RoPE and SwiGLU into a few
-kernels; on an H200 this took the 1B teacher's step at batch 256 from 4.5 to 3.2 ms. The Sampler
-also fuses each attention layer's q, k and v projections into one GEMM (LM.fuse_qkv; the parameters
-keep HF's names as views of the fused weight). Sampling takes its top-k in two passes over the
-logits (topk_by_chunks), not torch.topk's radix select.
+Why one graph serves every step: a captured graph replays fixed kernels on fixed buffers, so nothing
+the step needs may change on the host. The slot t of the new token lives in a 0-d device tensor that
+the step increments itself, and the GPU attention kernel (decode_attention in scan_kernel.py,
+"flash-decoding") reads t and each row's left padding from memory and visits only slots pad..t: a
+teacher step reads as many keys as exist, never the whole cache; a student's conv step (conv_step)
+reads it too, to find its place in the ring of past inputs. Before capture the decode step is compiled
+with torch.compile, which fuses the norms, RoPE and SwiGLU into a few kernels. Each attention layer's
+q, k and v projections run as one GEMM (fuse_qkv), top-k takes two passes over the logits
+(topk_by_chunks), and every row draws its randomness from a hash of its own seed (row_uniforms): no
+host sync anywhere in a step, and a sample does not depend on which batch or GPU draws it.
 """
 import glob
 import json
@@ -67,50 +61,50 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import mamba_distill as md
-
-
-opt = md.opt
+from scan_kernel import InputError, copy_bandwidth, flag, parse_config
 
 
 @dataclass
 class SampleConfig:
     # evaluation
-    checkpoint: str = opt("out/hybrid", "checkpoint directory (teacher or student)")
-    name: str = opt("", "model name in out_dir/eval/<name>/; empty = the checkpoint directory's name")
-    data: str = opt("out/data/test.jsonl", "GSM8K-format jsonl (the real set: ../shared/data/gsm8k/test.jsonl)")
-    out_dir: str = opt("out", "where eval/ and bench/ results go")
-    n_problems: int = opt(200, "the first n problems of --data (0 = all)")
-    k: int = opt(64, "samples per problem (a power of two); results at k = 1, 2, 4, ..., k")
+    checkpoint: str = flag("out/hybrid", "checkpoint directory (teacher or student)")
+    name: str = flag("", "a name for out_dir/eval/<name>/ (letters, digits, . _ -); empty = the checkpoint's")
+    data: str = flag("out/data/test.jsonl", "GSM8K-format jsonl (the real set: ../shared/data/gsm8k/test.jsonl)")
+    out_dir: str = flag("out", "where eval/ and bench/ results go")
+    n_problems: int = flag(200, "the first n problems of --data (0 = all)", at_least=0)
+    k: int = flag(64, "samples per problem (a power of two); results at k = 1, 2, 4, ..., k", at_least=1)
     # sampling
-    temperature: float = opt(0.8, "0 = greedy")
-    top_p: float = opt(0.95, "nucleus sampling mass (1 = off)")
-    top_k: int = opt(64, "candidates kept before top-p, which is exact within them; 0 = the whole vocabulary (a full sort: slow)")
-    max_new_tokens: int = opt(0, "new tokens per sample at most; 0 = the longest solution in --data + 25%")
-    batch_size: int = opt(0, "most rows per batch; 0 = the largest that fits in GPU memory (each round runs "
-                             "in as few equal batches as fit)")
-    max_batch: int = opt(4096, "--bench: upper bound for the largest batch of a measurement")
-    seed: int = opt(0, "sampling seed (each batch derives its own from it)")
-    cuda_graph: bool = opt(True, "run the decode step as a captured CUDA graph (GPU only)")
-    compile: bool = opt(True, "torch.compile the decode step before capturing it (GPU only; ~20 s per model)")
-    state_dtype: str = opt("model", "SSM state while decoding: model (the sampling dtype, bf16 on GPU, as mamba_ssm's "
-                                    "inference cache) or float32")
-    prefill_tokens: int = opt(32768, "prefill this many tokens at a time (rows are split to fit)")
-    flexible_extract: bool = opt(False, "score a sample with no '####' line or \\boxed{} by the last number "
-                                        "in its text (GSM8K's flexible extraction); off: it is unanswered")
-    device: str = opt("auto", "auto, cuda or cpu")
+    temperature: float = flag(0.8, "0 = greedy", at_least=0)
+    top_p: float = flag(0.95, "nucleus sampling mass (1 = off)", above=0, at_most=1)
+    top_k: int = flag(64, "candidates kept before top-p, which is exact within them; 0 = the whole vocabulary "
+                          "(a full sort: slow)", at_least=0)
+    max_new_tokens: int = flag(0, "new tokens per sample at most; 0 = the longest solution in --data + 25%", at_least=0)
+    batch_size: int = flag(0, "most rows per batch; 0 = the largest that fits in GPU memory (each round runs in as "
+                              "few equal batches as fit)", at_least=0)
+    seed: int = flag(0, "sampling seed (each sample derives its own from it)", at_least=0)
+    cuda_graph: bool = flag(True, "run the decode step as captured CUDA graphs (GPU only)")
+    compile: bool = flag(True, "torch.compile the decode step before capturing it (GPU only; ~30 s per model)")
+    state_dtype: str = flag("model", "SSM state while decoding: model (the sampling dtype, bf16 on GPU, as "
+                                     "mamba_ssm's inference cache) or float32", choices=("model", "float32"))
+    prefill_tokens: int = flag(32768, "prefill this many tokens at a time (rows are split to fit)", at_least=1)
+    flexible_extract: bool = flag(False, "score a sample with no '####' line or \\boxed{} by the last number in its "
+                                         "text (GSM8K's flexible extraction); off: it is unanswered")
+    device: str = flag("auto", "auto, cuda or cpu", choices=("auto", "cuda", "cpu"))
     # speed benchmark
-    bench: bool = opt(False, "run the decode speed benchmark instead of an evaluation")
-    bench_shapes: str = opt("llama-3.2-1b", "model shapes, random weights (also: llama-3.2-3b, and default: the "
-                                            "default run's teacher and its students)")
-    bench_models: str = opt("teacher,pure,hybrid", "which models of each shape")
-    bench_batches: str = opt("64,256", "batch sweep (plus the largest that fits) at prompt 128, 512 new tokens; "
-                                       "empty = no batch sweep")
-    bench_gen_lens: str = opt("512,2048,4096,8192", "generation-length sweep, each at the largest batch that fits")
-    bench_e2e: bool = opt(False, "length sweep by full generate calls instead of timing the step at 8 points (slow)")
-    bench_hf: bool = opt(True, "HF transformers generate side by side (batch 256, prompt 128, 512 new tokens)")
-    hybrid_attention: int = opt(4, "bench hybrids keep one attention layer in this many")
+    bench: bool = flag(False, "run the decode speed benchmark instead of an evaluation")
+    bench_shapes: str = flag("llama-3.2-1b", "model shapes, random weights: llama-3.2-1b, llama-3.2-3b, default "
+                                             "(the default run's teacher and its students)")
+    bench_models: str = flag("teacher,pure,hybrid", "which models of each shape")
+    bench_batches: str = flag("64,256", "batch sweep (plus the largest that fits) at prompt 128, 512 new tokens; "
+                                        "empty = no batch sweep")
+    bench_gen_lens: str = flag("512,2048,4096,8192", "generation-length sweep, each at the largest batch that fits")
+    max_batch: int = flag(4096, "--bench: the largest batch of a measurement at most", at_least=1)
+    bench_e2e: bool = flag(False, "length sweep by full generate calls instead of timing the step at 8 points (slow)")
+    bench_hf: bool = flag(True, "HF transformers generate side by side (batch 256, prompt 128, 512 new tokens)")
+    attn_fraction: float = flag(0.25, "share of attention layers the bench's hybrids keep", at_least=0, at_most=1)
 
 
 # -----------------------------------------------------------------------------
@@ -184,7 +178,7 @@ def sample_next(logits, temperature, top_k, top_p, seeds=None, step=0):
 def resolve_state_dtype(name, dtype):
     """--state_dtype: "model" -> the sampling dtype, "float32" -> fp32."""
     if name not in ("model", "float32"):
-        raise md.InputError(f"--state_dtype: expected model or float32, got {name!r}")
+        raise InputError(f"--state_dtype: expected model or float32, got {name!r}")
     return dtype if name == "model" else torch.float32
 
 
@@ -211,53 +205,26 @@ def largest_batch(model, max_len, dtype, device, cap, prefill_tokens, state_dtyp
     return min(cap, fit) if cap else fit
 
 
-class StopRule:
-    """When a row of generated tokens is finished, decided on the device at every step: at a stop token
-    (not kept), or at the newline that ends a "#### <number>" answer line (kept). Per-token flags:
-    is_stop, has_hash (the token's text holds "####"), has_digit, has_newline. A row's answer-line
-    watch (phase): 0 outside one, 1 after "####", 2 once a digit followed; a newline in phase 2 ends the
-    row, a newline before any digit closes the line. A "####" split over two tokens is not seen here:
-    such a row runs to the length limit and answer_end() cuts it on the host, with the same result."""
+def fuse_qkv(model):
+    """Each attention layer's q, k and v projections as one GEMM in forwards without gradients (all the
+    Sampler runs): narrow products get small tiles that leave SMs idle. The three weights move into one
+    stacked tensor and the parameters become views of it, so names, state_dict and in-place writes
+    (load_state_dict, an optimizer step) are unchanged; a weight given new storage later (model.to())
+    would leave the stacked tensor behind, which is why the Sampler then refuses to run."""
+    for blk in model.model.layers:
+        attn = getattr(blk, "self_attn", None)
+        if attn is None or "qkv" in vars(attn):  # no attention, or fused already
+            continue
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        w = torch.cat([p.weight for p in projs]).detach()  # (h*e + 2*g*e, d)
+        sizes = [p.weight.shape[0] for p in projs]
+        for p, part in zip(projs, w.split(sizes)):
+            p.weight.data = part
 
-    def __init__(self, vocab_size, stop_ids=(), tokenizer=None, device="cpu"):
-        flags = torch.zeros(4, vocab_size, dtype=torch.bool)  # is_stop, has_hash, has_digit, has_newline
-        for i in stop_ids:
-            if i < vocab_size:
-                flags[0, i] = True
-        if tokenizer is not None:
-            for i in range(min(vocab_size, tokenizer.n_words)):
-                b = tokenizer.token_bytes(i)
-                flags[1:, i] = torch.tensor([b"####" in b, any(48 <= c <= 57 for c in b), b"\n" in b])
-        self.is_stop, self.has_hash, self.has_digit, self.has_newline = flags.to(device)
-        self.active = bool(flags.any())
-
-    def update(self, tok, col, phase, done, end):
-        """Fold this step's tokens tok (b,) at new-token index col (0-d long) into the rows' watch:
-        phase, done (b,) and end (b,), the number of tokens a finished row keeps; in place."""
-        stop, hsh, dig, nl = self.is_stop[tok], self.has_hash[tok], self.has_digit[tok], self.has_newline[tok]
-        finish = ~done & (stop | ((phase == 2) & nl))  # (b,)
-        end.copy_(torch.where(finish, col + (~stop).long(), end))
-        done.logical_or_(finish)
-        # "####" opens a line (its own newline, as in "####\n", closes it at once); a digit after it arms it
-        phase.copy_(torch.where(hsh & ~nl, 1, torch.where(nl, 0, torch.where((phase == 1) & dig, 2, phase))))
-
-
-ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")  # "#### <number>" and the newline that ends it
-
-
-def answer_end(ids, tokenizer):
-    """How many of `ids` to keep so that they end with the newline of the first "#### <number>" line
-    (the text-level form of StopRule's answer-line watch), or len(ids) when there is none."""
-    text = tokenizer.decode(ids)
-    m = ANSWER_LINE.search(text)
-    if m is None:
-        return len(ids)
-    want, have = len(text[:m.end()].encode()), 0  # bytes up to the end of the line
-    for j, i in enumerate(ids):
-        have += len(tokenizer.token_bytes(i))
-        if have >= want:
-            return j + 1
-    return len(ids)
+        def qkv(x, attn=attn, w=w, sizes=sizes):  # autograd trains the parameters: three products then
+            return type(attn).qkv(attn, x) if torch.is_grad_enabled() else F.linear(x, w).split(sizes, dim=-1)
+        attn.qkv = qkv
+    return model
 
 
 class Sampler:
@@ -277,8 +244,8 @@ class Sampler:
                                        cache_enabled=False)
         self.sampling = (temperature, top_k, top_p)
         self.prefill_tokens = prefill_tokens
-        self.stop = stop or StopRule(model.cfg.vocab_size, device=self.device)
-        model.fuse_qkv()  # one GEMM for q, k and v in every step (and prefill)
+        self.stop = stop or md.StopRule(model.cfg.vocab_size, device=self.device)
+        fuse_qkv(model)  # one GEMM for q, k and v in every step (and prefill)
         # where every weight lives: a captured graph (and the fused q, k, v) would go on reading these
         # addresses, so generate() refuses to run once a weight has been given new storage
         self.weight_ptrs = [p.data_ptr() for p in model.parameters()]
@@ -406,11 +373,11 @@ class Sampler:
             raise RuntimeError("the model's weights were given new storage after this Sampler was built "
                                "(model.to(), load_state_dict(assign=True)): build a new Sampler")
         if stop_ids:
-            self.stop = StopRule(self.model.cfg.vocab_size, stop_ids, tokenizer, self.device)
+            self.stop = md.StopRule(self.model.cfg.vocab_size, stop_ids, tokenizer, self.device)
             self.graphs, self.pool = {}, None  # graphs read the rule's tables: capture again
         l0 = max(prompt_len, max(len(p) for p in prompts))
         if l0 + max_new_tokens > self.max_len:
-            raise md.InputError(f"prompt {l0} + --max_new_tokens {max_new_tokens} > cache length {self.max_len}")
+            raise InputError(f"prompt {l0} + --max_new_tokens {max_new_tokens} > cache length {self.max_len}")
         seeds = list(seeds) if seeds is not None else [seed * 1_000_003 + i for i in range(n)]
         self.prepare(n)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -430,7 +397,7 @@ class Sampler:
         keep = torch.where(self.done[:n], self.end[:n], steps).tolist()
         rows = [out[i, :keep[i]].tolist() for i in range(n)]
         if tokenizer is not None:  # rows the rule did not stop: cut at an answer line it could not see
-            rows = [r if d else r[:answer_end(r, tokenizer)] for r, d in zip(rows, done)]
+            rows = [r if d else r[:md.answer_end(r, tokenizer)] for r, d in zip(rows, done)]
         sync()
         t2 = time.perf_counter()
         stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "prompt_len": l}
@@ -445,7 +412,7 @@ def generate(model, prompts, tokenizer=None, max_new_tokens=512, temperature=0.0
     p = next(model.parameters())
     max_len = max(map(len, prompts)) + max_new_tokens
     batch = batch_size or largest_batch(model, max_len, dtype or p.dtype, p.device, 0, 32768)
-    stop = None if tokenizer is None else StopRule(model.cfg.vocab_size, tokenizer.stop_ids, tokenizer, p.device)
+    stop = None if tokenizer is None else md.StopRule(model.cfg.vocab_size, tokenizer.stop_ids, tokenizer, p.device)
     sampler = Sampler(model, min(batch, len(prompts)), max_len, temperature, top_k, top_p, cuda_graph, dtype=dtype,
                       compile=compile, stop=stop)
     out = []
@@ -456,62 +423,7 @@ def generate(model, prompts, tokenizer=None, max_new_tokens=512, temperature=0.0
 
 
 # -----------------------------------------------------------------------------
-# 2. Evaluation
-
-
-def normalize_number(s: str) -> str:
-    """'$1,200.00' -> '1200', '0.50' -> '0.5', ' 42. ' -> '42': the form answers are compared in."""
-    s = s.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    if re.fullmatch(r"-?\d+\.\d+", s):
-        s = s.rstrip("0").rstrip(".")
-    return s
-
-
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def boxed_contents(text: str) -> str | None:
-    """The contents of the last \\boxed{...}, matching nested braces; None if there is none."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None  # unbalanced: the sample was cut off inside the box
-
-
-def extract_answer(text: str, flexible: bool = False) -> str | None:
-    """The final answer a solution wrote, normalised (normalize_number): the first number on its last
-    "####" line (GSM8K; the line's text if it holds no number), else the contents of its last
-    \\boxed{...} (MATH); None (unanswered) if it wrote neither. flexible: also take the last number
-    anywhere in the text when there is no answer line (what GSM8K harnesses call flexible extraction;
-    off by default, since it credits numbers the model never gave as its answer)."""
-    if "####" in text:
-        line = text.rsplit("####", 1)[1].split("\n", 1)[0]
-        nums = NUMBER.findall(line)
-        if nums:
-            return normalize_number(nums[0])
-        if line.strip():
-            return normalize_number(line)
-    boxed = boxed_contents(text)
-    if boxed is not None and boxed.strip():
-        nums = NUMBER.findall(boxed)
-        # a plain number inside the box is normalised; anything else (\frac{1}{2}, x+1) kept as written
-        if len(nums) == 1 and NUMBER.fullmatch(boxed.strip().replace("$", "").replace(" ", "").rstrip(".")):
-            return normalize_number(nums[0])
-        return boxed.strip()
-    nums = NUMBER.findall(text) if flexible else []
-    return normalize_number(nums[-1]) if nums else None
-
-
-def answer_text(ids, tokenizer) -> str:
-    """The text answers are read from: the sample with every special token (whose names hold digits,
-    as in <|reserved_special_token_221|>) replaced by a space, so that none can yield an answer."""
-    plain = tokenizer.n_words - len(getattr(tokenizer, "special_tokens", ()))
-    return tokenizer.decode([i if i < plain else tokenizer.encode(" ")[0] for i in ids])
+# 2. Evaluation: rounds of samples, coverage and majority against time, one GPU or several
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -563,20 +475,6 @@ def summarize(samples, n_problems, k_max):
     return ks, coverage, majority, time_s
 
 
-def read_samples(path):
-    """The samples an earlier (possibly interrupted) run wrote; a torn last line is ignored."""
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as fh:
-        for line in fh:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return out
-
-
 def sample_seed(seed, problem, j):
     """The sampling seed of sample j of a problem: fixed by the three numbers alone, so a sample is the
     same whatever batch, round or process draws it."""
@@ -597,18 +495,21 @@ def rank_files(out_dir):
     return sorted(glob.glob(os.path.join(out_dir, "samples.rank*.jsonl")))
 
 
+SAMPLE_KEYS = {"problem": int, "sample": int}  # what a line of samples.jsonl must hold
+
+
 def merge_samples(out_dir, keep):
     """samples.jsonl plus whatever per-process files a crashed run left, each (problem, sample) once,
     filtered by keep(sample), written back to samples.jsonl atomically (the process files removed)."""
     path = os.path.join(out_dir, "samples.jsonl")
     merged = {}
     for f in [path] + rank_files(out_dir):
-        for s in read_samples(f):
+        for s in md.read_jsonl(f, SAMPLE_KEYS, lenient=True):
             if keep(s):
                 merged.setdefault((s["problem"], s["sample"]), s)
     samples = [merged[key] for key in sorted(merged)]
     if os.path.exists(path) or samples:
-        md.write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
+        md.write_jsonl(samples, path)
     for f in rank_files(out_dir):
         os.remove(f)
     return samples
@@ -641,8 +542,6 @@ class Group:
 
 @torch.no_grad()
 def evaluate(cfg: SampleConfig):
-    if cfg.k < 1 or cfg.k & (cfg.k - 1):
-        raise md.InputError(f"--k: expected a power of two, got {cfg.k}")
     env = md.setup_env(cfg.device)  # under torchrun: one process per GPU
     group = Group(env)
     try:
@@ -660,13 +559,14 @@ def _evaluate(cfg, env, group):
     out_dir = os.path.join(cfg.out_dir, "eval", name)
     tokenizer = md.Tokenizer(md.find_tokenizer(cfg.checkpoint))
     model = md.load_model(cfg.checkpoint, device, dtype).eval()
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": md.prompt_text(r["question"])}]) for r in rows]
-    golds = [normalize_number(md.gold_answer(r["answer"])) for r in rows]
+    prompts = [md.encode_prompt(tokenizer, r["question"]) for r in rows]
+    golds = [md.normalize_number(md.gold_answer(r["answer"])) for r in rows]
     max_new_tokens = cfg.max_new_tokens or md.auto_max_new_tokens(tokenizer, rows)
     prompt_len = max(map(len, prompts))  # every batch is padded to it: a row's numbers never depend on its batch
     max_len = prompt_len + max_new_tokens
     state_dtype = resolve_state_dtype(cfg.state_dtype, dtype)
-    meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data), "seed": cfg.seed,
+    meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "weights": md.weights_fingerprint(cfg.checkpoint),
+            "data": os.path.abspath(cfg.data), "data_file": md.file_fingerprint(cfg.data), "seed": cfg.seed,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
             "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract,
             "state_dtype": str(state_dtype) if model.cfg.ssm_layers else None}  # a teacher has no SSM state
@@ -676,26 +576,26 @@ def _evaluate(cfg, env, group):
         try:
             os.makedirs(out_dir, exist_ok=True)
             if (os.path.exists(path) or rank_files(out_dir)) and os.path.exists(meta_path):
-                with open(meta_path) as fh:
-                    old = json.load(fh)
+                old = md.read_json(meta_path)
                 old.setdefault("state_dtype", "torch.float32" if model.cfg.ssm_layers else None)  # from before the flag
                 old.setdefault("flexible_extract", False)
                 differ = sorted(key for key in meta if old.get(key) != meta[key])
                 if differ:
-                    raise md.InputError(f"{meta_path}: earlier samples were drawn with other {', '.join(differ)}; "
-                                        f"use another --name or delete {out_dir}")
-            write_json(meta_path, meta)
+                    raise InputError(f"{meta_path}: earlier samples were drawn with other {', '.join(differ)}"
+                                     f"{' (the checkpoint changed since)' if 'weights' in differ else ''}; "
+                                     f"use another --name or delete {out_dir}")
+            md.write_json(meta_path, meta)
             # keep what an interrupted run wrote (with any number of processes), without the line it was
             # writing and without samples this run does not ask for (a smaller --n_problems or --k)
             kept = merge_samples(out_dir, lambda s: s["problem"] < len(rows) and s["sample"] < cfg.k)
             if kept:
                 print(f"resuming: {len(kept)} samples already in {path}")
-        except md.InputError as e:
+        except InputError as e:
             error = str(e)
     error = group.from_rank0(error)
     if error:
-        raise md.InputError(error)
-    samples = read_samples(path)
+        raise InputError(error)
+    samples = md.read_jsonl(path, SAMPLE_KEYS, lenient=True)
     done = {(s["problem"], s["sample"]) for s in samples}
     run = group.from_rank0(time.time_ns())  # tells this run's samples from a resumed run's
     # round k takes every problem from k/2 samples (0 at k = 1) to k, so time@k is measured; each
@@ -707,7 +607,7 @@ def _evaluate(cfg, env, group):
     fit = cfg.batch_size or largest_batch(model, max_len, dtype, device, 0, cfg.prefill_tokens, state_dtype)
     plans = {k: plan_round(todo, fit) if todo else [] for k, todo in mine.items()}
     sizes = sorted({len(b) for plan in plans.values() for b in plan})
-    stop = StopRule(model.cfg.vocab_size, tokenizer.stop_ids, tokenizer, device)
+    stop = md.StopRule(model.cfg.vocab_size, tokenizer.stop_ids, tokenizer, device)
     t_setup = time.perf_counter()
     sampler = Sampler(model, max(sizes, default=1), max_len, cfg.temperature, cfg.top_k, cfg.top_p, cfg.cuda_graph,
                       cfg.prefill_tokens, compile=cfg.compile, state_dtype=state_dtype, stop=stop)
@@ -731,7 +631,7 @@ def _evaluate(cfg, env, group):
                                                prompt_len=prompt_len)
                 share = (time.perf_counter() - t0) / len(chunk)
                 for (p, j), ids in zip(chunk, outs):
-                    answer = extract_answer(answer_text(ids, tokenizer), cfg.flexible_extract)
+                    answer = md.extract_answer(md.answer_text(ids, tokenizer), cfg.flexible_extract)
                     s = {"problem": p, "sample": j, "text": tokenizer.decode(ids), "answer": answer, "gold": golds[p],
                          "correct": answer == golds[p], "tokens": len(ids), "time_s": share, "rank": group.rank,
                          "run": run}
@@ -749,13 +649,14 @@ def _evaluate(cfg, env, group):
         return None
     samples = merge_samples(out_dir, lambda s: True)
     ks, coverage, majority, time_s = summarize(samples, len(rows), cfg.k)
-    summary = {"model": name, "checkpoint": cfg.checkpoint, "device": device_name(device), "gpus": group.world,
+    summary = {"model": name, "checkpoint": cfg.checkpoint, "weights": meta["weights"], "data": meta["data"],
+               "data_file": meta["data_file"], "device": device_name(device), "gpus": group.world,
                "state_dtype": meta["state_dtype"], "n_problems": len(rows), "k": ks, "coverage": coverage,
                "majority": majority, "time_s": time_s, "temperature": cfg.temperature, "top_p": cfg.top_p,
                "top_k": cfg.top_k, "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract,
                "batch_fit": fit, "batch_sizes": {str(k): [len(b) for b in plan] for k, plan in plans.items()},
                "setup_s": round(setup_s, 2), "mean_tokens": sum(s["tokens"] for s in samples) / max(len(samples), 1)}
-    write_json(os.path.join(out_dir, "summary.json"), summary)
+    md.write_json(os.path.join(out_dir, "summary.json"), summary)
     for k, c, m, t in zip(ks, coverage, majority, time_s):
         print(f"k={k:5d} coverage {c:.3f} majority {m:.3f} time {t:.1f}s")
     return summary
@@ -765,56 +666,14 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def write_json(path, obj):
-    md.write_text(path, json.dumps(obj, indent=2))
-
-
 # -----------------------------------------------------------------------------
-# 3. Speed benchmark
-
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-SHAPES = {  # Llama-3.2 1B / 3B (Meta's config.json values), and the default run's small teacher
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64),
-    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, head_dim=128),
-    "default": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
-                    num_key_value_heads=2, head_dim=64, vocab_size=1280, rope_theta=10000.0, rope_scaling=None,
-                    max_position_embeddings=16384),
-}
-
-
-def shape_config(shape, kind, hybrid_attention):
-    if shape not in SHAPES:
-        raise md.InputError(f"--bench_shapes: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
-    llama = dict(vocab_size=128256, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, max_position_embeddings=131072)
-    cfg = md.ModelConfig(tie_word_embeddings=True, **{**llama, **SHAPES[shape]})
-    L = cfg.num_hidden_layers
-    keep = {"teacher": list(range(L)), "hybrid": md.spread_layers(L, L // hybrid_attention), "pure": []}
-    if kind not in keep:
-        raise md.InputError(f"--bench_models: unknown model {kind!r} (teacher, hybrid, pure)")
-    return replace(cfg, ssm_layers=[i for i in range(L) if i not in keep[kind]])
+# 3. Speed benchmark: decode tokens/s against batch and generation length, random weights
 
 
 def random_model(cfg, device, dtype):
     with torch.device(device):
         model = md.LM(cfg)
     return model.to(dtype).eval()  # RoPE frequencies stay fp32 (LM.inv_freq is no buffer)
-
-
-def copy_bandwidth(device, n_bytes=1 << 31):
-    """Device memory bandwidth of a plain copy, (read + write bytes) / time, in GB/s."""
-    a = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * n_bytes * 10 / (time.perf_counter() - t0) / 1e9
 
 
 def step_bytes(model, batch, kv_len, state_dtype):
@@ -855,7 +714,7 @@ def bench_generate(model, batch, prompt_len, gen_len, cfg):
             "method": "generate"}
 
 
-def bench_steps(model, batch, prompt_len, gen_len, cfg, points=8):
+def bench_step_times(model, batch, prompt_len, gen_len, cfg, points=8):
     """Tokens/s for gen_len new tokens from the measured prefill plus the decode step's graph timed at
     `points` evenly spaced slots of the generation (replayed 4 times each, the median of the last 3),
     times the number of steps. A step's cost is affine in its slot (it reads keys pad..t), so the
@@ -888,7 +747,7 @@ def bench_steps(model, batch, prompt_len, gen_len, cfg, points=8):
 def bench_hf(shape, batch=256, prompt_len=128, gen_len=512):
     """HF transformers' generate on the same Llama config (sdpa, sampling on), static and default cache."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = shape_config(shape, "teacher", 4).to_dict()
+    cfg = md.shape_config(shape).to_dict()
     config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
     config._attn_implementation = "sdpa"
     with torch.device("cuda"):
@@ -917,18 +776,20 @@ def bench_hf(shape, batch=256, prompt_len=128, gen_len=512):
 def bench(cfg: SampleConfig):
     device = torch.device(cfg.device)
     if device.type != "cuda":
-        raise md.InputError("--bench needs a CUDA GPU (--device cuda)")
+        raise InputError("--bench needs a CUDA GPU (--device cuda)")
     with torch.cuda.device(device):  # HF's run and the synchronize/memory calls use the current device
         return _bench(cfg, device)
 
 
 def _bench(cfg, device):
+    path = os.path.join(cfg.out_dir, "bench", f"decode_{cfg.bench_shapes.replace(',', '+')}.json")
+    if os.path.exists(path):
+        raise InputError(f"{path} exists (an earlier benchmark): use another --out_dir, or delete it")
     dtype = torch.bfloat16
     state_dtype = resolve_state_dtype(cfg.state_dtype, dtype)
     bw = copy_bandwidth(device)
     result = {"device": device_name(device), "copy_GBps": bw, "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__, "state_dtype": str(state_dtype), "compile": cfg.compile, "results": [], "hf": []}
-    path = os.path.join(cfg.out_dir, "bench", f"decode_{cfg.bench_shapes.replace(',', '+')}.json")
     print(f"{result['device']}: copy bandwidth {bw:.0f} GB/s", flush=True)
     prompt_len = 128
     for shape in cfg.bench_shapes.split(","):
@@ -940,7 +801,7 @@ def _bench(cfg, device):
                 result["hf"] = [{"error": f"{type(e).__name__}: {e}"}]
                 torch.cuda.empty_cache()
         for kind in cfg.bench_models.split(","):
-            model = random_model(shape_config(shape, kind, cfg.hybrid_attention), device, dtype)
+            model = random_model(md.shape_config(shape, kind, cfg.attn_fraction), device, dtype)
             runs = []
             batches = [int(x) for x in cfg.bench_batches.split(",") if x]
             if batches:  # the batch sweep at 512 new tokens, up to the largest batch that fits
@@ -950,7 +811,7 @@ def _bench(cfg, device):
             for n in map(int, cfg.bench_gen_lens.split(",")):
                 b = largest_batch(model, prompt_len + n, dtype, device, cfg.max_batch, cfg.prefill_tokens, state_dtype)
                 if (b, n) not in {(r[0], r[1]) for r in runs}:
-                    runs.append((b, n, bench_generate if cfg.bench_e2e or not cfg.cuda_graph else bench_steps))
+                    runs.append((b, n, bench_generate if cfg.bench_e2e or not cfg.cuda_graph else bench_step_times))
             for b, n, fn in runs:
                 try:
                     r = fn(model, b, prompt_len, n, cfg)
@@ -964,7 +825,7 @@ def _bench(cfg, device):
                      "roofline_frac": r["decode_tokens_per_s"] / roof,
                      "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9, **r}
                 result["results"].append(r)
-                write_json(path, result)
+                md.write_json(path, result)
                 print(f"{shape} {kind:7s} batch {b:5d} gen {n:5d}: {r['tokens_per_s']:9.0f} tok/s "
                       f"(decode {r['decode_tokens_per_s']:9.0f}, {r['roofline_frac']:.0%} of roofline "
                       f"{roof:9.0f}; {r['method']}) peak {r['peak_mem_GB']:.1f} GB", flush=True)
@@ -982,21 +843,36 @@ def _bench(cfg, device):
     result["ratios"] = ratios
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
-    write_json(path, result)
+    md.write_json(path, result)
     print(f"wrote {path}")
 
 
 def main(argv=None):
-    cfg = md.parse_config(SampleConfig, argv, description=__doc__.strip().splitlines()[0])
+    cfg = parse_config(SampleConfig, argv, description=__doc__.strip().splitlines()[0])
     if cfg.device == "auto":
         cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
-    resolve_state_dtype(cfg.state_dtype, torch.float32)  # a bad flag fails before any work
-    return bench(cfg) if cfg.bench else evaluate(cfg)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is visible")
+    if cfg.k & (cfg.k - 1):
+        raise InputError(f"--k: expected a power of two, got {cfg.k}")
+    if cfg.name and (not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) or cfg.name in (".", "..")):
+        raise InputError(f"--name {cfg.name!r}: expected a plain name (letters, digits, . _ -) for out_dir/eval/<name>")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise InputError(f"--out_dir {cfg.out_dir}: exists and is not a directory")
+    if cfg.bench:
+        for name in ("bench_batches", "bench_gen_lens"):
+            if not all(x.isdigit() and int(x) > 0 for x in filter(None, getattr(cfg, name).split(","))):
+                raise InputError(f"--{name}: expected positive whole numbers separated by commas, got {getattr(cfg, name)!r}")
+        for shape in cfg.bench_shapes.split(","):
+            for kind in cfg.bench_models.split(","):
+                md.shape_config(shape, kind)  # unknown names fail here, before any work
+        return bench(cfg)
+    return evaluate(cfg)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except md.InputError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

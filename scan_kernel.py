@@ -1,25 +1,28 @@
-"""Triton SSD scan (Mamba-2 "state-space duality"): forward, backward, decode step; and the other
-kernels the project's speed depends on: the fused KL loss, the teacher's decode attention and the
-student's conv decode step.
+"""
+The Triton SSD scan of the students' Mamba-2 mixers (forward, backward, decode step) beside its
+pure-PyTorch reference, and the other kernels the speed comparison depends on.
 
-The student's mixer is the selective state-space recurrence of Mamba-2, per batch b and head h:
+The mixer is the selective state-space recurrence of Mamba-2, per batch b and head h:
 
     state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * outer(x_t, B_t[g(h)])     # (p, n)
     y_t     = state_t @ C_t[g(h)] + D_h * x_t                                   # (p,)
 
-Run:  python scan_kernel.py --check           quick correctness check on the current device
-      python scan_kernel.py --bench [--mamba_path DIR]   speed vs the PyTorch path and mamba_ssm
-      python -m pytest -q test_all.py -k scan    the tests (CPU: Triton interpreter, tiny shapes)
-      python -m pytest -q test_all.py -k kl      the fused KL loss's tests
-      python -m pytest -q test_all.py -k decode_attention    the decode attention's tests
+Run:  python scan_kernel.py --check           correctness check on the current device
+      python scan_kernel.py --bench [--mamba_path DIR]   speed against the PyTorch path and mamba_ssm
+      python -m pytest -q test_all.py -k "scan or step or kl or decode_attention or conv"
 
-Glossary: b batch, l length, h heads, p head dim (x, y), n state dim (B, C), g groups (head h
-reads B and C of group h // (h/g); the MambaInLlama student's scan gets g == h, its decode step x and B
-per kv head (gx = gb = g_kv) and C per head), c chunk length, k chunk
-index, i/j/t positions inside a chunk, s the running sum of the log-decay dt*A inside a chunk,
-S a (p, n) state. Decode attention: e head dim, g kv heads, r = h/g query heads per kv head, s cache
-slots, t the slot of the newest token, pad the left padding of each row. KL: N rows, V vocabulary,
-T temperature. Conv step: d channels (the mixer's x, B and C), w taps, a ring of the last w-1 inputs.
+In this file, in order: the derivation (below); the references; the forward kernels; the backward
+kernel right after them; the autograd Function; the decode step; then the kernels the speed
+comparison needs (the teacher's decode attention, the students' conv step, stage 2's fused KL loss);
+then the check, the benchmark and the command line the project's scripts share.
+
+Glossary: b batch, l length, h heads, p head dim (x, y), n state dim (B, C), g groups (head h reads
+B and C of group h // (h/g); the student's scan gets g == h, its decode step x and B per kv head and
+C per head), c chunk length, k chunk index, i/j/t positions inside a chunk, s the running sum of the
+log-decay dt*A inside a chunk, S a (p, n) state. Decode attention: e head dim, g kv heads, r = h/g
+query heads per kv head, s cache slots, t the slot of the newest token, pad the left padding of each
+row. Conv step: d channels (the mixer's x, B and C), w taps, a ring of the last w-1 inputs. KL: N
+rows, V vocabulary, T temperature.
 
 The trick (chunked SSD, Dao & Gu 2024, "Transformers are SSMs", sec. 6). Run sequentially, the
 recurrence needs l dependent steps of p*n work: no matrix multiplies, no parallelism along l. Cut
@@ -53,43 +56,39 @@ math inside the step.
 
 Shapes and dtypes: any l; any p, n up to 128 (tiles are padded to powers of two >= 16 by masks);
 x, B, C in bf16, fp16 or fp32 (fp32 dots run as tf32 on GPU); dt, A, D fp32; the scan's states fp32
-(the decode step's may be bf16); any strides.
-The forward saves the entering state of every chunk for the backward: b*h*ceil(l/c)*p*n*4 bytes.
-Under the interpreter (TRITON_INTERPRET=1) kernels loop with `while` or over constexpr bounds:
-`range(runtime int)` fails there with numpy 2.4 (int() of a 1-element array), works with 2.3.
+(the decode step's may be bf16); any strides. The forward saves the entering state of every chunk
+for the backward: b*h*ceil(l/c)*p*n*4 bytes. Under the interpreter (TRITON_INTERPRET=1) kernels loop
+with `while` or over constexpr bounds: `range(runtime int)` fails there with numpy 2.4.
 
-The fused KL loss (fused_kl_div; kl_div_ref is its definition) is stage 2 of distillation: per row
-of N rows (tokens) of student and teacher logits over a vocabulary of V, at temperature T, the KL
-between softmax(t / T) and softmax(s / T), forward KL(p_t || p_s) or reverse KL(p_s || p_t). In
-PyTorch it materialises several fp32 (N, V) tensors, 4 GB each at N = 8192, V = 128256. The kernel
-gives each row one program that streams its two rows of logits in blocks of the vocabulary, in fp32
-registers: pass 1 finds both log-sum-exps online (a running max, and a running sum of exponentials
-rescaled whenever the max grows); pass 2 sums the KL and, for the forward KL, writes the gradient
-(p_s - p_t) / T; the reverse KL's gradient p_s ((log p_s - log p_t) - KL) / T needs the finished KL,
-so a third pass writes it. The gradient is written during the forward into one (N, V) buffer of the
-logits' dtype, and the backward only scales it by the incoming gradient, in place: no fp32 (N, V)
-tensor ever exists, and the logits are read two or three times.
+The teacher's decode attention (decode_attention) is one token of grouped-query attention against
+the KV cache: q (b, h, e) against keys and values (b, g, s, e), h = g*r; row i sees slots pad_i..t,
+t the slot just written. It is memory-bound: every key and value is read once. "Flash-decoding":
+each program takes one (row, kv head), so the r query heads of a group share each key they read (an
+(r, e) x (e, block) tl.dot, r padded to 16), and one split of the slots: splits are fixed ranges of
+SPLIT slots, the same whatever the batch, so a row's result never depends on how many rows run with
+it (samples are then the same at any batch size or number of GPUs), and a cache of a few thousand
+slots is read by several programs per row even at small batch. Each keeps an online softmax (running
+max m, sum l, weighted values acc, rescaled when the max grows) and a second kernel merges the
+splits. t and pad are read from device memory, never from the host: one captured CUDA graph serves
+every step, and a step reads only the keys that exist.
 
-The teacher's decode attention (decode_attention; decode_attention_ref is its definition) is one
-token of grouped-query attention against the KV cache: q (b, h, e) against keys and values
-(b, g, s, e) of g kv heads, h = g*r. Row i sees slots pad_i..t, t the slot just written. It is
-memory-bound: every key and value is read once. "Flash-decoding": each program takes one (row, kv
-head), so the r query heads of a group share each key they read (a (r, e) x (e, block) tl.dot, r
-padded to 16), and one split of the slots: splits are fixed ranges of SPLIT slots, the same whatever
-the batch, so a row's result never depends on how many rows run with it (what keeps samples
-reproducible across batch sizes and GPUs), and a cache of a few thousand slots is read by several
-programs per row even at small batch. Each keeps an online softmax (running max m, sum l, weighted
-values acc, rescaled when the max grows) and a second kernel merges the splits. t and pad are read
-from device memory, never
-from the host: the sampler's one captured CUDA graph serves every step, and a step reads only the
-keys that exist.
+The conv step (conv_step) is the mixer's short causal depthwise conv for one decode token: out =
+silu(bias + sum_j weight_j * input_{t-w+1+j}). Its state is a ring of the last w-1 inputs, channels
+last, slot s's input in row s % (w-1): one program per (row, block of channels) reads the w-1 rows,
+writes the new input over the oldest and the output. It reads its slot from the device too.
 
-The conv step (conv_step; conv_step_ref is its definition) is the mixer's short causal depthwise
-conv for one decode token: out = silu(bias + sum_j weight_j * input_{t-w+1+j}). Its state is a ring
-of the last w-1 inputs, channels last, slot s's input in row s % (w-1): one program per (row, block
-of channels) reads the w-1 rows, writes the new input over the oldest and the output. Like the SSM
-step it reads its slot from the device and is memory-bound.
+The fused KL loss (fused_kl_div) is stage 2 of distillation: per row of N rows (tokens) of student
+and teacher logits over a vocabulary of V, at temperature T, the KL between softmax(t / T) and
+softmax(s / T), forward KL(p_t || p_s) or reverse KL(p_s || p_t). In PyTorch it materialises several
+fp32 (N, V) tensors, 4 GB each at N = 8192, V = 128256. The kernel gives each row one program that
+streams its two rows of logits in blocks of the vocabulary, in fp32 registers: pass 1 finds both
+log-sum-exps online (a running max, and a running sum of exponentials rescaled whenever the max
+grows); pass 2 sums the KL and, for the forward KL, writes the gradient (p_s - p_t) / T; the reverse
+KL's gradient p_s ((log p_s - log p_t) - KL) / T needs the finished KL, so a third pass writes it.
+The gradient is written during the forward into one (N, V) buffer of the logits' dtype, and the
+backward only scales it by the incoming gradient, in place: no fp32 (N, V) tensor ever exists.
 """
+import argparse
 import dataclasses
 import importlib
 import math
@@ -106,7 +105,8 @@ import triton.testing
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# ----------------------------------------------------------------------------- references
+# -----------------------------------------------------------------------------
+# References: the recurrence as written, and the chunked algorithm in plain PyTorch
 
 def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False):
     """Sequential definition, one token at a time, fp32 math; y in x's dtype."""
@@ -130,23 +130,8 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, return_final_state=
     return (y, state) if return_final_state else y
 
 
-def ssd_step_ref(state, x, dt, A, B, C, D=None):
-    """One decode step: updates state (b, h, p, n) in place (fp32 math, stored in the state's dtype),
-    returns y (b, h, p) in x's dtype. x (b, gx, p), B (b, gb, n) and C (b, gc, n) may each be shared
-    by groups of heads: head i reads group i // (h / g) of each."""
-    h = state.shape[1]
-    xh, Bh, Ch = (v.float().repeat_interleave(h // v.shape[1], dim=1) for v in (x, B, C))  # (b, h, p), (b, h, n) x2
-    decay = torch.exp(dt.float() * A.float())  # (b, h)
-    new = decay[..., None, None] * state.float() + (dt.float()[..., None] * xh)[..., None] * Bh[:, :, None, :]  # (b, h, p, n)
-    state.copy_(new)
-    y = (new @ Ch[..., None]).squeeze(-1)  # (b, h, p)
-    if D is not None:
-        y = y + D.float()[:, None] * xh
-    return y.to(x.dtype)
-
-
-def ssd_scan_chunked_torch(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
-    """The chunked algorithm of the docstring in plain PyTorch (fp32), returning (y, final state):
+def ssd_scan_chunked_torch(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, chunk_size=64):
+    """The chunked algorithm of the docstring in plain PyTorch (fp32), the same interface as ssd_scan:
     what the model runs on a CPU, and the benchmark's PyTorch path (the sequential reference is far
     too slow at l = 8192)."""
     b, l, h, p = x.shape
@@ -176,43 +161,27 @@ def ssd_scan_chunked_torch(x, dt, A, B, C, D=None, initial_state=None, chunk_siz
     y = y + torch.einsum("bkchn,bkhpn->bkchp", Cs, states) * torch.exp(s)[..., None]
     if D is not None:
         y = y + D.float()[:, None] * xs
-    return y.reshape(b, k * c, h, p)[:, :l].to(x.dtype), state
+    y = y.reshape(b, k * c, h, p)[:, :l].to(x.dtype)
+    return (y, state) if return_final_state else y
 
 
-def decode_attention_ref(q, k_cache, v_cache, t, pad, scale=None):
-    """One decode step of grouped-query attention, fp32 math: q (b, h, e) against the cached keys
-    k_cache, v_cache (b, g, s, e) at slots pad[i]..t of row i (t a 1-element tensor). (b, h, e)."""
-    b, h, e = q.shape
-    g, s = k_cache.shape[1], k_cache.shape[2]
-    slots = torch.arange(s, device=q.device)  # (s,)
-    lo = pad.clamp(max=int(t))  # (b,) an all-padding row sees slot t alone, as the kernel does
-    ok = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= t)  # (b, s) the keys row i may see
-    qg = q.float().view(b, g, h // g, e)  # (b, g, r, e): the r query heads that share kv head g
-    scores = torch.einsum("bgre,bgse->bgrs", qg, k_cache.float()) * (scale or e ** -0.5)  # (b, g, r, s)
-    scores = scores.masked_fill(~ok[:, None, None, :], -math.inf)
-    y = torch.einsum("bgrs,bgse->bgre", scores.softmax(-1), v_cache.float())  # (b, g, r, e)
-    return y.reshape(b, h, e).to(q.dtype)
+def ssd_step_ref(state, x, dt, A, B, C, D=None):
+    """One decode step: updates state (b, h, p, n) in place (fp32 math, stored in the state's dtype),
+    returns y (b, h, p) in x's dtype. x (b, gx, p), B (b, gb, n) and C (b, gc, n) may each be shared
+    by groups of heads: head i reads group i // (h / g) of each."""
+    h = state.shape[1]
+    xh, Bh, Ch = (v.float().repeat_interleave(h // v.shape[1], dim=1) for v in (x, B, C))  # (b, h, p), (b, h, n) x2
+    decay = torch.exp(dt.float() * A.float())  # (b, h)
+    new = decay[..., None, None] * state.float() + (dt.float()[..., None] * xh)[..., None] * Bh[:, :, None, :]  # (b, h, p, n)
+    state.copy_(new)
+    y = (new @ Ch[..., None]).squeeze(-1)  # (b, h, p)
+    if D is not None:
+        y = y + D.float()[:, None] * xh
+    return y.to(x.dtype)
 
 
-def ring_rows(t, r):
-    """The rows of a ring of r past inputs (slot s's input in row s % r) that hold the r inputs
-    before slot t, oldest first: slots t-r+j sit in rows (t + j) % r. t: a 1-element long tensor."""
-    return (t + torch.arange(r, device=t.device)) % r  # (r,)
-
-
-def conv_step_ref(state, x, weight, bias, slot, activation=True):
-    """One token of the mixer's causal depthwise conv, fp32 math. state (b, w-1, d) is a ring of the
-    last w-1 inputs (slot s's input in row s % (w-1)); x (b, d) is the input of slot `slot` (a
-    1-element long tensor); weight (d, w), bias (d,). Overwrites the oldest row with x, returns
-    silu(conv) (or the conv alone) (b, d) in x's dtype."""
-    r = weight.shape[1] - 1
-    past = state.index_select(1, ring_rows(slot, r)).float()  # (b, w-1, d) oldest first
-    out = (past * weight[:, :r].t().float()).sum(1) + x.float() * weight[:, r].float() + bias.float()  # (b, d)
-    state.index_copy_(1, slot % r, x[:, None].to(state.dtype))
-    return (torch.nn.functional.silu(out) if activation else out).to(x.dtype)
-
-
-# ----------------------------------------------------------------------------- kernels
+# -----------------------------------------------------------------------------
+# Forward kernels
 
 @triton.jit
 def _chunk_log_decay(dt_ptr, A_ptr, b, h, t, t_mask, s_dt_b, s_dt_l, s_dt_h):
@@ -300,12 +269,10 @@ def _decay_matrix(s, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _chunk_out_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y_ptr,
-                      L, H, P, N, NCHUNKS,
-                      s_x_b, s_x_l, s_x_h, s_x_p, s_dt_b, s_dt_l, s_dt_h,
-                      s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n,
-                      HPG: tl.constexpr, HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One (chunk, b*g): y = exp(s) C S_k^T + (L o C B^T)(dt x) + D x for the h/g heads of group g."""
+def _chunk_group(B_ptr, C_ptr, L, H, N, s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n,
+                 HPG: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What the output and backward kernels' programs, one per (chunk, b*g), start from: their indices,
+    the group's B and C (c, n) and C B^T (c, c) in fp32, which the group's h/g heads share."""
     k = tl.program_id(0)
     bg = tl.program_id(1)
     G = H // HPG
@@ -314,11 +281,22 @@ def _chunk_out_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y_p
     t_mask = t < L
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    tp_mask = t_mask[:, None] & (offs_p[None, :] < P)
     tn_mask = t_mask[:, None] & (offs_n[None, :] < N)
     Bm = tl.load(B_ptr + b * s_b_b + t[:, None] * s_b_l + grp * s_b_g + offs_n[None, :] * s_b_n, mask=tn_mask, other=0.0)  # (c, n)
     Cm = tl.load(C_ptr + b * s_c_b + t[:, None] * s_c_l + grp * s_c_g + offs_n[None, :] * s_c_n, mask=tn_mask, other=0.0)  # (c, n)
-    cb = tl.dot(Cm, tl.trans(Bm))  # (c, c) fp32, shared by the group's heads
+    return k, b, grp, G, t, t_mask, offs_p, offs_n, tn_mask, Bm, Cm, tl.dot(Cm, tl.trans(Bm))
+
+
+@triton.jit
+def _chunk_out_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y_ptr,
+                      L, H, P, N, NCHUNKS,
+                      s_x_b, s_x_l, s_x_h, s_x_p, s_dt_b, s_dt_l, s_dt_h,
+                      s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n,
+                      HPG: tl.constexpr, HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (chunk, b*g): y = exp(s) C S_k^T + (L o C B^T)(dt x) + D x for the h/g heads of group g."""
+    k, b, grp, G, t, t_mask, offs_p, offs_n, tn_mask, Bm, Cm, cb = _chunk_group(
+        B_ptr, C_ptr, L, H, N, s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n, HPG, CHUNK, BLOCK_P, BLOCK_N)
+    tp_mask = t_mask[:, None] & (offs_p[None, :] < P)
     for hh in range(HPG):
         h = grp * HPG + hh
         dt, s, s_last = _chunk_log_decay(dt_ptr, A_ptr, b, h, t, t_mask, s_dt_b, s_dt_l, s_dt_h)
@@ -334,6 +312,78 @@ def _chunk_out_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y_p
         tl.store(y_ptr + ((b * L + t[:, None]) * H + h) * P + offs_p[None, :], y.to(y_ptr.dtype.element_ty), mask=tp_mask)
 
 
+# Fixed launch options for the chunk kernels, no autotune (it made results depend on which config
+# won). num_warps=8 gave wrong gradients and an illegal memory access for small tiles (p=16, n=32,
+# chunk 64), but is right and faster for the backward at p=n=64 when a group has several heads;
+# num_stages=2 was slower. Chunk 128 at p=n=64, or chunk 64 at p=n=128, needs more shared memory
+# than an H100/H200 has: the default chunk is 32 above 64.
+CHUNK_OPTS = dict(num_warps=4, num_stages=1)
+PASS_STEP, PASS_BLOCK = 16, 256  # passing kernel: chunks per step (tl.dot needs >= 16), state entries per program
+
+
+def _bwd_opts(hpg, block_p, block_n):
+    return dict(CHUNK_OPTS, num_warps=8) if hpg > 1 and min(block_p, block_n) >= 64 and not INTERPRET else CHUNK_OPTS
+
+
+def _blocks(p, n):
+    # tl.dot needs every dimension >= 16; smaller or odd p, n are padded by masks
+    return max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(n))
+
+
+def _default_chunk(p, n):
+    return 16 if INTERPRET else (64 if max(_blocks(p, n)) <= 64 else 32)  # small chunks keep the interpreter fast
+
+
+def _expect_shapes(want, of):
+    """want: {name: (tensor or None, expected shape)}; a wrong shape would read out of bounds."""
+    for name, (t, shape) in want.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"scan_kernel.py: {name} has shape {tuple(t.shape)}, expected {shape} for {of}")
+
+
+def _check_groups(h, g, p, n):
+    if h % g:
+        raise ValueError(f"scan_kernel.py: heads h={h} must be a multiple of groups g={g}")
+    if p > 128 or n > 128:
+        raise ValueError(f"scan_kernel.py: p={p} and n={n} must be at most 128 (one tile per head)")
+
+
+def _check_scan_args(x, dt, A, B, C, D, initial_state, chunk):
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    _expect_shapes({"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "C": (C, (b, l, g, n)),
+                    "D": (D, (h,)), "initial_state": (initial_state, (b, h, p, n))}, f"x {tuple(x.shape)}")
+    _check_groups(h, g, p, n)
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"scan_kernel.py: chunk_size={chunk} must be a power of two >= 16")
+
+
+def _scan_fwd(x, dt, A, B, C, D, initial_state, chunk):
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    nchunks = triton.cdiv(l, chunk)
+    BLOCK_P, BLOCK_N = _blocks(p, n)
+    dev = x.device
+    states = torch.empty(b, h, nchunks, p, n, device=dev, dtype=torch.float32)  # own contributions, then entering states
+    logdecay = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)  # s_last of every chunk
+    _chunk_state_kernel[(nchunks, b * h)](x, B, dt, A, states, logdecay, l, h, h // g, p, n, nchunks,
+                                          *x.stride(), *B.stride(), *dt.stride(),
+                                          BACKWARD=False, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
+    final = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
+    init = states if initial_state is None else initial_state.to(torch.float32).contiguous()
+    _state_passing_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
+        states, logdecay, init, final, nchunks, p * n,
+        HAS_INIT=initial_state is not None, REVERSE=False, STEP=PASS_STEP, BLOCK=PASS_BLOCK)
+    y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+    _chunk_out_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, y, l, h, p, n, nchunks,
+                                        *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
+                                 HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
+    return y, final, states, logdecay
+
+
+# -----------------------------------------------------------------------------
+# Backward kernel, and the autograd Function that ties forward and backward together
+
 @triton.jit
 def _chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dstates_ptr, dy_ptr,
                       dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr,
@@ -345,20 +395,10 @@ def _chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dst
     """One (chunk, b*g). Inputs: the saved entering state S_k and the gradient G of the leaving
     state S_{k+1}, both (p, n). dx, ddt per head; dB, dC summed over the group's heads in registers;
     per-(b, h, k) partial sums for dA and dD."""
-    k = tl.program_id(0)
-    bg = tl.program_id(1)
-    G_ = H // HPG
-    b, grp = bg // G_, bg % G_
-    t = k * CHUNK + tl.arange(0, CHUNK)
-    t_mask = t < L
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
+    k, b, grp, G_, t, t_mask, offs_p, offs_n, tn_mask, Bm, Cm, cb = _chunk_group(
+        B_ptr, C_ptr, L, H, N, s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n, HPG, CHUNK, BLOCK_P, BLOCK_N)
     tp_mask = t_mask[:, None] & (offs_p[None, :] < P)
-    tn_mask = t_mask[:, None] & (offs_n[None, :] < N)
     pn_mask = (offs_p[:, None] < P) & (offs_n[None, :] < N)
-    Bm = tl.load(B_ptr + b * s_b_b + t[:, None] * s_b_l + grp * s_b_g + offs_n[None, :] * s_b_n, mask=tn_mask, other=0.0)  # (c, n)
-    Cm = tl.load(C_ptr + b * s_c_b + t[:, None] * s_c_l + grp * s_c_g + offs_n[None, :] * s_c_n, mask=tn_mask, other=0.0)  # (c, n)
-    cb = tl.dot(Cm, tl.trans(Bm))  # (c, c) fp32
     dB = tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32)
     dC = tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32)
     for hh in range(HPG):
@@ -413,6 +453,69 @@ def _chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dst
     tl.store(dC_ptr + dbc_offs, dC.to(dC_ptr.dtype.element_ty), mask=tn_mask)
 
 
+def _scan_bwd(x, dt, A, B, C, D, states, logdecay, dy, dfinal, chunk):
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    nchunks = states.shape[2]
+    BLOCK_P, BLOCK_N = _blocks(p, n)
+    dev = x.device
+    dstates = torch.empty_like(states)  # dloss/dS_k from chunk k's outputs, then dloss/dS_{k+1}
+    _chunk_state_kernel[(nchunks, b * h)](dy, C, dt, A, dstates, logdecay, l, h, h // g, p, n, nchunks,
+                                          *dy.stride(), *C.stride(), *dt.stride(),
+                                          BACKWARD=True, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
+    dinit = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
+    _state_passing_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
+        dstates, logdecay, dstates if dfinal is None else dfinal.to(torch.float32).contiguous(), dinit, nchunks, p * n,
+        HAS_INIT=dfinal is not None, REVERSE=True, STEP=PASS_STEP, BLOCK=PASS_BLOCK)
+    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+    ddt = torch.empty(b, l, h, device=dev, dtype=torch.float32)
+    dB = torch.empty(b, l, g, n, device=dev, dtype=B.dtype)
+    dC = torch.empty(b, l, g, n, device=dev, dtype=C.dtype)
+    dA_part = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)
+    dD_part = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)
+    _chunk_bwd_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, dstates, dy,
+                                        dx, ddt, dB, dC, dA_part, dD_part, l, h, p, n, nchunks,
+                                        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
+                                        HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+                                        **_bwd_opts(h // g, BLOCK_P, BLOCK_N))
+    dD = None if D is None else dD_part.sum((0, 2)).to(D.dtype)  # (h,)
+    return dx, ddt.to(dt.dtype), dA_part.sum((0, 2)).to(A.dtype), dB, dC, dD, dinit
+
+
+class _SSDScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, initial_state, chunk):
+        y, final, states, logdecay = _scan_fwd(x, dt, A, B, C, D, initial_state, chunk)
+        ctx.save_for_backward(x, dt, A, B, C, D, states, logdecay)
+        ctx.chunk = chunk
+        ctx.init_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, states, logdecay = ctx.saved_tensors
+        if dy is None:  # only the final state was used
+            dy = torch.zeros_like(x)
+        dx, ddt, dA, dB, dC, dD, dinit = _scan_bwd(x, dt, A, B, C, D, states, logdecay, dy, dfinal, ctx.chunk)
+        dinit = None if ctx.init_dtype is None else dinit.to(ctx.init_dtype)
+        return dx, ddt, dA, dB, dC, dD, dinit, None
+
+
+def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, *, chunk_size=None):
+    """Chunked Triton scan; same semantics as ssd_scan_ref. chunk_size: power of two >= 16
+    (default 64 on GPU, 32 when p or n > 64, 16 under the interpreter)."""
+    chunk = chunk_size or _default_chunk(x.shape[3], B.shape[3])
+    _check_scan_args(x, dt, A, B, C, D, initial_state, chunk)
+    # the kernels index A and D as plain (h,) arrays: any other stride would read the wrong heads
+    A, D = A.contiguous(), (None if D is None else D.contiguous())
+    y, final = _SSDScanFn.apply(x, dt, A, B, C, D, initial_state, chunk)
+    return (y, final) if return_final_state else y
+
+
+# -----------------------------------------------------------------------------
+# Decode step: one token of the recurrence, in place on the state
+
 @triton.jit
 def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, H, XPG, BPG, CPG, P, N,
                  s_st_b, s_st_h, s_st_p, s_st_n, s_x_b, s_x_g, s_x_p, s_dt_b, s_dt_h,
@@ -441,6 +544,55 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, H,
     if HAS_D:
         y += tl.load(D_ptr + h).to(tl.float32) * x
     tl.store(y_ptr + bh * P + offs_p, y.to(y_ptr.dtype.element_ty), mask=p_mask)
+
+
+# state entries per program of the step kernel: a whole 64 x 64 head per program moved the most bytes
+STEP_TILE, STEP_OPTS = 4096, dict(num_warps=4)
+
+
+def ssd_step(state, x, dt, A, B, C, D=None):
+    """One decode step in place on state (b, h, p, n) (fp32, or bf16/fp16 to halve the bytes; the
+    math is fp32 either way); returns y (b, h, p) in x's dtype.
+    x (b, gx, p), B (b, gb, n), C (b, gc, n): each may be shared by groups of heads (gx, gb, gc divide
+    h), read in place by every head of its group: the MambaInLlama student passes x and B per kv head
+    and C per head, and a repeat to h heads would cost two (b, h, p) copies a layer.
+    No host sync, no autotune, one fixed-size output: safe inside a captured CUDA graph."""
+    b, h, p, n = state.shape
+    gx, gb, gc = x.shape[1], B.shape[1], C.shape[1]
+    if state.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"scan_kernel.py: state must be fp32, bf16 or fp16, got {state.dtype}")
+    _expect_shapes({"x": (x, (b, gx, p)), "dt": (dt, (b, h)), "A": (A, (h,)), "B": (B, (b, gb, n)),
+                    "C": (C, (b, gc, n)), "D": (D, (h,))}, f"state {tuple(state.shape)}")
+    for g in (gx, gb, gc):
+        _check_groups(h, g, p, n)
+    A, D = A.contiguous(), (None if D is None else D.contiguous())  # indexed as plain (h,) arrays
+    BLOCK_N = triton.next_power_of_2(n)
+    BLOCK_P = min(triton.next_power_of_2(p), max(1, STEP_TILE // BLOCK_N))
+    y = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
+    _step_kernel[(b * h, triton.cdiv(p, BLOCK_P))](state, x, dt, A, B, C, A if D is None else D, y, h,
+                                                   h // gx, h // gb, h // gc, p, n,
+                                                   *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
+                                                   HAS_D=D is not None, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **STEP_OPTS)
+    return y
+
+
+# -----------------------------------------------------------------------------
+# The kernels the speed comparison needs: the teacher's decode attention, the students' conv step,
+# stage 2's fused KL loss; each after its PyTorch definition
+
+def decode_attention_ref(q, k_cache, v_cache, t, pad, scale=None):
+    """One decode step of grouped-query attention, fp32 math: q (b, h, e) against the cached keys
+    k_cache, v_cache (b, g, s, e) at slots pad[i]..t of row i (t a 1-element tensor). (b, h, e)."""
+    b, h, e = q.shape
+    g, s = k_cache.shape[1], k_cache.shape[2]
+    slots = torch.arange(s, device=q.device)  # (s,)
+    lo = pad.clamp(max=int(t))  # (b,) an all-padding row sees slot t alone, as the kernel does
+    ok = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= t)  # (b, s) the keys row i may see
+    qg = q.float().view(b, g, h // g, e)  # (b, g, r, e): the r query heads that share kv head g
+    scores = torch.einsum("bgre,bgse->bgrs", qg, k_cache.float()) * (scale or e ** -0.5)  # (b, g, r, s)
+    scores = scores.masked_fill(~ok[:, None, None, :], -math.inf)
+    y = torch.einsum("bgrs,bgse->bgre", scores.softmax(-1), v_cache.float())  # (b, g, r, e)
+    return y.reshape(b, h, e).to(q.dtype)
 
 
 @triton.jit
@@ -518,198 +670,6 @@ def _decode_attn_combine_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, G, R, E, s_o_b, s_
              y.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr, slot_ptr, D,
-                      s_st_b, s_st_r, s_x_b, s_w_d, s_o_b,
-                      R: tl.constexpr, W: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One (row b, block of channels): the conv over the ring's w-1 = R past inputs and x, then x
-    written over the oldest row. Each program reads its rows before writing one of them. The taps
-    are one (d, W) tile, W = next power of two >= R + 1: column j < R holds slot t-R+j (ring row
-    (t + j) % R), column R holds x, columns past R are zero; the weight is loaded the same way, in
-    one contiguous read (per-tap strided loads made the kernel 1.9x slower)."""
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (d,)
-    taps = tl.arange(0, W)  # (W,)
-    mask = offs < D
-    t = tl.load(slot_ptr)  # the slot of x, read on the device: one captured graph serves every step
-    w = tl.load(w_ptr + offs[:, None] * s_w_d + taps[None, :], mask=mask[:, None] & (taps[None, :] <= R),
-                other=0.0).to(tl.float32)  # (d, W)
-    xv = tl.load(x_ptr + b * s_x_b + offs, mask=mask, other=0.0)  # (d,)
-    past = tl.load(state_ptr + b * s_st_b + ((t + taps[None, :]) % R) * s_st_r + offs[:, None],
-                   mask=mask[:, None] & (taps[None, :] < R), other=0.0).to(tl.float32)  # (d, W)
-    inp = tl.where(taps[None, :] == R, xv.to(tl.float32)[:, None], past)  # (d, W) oldest first, then x
-    acc = tl.sum(inp * w, axis=1) + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (d,)
-    tl.store(state_ptr + b * s_st_b + (t % R) * s_st_r + offs, xv.to(state_ptr.dtype.element_ty), mask=mask)
-    if ACT:
-        acc = acc * tl.sigmoid(acc)  # silu
-    tl.store(out_ptr + b * s_o_b + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------- launchers
-
-# Fixed launch options for the chunk kernels, measured on an H200 (triton 3.6), no autotune (it made
-# results depend on which config won). num_warps=8 gave wrong gradients and an illegal memory access
-# for small tiles (p=16, n=32, chunk 64), but was right and 20% faster for the backward at p=n=64
-# when a group has several heads; num_stages=2 was slower. Chunk 128 at p=n=64, or chunk 64 at
-# p=n=128, needs more shared memory than an H100/H200 has: the default chunk is 32 above 64.
-CHUNK_OPTS = dict(num_warps=4, num_stages=1)
-
-
-def _bwd_opts(hpg, block_p, block_n):
-    return dict(CHUNK_OPTS, num_warps=8) if hpg > 1 and min(block_p, block_n) >= 64 and not INTERPRET else CHUNK_OPTS
-
-
-def _default_chunk(p, n):
-    return 16 if INTERPRET else (64 if max(_blocks(p, n)) <= 64 else 32)  # small chunks keep the interpreter fast
-
-
-PASS_STEP, PASS_BLOCK = 16, 256  # passing kernel: chunks per step (tl.dot needs >= 16), state entries per program
-
-
-def _expect_shapes(want, of):
-    """want: {name: (tensor or None, expected shape)}; a wrong shape would read out of bounds."""
-    for name, (t, shape) in want.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"scan_kernel.py: {name} has shape {tuple(t.shape)}, expected {shape} for {of}")
-
-
-def _check_groups(h, g, p, n):
-    if h % g:
-        raise ValueError(f"scan_kernel.py: heads h={h} must be a multiple of groups g={g}")
-    if p > 128 or n > 128:
-        raise ValueError(f"scan_kernel.py: p={p} and n={n} must be at most 128 (one tile per head)")
-
-
-def _check_scan_args(x, dt, A, B, C, D, initial_state, chunk):
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    _expect_shapes({"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "C": (C, (b, l, g, n)),
-                    "D": (D, (h,)), "initial_state": (initial_state, (b, h, p, n))}, f"x {tuple(x.shape)}")
-    _check_groups(h, g, p, n)
-    if chunk < 16 or chunk & (chunk - 1):
-        raise ValueError(f"scan_kernel.py: chunk_size={chunk} must be a power of two >= 16")
-
-
-def _blocks(p, n):
-    # tl.dot needs every dimension >= 16; smaller or odd p, n are padded by masks
-    return max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(n))
-
-
-def _scan_fwd(x, dt, A, B, C, D, initial_state, chunk):
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    nchunks = triton.cdiv(l, chunk)
-    BLOCK_P, BLOCK_N = _blocks(p, n)
-    dev = x.device
-    states = torch.empty(b, h, nchunks, p, n, device=dev, dtype=torch.float32)  # own contributions, then entering states
-    logdecay = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)  # s_last of every chunk
-    _chunk_state_kernel[(nchunks, b * h)](x, B, dt, A, states, logdecay, l, h, h // g, p, n, nchunks,
-                                          *x.stride(), *B.stride(), *dt.stride(),
-                                          BACKWARD=False, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
-    final = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
-    init = states if initial_state is None else initial_state.to(torch.float32).contiguous()
-    _state_passing_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
-        states, logdecay, init, final, nchunks, p * n,
-        HAS_INIT=initial_state is not None, REVERSE=False, STEP=PASS_STEP, BLOCK=PASS_BLOCK)
-    y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
-    _chunk_out_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, y, l, h, p, n, nchunks,
-                                        *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
-                                 HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
-    return y, final, states, logdecay
-
-
-def _scan_bwd(x, dt, A, B, C, D, states, logdecay, dy, dfinal, chunk):
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    nchunks = states.shape[2]
-    BLOCK_P, BLOCK_N = _blocks(p, n)
-    dev = x.device
-    dstates = torch.empty_like(states)  # dloss/dS_k from chunk k's outputs, then dloss/dS_{k+1}
-    _chunk_state_kernel[(nchunks, b * h)](dy, C, dt, A, dstates, logdecay, l, h, h // g, p, n, nchunks,
-                                          *dy.stride(), *C.stride(), *dt.stride(),
-                                          BACKWARD=True, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
-    dinit = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
-    _state_passing_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
-        dstates, logdecay, dstates if dfinal is None else dfinal.to(torch.float32).contiguous(), dinit, nchunks, p * n,
-        HAS_INIT=dfinal is not None, REVERSE=True, STEP=PASS_STEP, BLOCK=PASS_BLOCK)
-    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
-    ddt = torch.empty(b, l, h, device=dev, dtype=torch.float32)
-    dB = torch.empty(b, l, g, n, device=dev, dtype=B.dtype)
-    dC = torch.empty(b, l, g, n, device=dev, dtype=C.dtype)
-    dA_part = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)
-    dD_part = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)
-    _chunk_bwd_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, dstates, dy,
-                                        dx, ddt, dB, dC, dA_part, dD_part, l, h, p, n, nchunks,
-                                        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
-                                        HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-                                        **_bwd_opts(h // g, BLOCK_P, BLOCK_N))
-    dD = None if D is None else dD_part.sum((0, 2)).to(D.dtype)  # (h,)
-    return dx, ddt.to(dt.dtype), dA_part.sum((0, 2)).to(A.dtype), dB, dC, dD, dinit
-
-
-class _SSDScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_state, chunk):
-        y, final, states, logdecay = _scan_fwd(x, dt, A, B, C, D, initial_state, chunk)
-        ctx.save_for_backward(x, dt, A, B, C, D, states, logdecay)
-        ctx.chunk = chunk
-        ctx.init_dtype = None if initial_state is None else initial_state.dtype
-        ctx.set_materialize_grads(False)
-        return y, final
-
-    @staticmethod
-    def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, states, logdecay = ctx.saved_tensors
-        if dy is None:  # only the final state was used
-            dy = torch.zeros_like(x)
-        dx, ddt, dA, dB, dC, dD, dinit = _scan_bwd(x, dt, A, B, C, D, states, logdecay, dy, dfinal, ctx.chunk)
-        dinit = None if ctx.init_dtype is None else dinit.to(ctx.init_dtype)
-        return dx, ddt, dA, dB, dC, dD, dinit, None
-
-
-def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, *, chunk_size=None):
-    """Chunked Triton scan; same semantics as ssd_scan_ref. chunk_size: power of two >= 16
-    (default 64 on GPU, 32 when p or n > 64, 16 under the interpreter)."""
-    chunk = chunk_size or _default_chunk(x.shape[3], B.shape[3])
-    _check_scan_args(x, dt, A, B, C, D, initial_state, chunk)
-    # the kernels index A and D as plain (h,) arrays: any other stride would read the wrong heads
-    A, D = A.contiguous(), (None if D is None else D.contiguous())
-    y, final = _SSDScanFn.apply(x, dt, A, B, C, D, initial_state, chunk)
-    return (y, final) if return_final_state else y
-
-
-# state entries per program of the step kernel: a whole 64 x 64 head per program moved the most
-# bytes on an H200 (tiles of 1024/2048/4096 entries with 2/4/8 warps were measured)
-STEP_TILE, STEP_OPTS = 4096, dict(num_warps=4)
-
-
-def ssd_step(state, x, dt, A, B, C, D=None):
-    """One decode step in place on state (b, h, p, n) (fp32, or bf16/fp16 to halve the bytes; the
-    math is fp32 either way); returns y (b, h, p) in x's dtype.
-    x (b, gx, p), B (b, gb, n), C (b, gc, n): each may be shared by groups of heads (gx, gb, gc divide
-    h), read in place by every head of its group: the MambaInLlama student passes x and B per kv head
-    and C per head, and a repeat to h heads would cost two (b, h, p) copies a layer (0.47 ms of a
-    31 ms step of the 1B pure student at batch 4096 on an H100).
-    No host sync, no autotune, one fixed-size output: safe inside a captured CUDA graph."""
-    b, h, p, n = state.shape
-    gx, gb, gc = x.shape[1], B.shape[1], C.shape[1]
-    if state.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"scan_kernel.py: state must be fp32, bf16 or fp16, got {state.dtype}")
-    _expect_shapes({"x": (x, (b, gx, p)), "dt": (dt, (b, h)), "A": (A, (h,)), "B": (B, (b, gb, n)),
-                    "C": (C, (b, gc, n)), "D": (D, (h,))}, f"state {tuple(state.shape)}")
-    for g in (gx, gb, gc):
-        _check_groups(h, g, p, n)
-    A, D = A.contiguous(), (None if D is None else D.contiguous())  # indexed as plain (h,) arrays
-    BLOCK_N = triton.next_power_of_2(n)
-    BLOCK_P = min(triton.next_power_of_2(p), max(1, STEP_TILE // BLOCK_N))
-    y = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
-    _step_kernel[(b * h, triton.cdiv(p, BLOCK_P))](state, x, dt, A, B, C, A if D is None else D, y, h,
-                                                   h // gx, h // gb, h // gc, p, n,
-                                                   *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
-                                                   HAS_D=D is not None, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **STEP_OPTS)
-    return y
-
-
 # keys per block of the decode attention, and slots per split: a row's keys are cut at fixed slot
 # boundaries, one program per split (programs of splits past t exit at once)
 ATTN_BLOCK_S, ATTN_SPLIT, ATTN_OPTS = 64, 1024, dict(num_warps=4)
@@ -752,16 +712,58 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
     return y
 
 
+def ring_rows(t, r):
+    """The rows of a ring of r past inputs (slot s's input in row s % r) that hold the r inputs
+    before slot t, oldest first: slots t-r+j sit in rows (t + j) % r. t: a 1-element long tensor."""
+    return (t + torch.arange(r, device=t.device)) % r  # (r,)
+
+
+def conv_step_ref(state, x, weight, bias, slot, activation=True):
+    """One token of the mixer's causal depthwise conv, fp32 math. state (b, w-1, d) is a ring of the
+    last w-1 inputs (slot s's input in row s % (w-1)); x (b, d) is the input of slot `slot` (a
+    1-element long tensor); weight (d, w), bias (d,). Overwrites the oldest row with x, returns
+    silu(conv) (or the conv alone) (b, d) in x's dtype."""
+    r = weight.shape[1] - 1
+    past = state.index_select(1, ring_rows(slot, r)).float()  # (b, w-1, d) oldest first
+    out = (past * weight[:, :r].t().float()).sum(1) + x.float() * weight[:, r].float() + bias.float()  # (b, d)
+    state.index_copy_(1, slot % r, x[:, None].to(state.dtype))
+    return (torch.nn.functional.silu(out) if activation else out).to(x.dtype)
+
+
+@triton.jit
+def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr, slot_ptr, D,
+                      s_st_b, s_st_r, s_x_b, s_w_d, s_o_b,
+                      R: tl.constexpr, W: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (row b, block of channels): the conv over the ring's w-1 = R past inputs and x, then x
+    written over the oldest row. Each program reads its rows before writing one of them. The taps
+    are one (d, W) tile, W = next power of two >= R + 1: column j < R holds slot t-R+j (ring row
+    (t + j) % R), column R holds x, columns past R are zero; the weight is loaded the same way, in
+    one contiguous read (per-tap strided loads are slower)."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (d,)
+    taps = tl.arange(0, W)  # (W,)
+    mask = offs < D
+    t = tl.load(slot_ptr)  # the slot of x, read on the device: one captured graph serves every step
+    w = tl.load(w_ptr + offs[:, None] * s_w_d + taps[None, :], mask=mask[:, None] & (taps[None, :] <= R),
+                other=0.0).to(tl.float32)  # (d, W)
+    xv = tl.load(x_ptr + b * s_x_b + offs, mask=mask, other=0.0)  # (d,)
+    past = tl.load(state_ptr + b * s_st_b + ((t + taps[None, :]) % R) * s_st_r + offs[:, None],
+                   mask=mask[:, None] & (taps[None, :] < R), other=0.0).to(tl.float32)  # (d, W)
+    inp = tl.where(taps[None, :] == R, xv.to(tl.float32)[:, None], past)  # (d, W) oldest first, then x
+    acc = tl.sum(inp * w, axis=1) + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (d,)
+    tl.store(state_ptr + b * s_st_b + (t % R) * s_st_r + offs, xv.to(state_ptr.dtype.element_ty), mask=mask)
+    if ACT:
+        acc = acc * tl.sigmoid(acc)  # silu
+    tl.store(out_ptr + b * s_o_b + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 CONV_BLOCK_D, CONV_OPTS = 1024, dict(num_warps=4)  # channels per program
 
 
 def conv_step(state, x, weight, bias, slot, activation=True):
     """One token of the causal depthwise conv, in place on the ring state (b, w-1, d); see
-    conv_step_ref. One kernel: the same PyTorch, compiled, ran as 3 kernels that also copied the
-    whole state (torch.compile did not update it in place): 2.7 ms of the 32.6 ms decode step of a
-    1B-shaped pure student at batch 4096 on an H100. This kernel takes 59 us a layer there (b 4096,
-    d 3072: 2.5 TB/s of the 151 MB it moves; 111 us with per-tap weight loads). Safe inside a
-    captured CUDA graph."""
+    conv_step_ref. One kernel, in place (the same PyTorch, compiled, ran as three kernels that also
+    copied the whole state). Safe inside a captured CUDA graph."""
     b, r, d = state.shape
     if r < 1:
         raise ValueError(f"scan_kernel.py: conv_step needs a conv width of at least 2, got a ring of {r} rows")
@@ -776,8 +778,6 @@ def conv_step(state, x, weight, bias, slot, activation=True):
                                                         BLOCK_D=CONV_BLOCK_D, **CONV_OPTS)
     return out
 
-
-# ----------------------------------------------------------------------------- fused KL loss (distillation, stage 2)
 
 def _check_kl_args(s_logits, t_logits, temperature, direction):
     if direction not in ("forward", "reverse"):
@@ -873,8 +873,8 @@ def _kl_fwd_kernel(s_ptr, t_ptr, grad_ptr, loss_ptr, V, s_stride, t_stride, inv_
                 v0 += BLOCK_V
 
 
-# Vocabulary entries per loop step and warps per row: one fixed config, chosen without measuring
-# (bench prints what it gives); small blocks under the interpreter keep the CPU tests fast.
+# Vocabulary entries per loop step and warps per row: one fixed config; small blocks under the
+# interpreter keep the CPU tests fast.
 KL_BLOCK_V, KL_OPTS = (256 if INTERPRET else 4096), dict(num_warps=8)
 
 
@@ -917,7 +917,8 @@ def fused_kl_div(s_logits, t_logits, temperature=1.0, direction="forward"):
     return loss.reshape(s_logits.shape[:-1])  # (...,)
 
 
-# ----------------------------------------------------------------------------- check
+# -----------------------------------------------------------------------------
+# Check: every kernel against its reference on the current device
 
 def _rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
@@ -1021,31 +1022,15 @@ def check(device):
     return ok
 
 
-# ----------------------------------------------------------------------------- benchmark
-
-def _opt(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-@dataclasses.dataclass
-class Config:
-    check: bool = _opt(False, "run the correctness check on the current device")
-    bench: bool = _opt(False, "run the speed benchmark (needs CUDA)")
-    mamba_path: str = _opt("", "dir holding mamba_ssm/ops/triton and mamba_ssm/utils: compare with mamba_ssm")
-    chunk_size: int = _opt(0, "our chunk length (power of two >= 16; 0 = the default for p, n)")
-    peer_chunk_size: int = _opt(256, "mamba_ssm's chunk length (its Mamba-2 default)")
-    shapes: str = _opt("4,2048,32,64,64,8;1,8192,32,64,64,8", "scan shapes b,l,h,p,n,g separated by ';'")
-    step_batches: str = _opt("64,256,1024", "batch sizes of the decode-step benchmark")
-    breakdown: bool = _opt(False, "also print per-kernel GPU times of one forward+backward (torch.profiler)")
-    kl_shape: str = _opt("8192,128256", "fused KL benchmark: rows N, vocabulary V (Llama 3's)")
-
+# -----------------------------------------------------------------------------
+# Benchmark: the scan against the PyTorch path and mamba_ssm's kernels; the step and the KL loss
 
 def load_mamba(path):
     """Import mamba_ssm's Triton sources without running mamba_ssm/__init__.py (it needs compiled
     CUDA extensions): register the packages by hand with __path__ pointing at the source dirs."""
     root = os.path.abspath(path)
     if not os.path.isdir(os.path.join(root, "mamba_ssm", "ops", "triton")):
-        raise SystemExit(f"scan_kernel.py: --mamba_path {path}: no mamba_ssm/ops/triton inside")
+        raise InputError(f"--mamba_path {path}: no mamba_ssm/ops/triton inside")
     sys.path.append(root)  # for pure-Python helpers placed beside it (einops)
     for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", "mamba_ssm.utils"):
         mod = types.ModuleType(name)
@@ -1056,11 +1041,12 @@ def load_mamba(path):
     return combined.mamba_chunk_scan_combined, step.selective_state_update
 
 
-def _ms(fn):
+def time_ms(fn):
+    """GPU time of fn in ms: the median of triton's do_bench (CUDA events, after a warm-up)."""
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def _host_ms(fn, reps=10):
+def host_ms(fn, reps=10):
     """CPU time to issue fn (no sync inside): when it exceeds the GPU time, do_bench measures the host."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -1071,9 +1057,17 @@ def _host_ms(fn, reps=10):
     return host
 
 
+def copy_bandwidth(device, n_bytes=1 << 31):
+    """Device memory bandwidth of a plain copy of n_bytes, (read + write bytes) / time, in GB/s: what a
+    memory-bound kernel is compared with."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / triton.testing.do_bench_cudagraph(lambda: dst.copy_(src)) / 1e6
+
+
 def bench(cfg):
     if not torch.cuda.is_available():
-        raise SystemExit("scan_kernel.py: --bench needs a CUDA GPU")
+        raise InputError("--bench needs a CUDA GPU")
     dev = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     peer_scan = peer_step = None
@@ -1087,19 +1081,19 @@ def bench(cfg):
         dy = torch.randn_like(x)
         ins = [t.requires_grad_() for t in (x, dt, A, B, C, D)]
         paths = {"ours": lambda *a: ssd_scan(*a, chunk_size=cfg.chunk_size),
-                 "torch": lambda *a: ssd_scan_chunked_torch(*a, chunk_size=cfg.chunk_size or 64)[0]}
+                 "torch": lambda *a: ssd_scan_chunked_torch(*a, chunk_size=cfg.chunk_size or 64)}
         if peer_scan is not None:
             paths["mamba_ssm"] = lambda x, dt, A, B, C, D: peer_scan(x, dt, A, B, C, cfg.peer_chunk_size, D=D)
         y_ours = paths["ours"](*ins).detach()
         times = {}
         for name, f in paths.items():
             with torch.no_grad():
-                fwd = _ms(lambda: f(*ins))
-            fwdbwd = _ms(lambda: torch.autograd.grad(f(*ins), ins, dy))
+                fwd = time_ms(lambda: f(*ins))
+            fwdbwd = time_ms(lambda: torch.autograd.grad(f(*ins), ins, dy))
             err = _rel_err(y_ours, f(*ins).detach())
             times[name] = (fwd, fwdbwd)
             print(f"  b={b} l={l} h={h} p={p} n={n} g={g}  {name:9s} fwd {fwd:7.3f}  fwd+bwd {fwdbwd:7.3f}"
-                  f"  (host time to launch fwd+bwd {_host_ms(lambda: torch.autograd.grad(f(*ins), ins, dy)):.3f})"
+                  f"  (host time to launch fwd+bwd {host_ms(lambda: torch.autograd.grad(f(*ins), ins, dy)):.3f})"
                   f"   rel diff of y vs ours {err:.1e}")
         for name in times:
             if name != "ours":
@@ -1111,19 +1105,16 @@ def bench(cfg):
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     # decode step: bytes of state read + written per step against a device-to-device copy
-    copy_gbs = lambda numel: 2 * numel * 4 / triton.testing.do_bench_cudagraph(lambda: dst[:numel].copy_(src[:numel])) / 1e6
     h, p, n, g = 32, 64, 64, 8
     batches = [int(bs) for bs in cfg.step_batches.split(",")]
-    src = torch.empty(max(2 ** 26, max(batches) * h * p * n), device=dev, dtype=torch.float32)  # >= 256 MiB
-    dst = torch.empty_like(src)
-    copy_bw = copy_gbs(2 ** 26)
+    copy_bw = copy_bandwidth(dev, 2 ** 28)
     print(f"step (CUDA graph replay; state fp32 (b, 32, 64, 64), x/B/C bf16, g=8; GB/s of state read + written). "
           f"Copy bandwidth (read + write): {copy_bw:.0f} GB/s for 256 MiB; 'copy' below = a copy of the state's size")
     for bs in batches:
         x, dt, A, B, C, D = random_inputs(bs, 1, h, p, n, g, dev, torch.bfloat16)
         x, dt, B, C = x[:, 0], dt[:, 0], B[:, 0], C[:, 0]
         state = torch.zeros(bs, h, p, n, device=dev)
-        same_size_bw = copy_gbs(state.numel())  # the state may partly stay in L2: compare like with like
+        same_size_bw = copy_bandwidth(dev, 4 * state.numel())  # the state may partly stay in L2: like with like
         fns = {"ours": lambda: ssd_step(state, x, dt, A, B, C, D)}
         if peer_step is not None:
             # mamba_ssm's kernel takes per-channel dt, A, D: broadcast views (stride 0), as Mamba-2 does
@@ -1151,22 +1142,99 @@ def bench_kl(shape, dev):
     paths = {"fused": fused_kl_div, "reference": kl_div_ref}
     print(f"kl (ms, median of do_bench; N={n} V={v} bf16 logits, T = 1; fwd+bwd = the loss and its gradient wrt s)")
     for direction in ("forward", "reverse"):
-        times = {name: _ms(lambda: torch.autograd.grad(f(s, t, 1.0, direction), s, dloss)) for name, f in paths.items()}
+        times = {name: time_ms(lambda: torch.autograd.grad(f(s, t, 1.0, direction), s, dloss)) for name, f in paths.items()}
         with torch.no_grad():
             err = _rel_err(fused_kl_div(s, t, 1.0, direction), kl_div_ref(s, t, 1.0, direction))
         print(f"  {direction:7s}  fused fwd+bwd {times['fused']:7.3f}  reference fwd+bwd {times['reference']:7.3f}"
               f"  ratio fused/reference {times['fused'] / times['reference']:.2f}   rel diff of the loss {err:.1e}")
 
 
+# -----------------------------------------------------------------------------
+# Command line, shared by the project's scripts: one dataclass per script, a flag per field
+
+
+class InputError(Exception):
+    """Bad user input (a flag, a file, a config). The message is one line naming what is wrong."""
+
+
+def flag(default, help, **bounds):
+    """A config field and its flag. bounds, checked by parse_config: at_least, above, at_most (numbers)
+    or choices (any)."""
+    return dataclasses.field(default=default, metadata={"help": help, **bounds})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, as every other bad input
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_config(cls, argv=None, description=None):
+    """--field value for every field of a dataclass; unknown flags, values of the wrong type and
+    values out of a field's bounds are errors."""
+    parser = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = type(default) if default is not None else str
+        text = f.metadata.get("help", " ").replace("%", "%%")  # argparse formats help with %
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="{true,false}",
+                                nargs="?", const=True, help=text)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=default, help=text)
+    cfg = cls(**vars(parser.parse_args(argv)))
+    check_bounds(cfg)
+    return cfg
+
+
+def check_bounds(cfg):
+    """Every field within the bounds its flag() declared; floats finite."""
+    for f in dataclasses.fields(cfg):
+        v, m = getattr(cfg, f.name), f.metadata
+        bad = None
+        if isinstance(v, float) and not math.isfinite(v):
+            bad = "a finite number"
+        elif "choices" in m and v not in m["choices"]:
+            bad = f"one of {', '.join(map(repr, m['choices']))}"
+        elif "at_least" in m and v < m["at_least"]:
+            bad = f"at least {m['at_least']}"
+        elif "above" in m and v <= m["above"]:
+            bad = f"more than {m['above']}"
+        elif "at_most" in m and v > m["at_most"]:
+            bad = f"at most {m['at_most']}"
+        if bad:
+            raise InputError(f"--{f.name}: expected {bad}, got {v!r}")
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+@dataclasses.dataclass
+class Config:
+    check: bool = flag(False, "run the correctness check on the current device")
+    bench: bool = flag(False, "run the speed benchmark (needs CUDA)")
+    mamba_path: str = flag("", "dir holding mamba_ssm/ops/triton and mamba_ssm/utils: compare with mamba_ssm")
+    chunk_size: int = flag(0, "our chunk length (a power of two >= 16; 0 = the default for p, n)", at_least=0)
+    peer_chunk_size: int = flag(256, "mamba_ssm's chunk length (its Mamba-2 default)", at_least=16)
+    shapes: str = flag("4,2048,32,64,64,8;1,8192,32,64,64,8", "scan shapes b,l,h,p,n,g separated by ';'")
+    step_batches: str = flag("64,256,1024", "batch sizes of the decode-step benchmark")
+    breakdown: bool = flag(False, "also print per-kernel GPU times of one forward+backward (torch.profiler)")
+    kl_shape: str = flag("8192,128256", "fused KL benchmark: rows N, vocabulary V (Llama 3's)")
+
+
 def main(argv=None):
-    from mamba_distill import parse_config  # the project's one flag convention (imported late: it imports us)
-    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    cfg = parse_config(Config, argv, description=__doc__.strip().split("\n")[0])
     if not (cfg.check or cfg.bench):
-        raise SystemExit("scan_kernel.py: give --check and/or --bench")
+        raise InputError("give --check and/or --bench")
     if cfg.check:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cpu" and not INTERPRET:
-            raise SystemExit("scan_kernel.py: --check without CUDA needs TRITON_INTERPRET=1")
+            raise InputError("--check without CUDA needs TRITON_INTERPRET=1")
         if not check(device):
             raise SystemExit("scan_kernel.py: --check failed")
     if cfg.bench:
@@ -1174,4 +1242,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
