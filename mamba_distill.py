@@ -637,7 +637,8 @@ def get_teacher(cfg, env, train_rows, want):
         tok_path = os.path.join(cfg.out_dir, "tokenizer.model")
         if env.main and not os.path.isfile(tok_path):
             record_artifact(cfg.out_dir, "tokenizer.model", want["tokenizer.model"])
-            train_bpe([r["question"] + "\n" + r["answer"] for r in train_rows], cfg.vocab_size, tok_path)
+            # a few thousand problems hold every word the tokenizer will see; all of them only take longer
+            train_bpe([r["question"] + "\n" + r["answer"] for r in train_rows[:4000]], cfg.vocab_size, tok_path)
         barrier(env)
         tok = Tokenizer(tok_path)
         mcfg = ModelConfig(vocab_size=tok.n_words, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
@@ -1062,7 +1063,7 @@ def wanted_artifacts(cfg, runs):
     """{artifact: the settings that make it} for everything this run writes under out_dir: the
     synthetic data, the tokenizer and teacher it trains, and each student (runs: (name, ssm_layers,
     init)). A student's settings hold its teacher's, so a new teacher makes every student stale."""
-    pick = lambda names: {k: getattr(cfg, k) for k in names}
+    pick = lambda names: {k: getattr(cfg, k) for k in names if k != "digits" or cfg.task == "relay"}
     train = {"data": file_fingerprint(cfg.data)} if cfg.data else pick(DATA_SETTINGS)
     want = {}
     if not (cfg.data and cfg.test_data):
