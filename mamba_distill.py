@@ -626,12 +626,10 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, wan
 
 
 def get_teacher(cfg, env, train_rows, want):
-    """A local Llama (--teacher), the one an earlier run with the same settings trained, or a new one
-    trained here on the training solutions (cross-entropy); saved and loaded back through the same path
-    a real Llama checkpoint takes. Returns (model, tokenizer)."""
+    """The teacher an earlier run with the same settings trained, or a new one trained here on the
+    training solutions (cross-entropy), saved and loaded back through the path a real Llama checkpoint
+    (--teacher) takes. Returns (model, tokenizer)."""
     dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32  # frozen: bf16 is enough
-    if cfg.teacher:
-        return load_teacher(cfg.teacher, env.device, dtype)
     path = os.path.join(cfg.out_dir, "teacher")
     if not os.path.isfile(os.path.join(path, "config.json")):
         tok_path = os.path.join(cfg.out_dir, "tokenizer.model")
@@ -692,11 +690,10 @@ def main(argv=None):
     barrier(env)
     check_artifacts(cfg, env, want)  # anything made with other settings stops the run here, in one line
     t_start, times = time.time(), {}
+    given = load_teacher(cfg.teacher, env.device, env.amp or torch.float32) if cfg.teacher else None  # checked first
     train_rows, test_rows = load_data(cfg, env, want)
-    teacher, tok = get_teacher(cfg, env, train_rows, want)
+    teacher, tok = given or get_teacher(cfg, env, train_rows, want)
     teacher.eval().requires_grad_(False)
-    if tok.n_words > teacher.cfg.vocab_size:
-        raise InputError(f"{cfg.teacher}: its tokenizer has {tok.n_words} ids, the model's vocabulary {teacher.cfg.vocab_size}")
     batches = Batches(tok, train_rows, cfg.seq_len, cfg.seed + 1)
     models = {"teacher": teacher}
     for name, ssm_layers, init in runs:
@@ -1145,11 +1142,11 @@ def start_over(out_dir, students):
 
 
 def load_data(cfg, env, want):
-    """Training and test rows: the given jsonl files, or the synthetic splits (written to out_dir/data)."""
-    rows = {}
-    for split, path, n in (("train", cfg.data, cfg.n_train), ("test", cfg.test_data, cfg.n_test)):
-        if path:
-            rows[split] = read_jsonl(path)
+    """Training and test rows: the given jsonl files (read first: a bad line stops the run before
+    anything is written), or the synthetic splits (written to out_dir/data)."""
+    rows = {split: read_jsonl(path) for split, path in (("train", cfg.data), ("test", cfg.test_data)) if path}
+    for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
+        if split in rows:
             continue
         knobs = {"digits": cfg.digits} if cfg.task == "relay" else {}
         rows[split] = synthetic_split(split, n, cfg.seed, cfg.task, cfg.min_steps, cfg.max_steps, **knobs)
@@ -1611,10 +1608,19 @@ def load_model(path, device="cpu", dtype=torch.float32) -> LM:
 
 
 def find_tokenizer(path) -> str:
+    if not os.path.isdir(path):
+        raise InputError(f"{path}: no such checkpoint directory")
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
     raise InputError(f"{path}: no tokenizer file (looked for {', '.join(TOKENIZER_FILES)})")
+
+
+def check_tokenizer_fits(tok, cfg: ModelConfig, path):
+    """A tokenizer whose ids the model's embedding cannot hold would index past it."""
+    if tok.n_words > cfg.vocab_size:
+        raise InputError(f"{tok.path}: {tok.n_words} token ids, more than the vocab_size {cfg.vocab_size} of "
+                         f"{path}/config.json")
 
 
 def load_teacher(path, device="cpu", dtype=torch.float32):
@@ -1624,9 +1630,7 @@ def load_teacher(path, device="cpu", dtype=torch.float32):
     if model.cfg.ssm_layers:
         raise InputError(f"{path}: a student (Mamba layers {model.cfg.ssm_layers}), not a Llama teacher")
     tok = Tokenizer(find_tokenizer(path))
-    if tok.n_words > model.cfg.vocab_size:
-        raise InputError(f"{find_tokenizer(path)}: {tok.n_words} token ids, more than the model's vocab_size "
-                         f"{model.cfg.vocab_size}")
+    check_tokenizer_fits(tok, model.cfg, path)
     return model, tok
 
 
@@ -2018,24 +2022,50 @@ def answer_end(ids, tokenizer):
 @torch.no_grad()
 def greedy_generate(model, prompts, stop, max_new_tokens, dtype, check_every=16):
     """Greedy continuations of prompts (lists of ids), as one batch through the model's cache: the
-    prompts left-padded and prefilled, then one token a step; a row ends as `stop` (a StopRule) says,
-    the batch once every row has. The plain form of what sample.py's Sampler does fast."""
+    prompts left-padded and prefilled, then one token a step (on a GPU, one captured CUDA graph
+    replayed); a row ends as `stop` (a StopRule) says, the batch once every row has. The plain form of
+    what sample.py's Sampler does fast."""
     p = next(model.parameters())
     dev, b, l = p.device, len(prompts), max(map(len, prompts))
     pad = torch.tensor([l - len(x) for x in prompts], device=dev)  # (b,)
     idx = torch.tensor([[0] * (l - len(x)) + list(x) for x in prompts], device=dev)  # (b, l)
     cache = model.allocate_cache(b, l + max_new_tokens, dtype, dev)
+    amp = torch.autocast(dev.type, dtype=dtype, enabled=dtype != p.dtype, cache_enabled=False)
+    tok = torch.zeros(b, 1, dtype=torch.long, device=dev)  # (b, 1) the token a step feeds in
+    t = torch.zeros((), dtype=torch.long, device=dev)  # and its cache slot, on the device
+
+    def step():  # every row's next token: the forward at slot t, then the greedy choice
+        with amp:
+            return model(tok, cache, start=t, pad=pad)[:, -1].argmax(-1)  # (b,)
+
+    graph = None
+    if dev.type == "cuda":  # one replay per step instead of hundreds of kernel launches
+        t.fill_(l + max_new_tokens - 1)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # a warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            nxt = step()
+        for x in (x for layer in cache for x in layer):  # the warm-up wrote to the cache: start clean
+            x.zero_()
     phase, end = torch.zeros(b, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    out = []
-    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != p.dtype):
-        logits = model.lm_head(model(idx, cache, start=0, pad=pad, return_hidden=True)[:, -1])  # (b, v)
-        for t in range(max_new_tokens):
-            out.append(logits.argmax(-1))  # (b,)
-            stop.update(out[-1], torch.tensor(t, device=dev), phase, done, end)
-            if t + 1 == max_new_tokens or (stop.active and t % check_every == 0 and bool(done.all())):
-                break
-            logits = model(out[-1][:, None], cache, start=torch.tensor(l + t, device=dev), pad=pad)[:, -1]  # (b, v)
+    with amp:
+        out = [model.lm_head(model(idx, cache, start=0, pad=pad, return_hidden=True)[:, -1]).argmax(-1)]  # [(b,)]
+    for i in range(max_new_tokens):
+        stop.update(out[-1], torch.tensor(i, device=dev), phase, done, end)
+        if i + 1 == max_new_tokens or (stop.active and i % check_every == 0 and bool(done.all())):
+            break
+        tok[:, 0] = out[-1]
+        t.fill_(l + i)
+        if graph is None:
+            out.append(step())
+        else:
+            graph.replay()
+            out.append(nxt.clone())
     rows = torch.stack(out, 1).tolist()  # (b, steps)
     return [r[:k] for r, k in zip(rows, torch.where(done, end, len(out)).tolist())]
 
@@ -2159,8 +2189,8 @@ def check_config(cfg: DistillConfig):
     parent = cfg.out_dir
     while not os.path.exists(parent):
         parent = os.path.dirname(os.path.abspath(parent))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"--out_dir {cfg.out_dir}: {parent} is not writable")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out_dir {cfg.out_dir}: {parent} is not a writable directory")
     for name in ("data", "test_data"):
         path = getattr(cfg, name)
         if path and not os.path.isfile(path):
@@ -2169,7 +2199,7 @@ def check_config(cfg: DistillConfig):
         mcfg = read_config(cfg.teacher)
         if mcfg.ssm_layers:
             raise InputError(f"--teacher {cfg.teacher}: a student (Mamba layers {mcfg.ssm_layers}), not a Llama teacher")
-        find_tokenizer(cfg.teacher)
+        check_tokenizer_fits(Tokenizer(find_tokenizer(cfg.teacher)), mcfg, cfg.teacher)
 
 
 # -----------------------------------------------------------------------------

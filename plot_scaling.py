@@ -33,8 +33,9 @@ Figures (a figure whose input files are absent is skipped with a one-line note n
                          model, solid = mixer initialised from attention, dashed = random init.
                          Input: <out_dir>/logs/*.jsonl.
 
-Bad input (a malformed json/jsonl line, a missing key) stops with one line naming file:line; if no
-figure at all could be drawn the script exits with status 1.
+
+Bad input (a malformed json/jsonl line, a missing key, a bad flag) stops with one line naming file:line
+or the flag, exit status 2; if no figure at all could be drawn the script exits with status 1.
 
 Glossary: k samples per problem, b batch size (sequences decoded together), gen_len new tokens per
 sequence, coverage@k = pass@k, majority@k = accuracy of the most frequent extracted answer of k.
@@ -76,15 +77,26 @@ class PlotConfig:
 # Reading and checking the input files
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, as every other bad input
+        print(f"plot_scaling.py: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _bool(s):
+    if s.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() == "true"
+
+
 def parse_config(cls, argv=None, description=None):
     """--field value for every field of the dataclass, as the project's other scripts do (their
     parse_config lives in scan_kernel.py, which needs torch; this script must not)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()
-        kind = (lambda s: {"true": True, "false": False}[s.lower()]) if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f.metadata.get("help", " "))
+        parser.add_argument(f"--{f.name}", type=_bool if isinstance(default, bool) else type(default), default=default,
+                            help=f.metadata.get("help", " "))
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -605,6 +617,8 @@ def make_plots(cfg):
     drawn, so a malformed file leaves the existing plots untouched."""
     if cfg.dpi <= 0 or cfg.smooth < 1:
         raise InputError(f"--dpi must be > 0 and --smooth >= 1 (got {cfg.dpi}, {cfg.smooth})")
+    if cfg.plots_dir and os.path.exists(cfg.plots_dir) and not os.path.isdir(cfg.plots_dir):
+        raise InputError(f"--plots_dir {cfg.plots_dir}: exists and is not a directory")
     summaries = os.path.join(cfg.out_dir, "eval", "*", "summary.json")
     bench_paths = os.path.join(cfg.out_dir, "bench", "decode*.json")
     logs = os.path.join(cfg.out_dir, "logs", "*.jsonl")
@@ -664,13 +678,16 @@ def note(message):
 
 
 def main(argv=None):
+    """0: figures written; 1: nothing to plot (no input found); 2: a bad flag or input file."""
     cfg = parse_config(PlotConfig, argv, description=__doc__.strip().splitlines()[0])
     try:
         written = make_plots(cfg)
-        if not written:
-            raise InputError(f"nothing to plot: no usable input under {cfg.out_dir}/ (see the notes above)")
     except InputError as e:
         print(f"plot_scaling.py: error: {e}", file=sys.stderr)
+        return 2
+    if not written:
+        print(f"plot_scaling.py: error: nothing to plot: no usable input under {cfg.out_dir}/ (see the notes above)",
+              file=sys.stderr)
         return 1
     for path in written:
         print(f"wrote {path}")

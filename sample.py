@@ -557,8 +557,9 @@ def _evaluate(cfg, env, group):
     rows = rows[:cfg.n_problems] if cfg.n_problems > 0 else rows
     name = cfg.name or os.path.basename(os.path.normpath(cfg.checkpoint))
     out_dir = os.path.join(cfg.out_dir, "eval", name)
-    tokenizer = md.Tokenizer(md.find_tokenizer(cfg.checkpoint))
     model = md.load_model(cfg.checkpoint, device, dtype).eval()
+    tokenizer = md.Tokenizer(md.find_tokenizer(cfg.checkpoint))
+    md.check_tokenizer_fits(tokenizer, model.cfg, cfg.checkpoint)
     prompts = [md.encode_prompt(tokenizer, r["question"]) for r in rows]
     golds = [md.normalize_number(md.gold_answer(r["answer"])) for r in rows]
     max_new_tokens = cfg.max_new_tokens or md.auto_max_new_tokens(tokenizer, rows)
@@ -579,7 +580,8 @@ def _evaluate(cfg, env, group):
                 old = md.read_json(meta_path)
                 old.setdefault("state_dtype", "torch.float32" if model.cfg.ssm_layers else None)  # from before the flag
                 old.setdefault("flexible_extract", False)
-                differ = sorted(key for key in meta if old.get(key) != meta[key])
+                # the files are known by their fingerprints: a moved or copied checkpoint or data file is the same one
+                differ = sorted(key for key in meta if key not in ("checkpoint", "data") and old.get(key) != meta[key])
                 if differ:
                     raise InputError(f"{meta_path}: earlier samples were drawn with other {', '.join(differ)}"
                                      f"{' (the checkpoint changed since)' if 'weights' in differ else ''}; "
@@ -857,8 +859,13 @@ def main(argv=None):
         raise InputError(f"--k: expected a power of two, got {cfg.k}")
     if cfg.name and (not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) or cfg.name in (".", "..")):
         raise InputError(f"--name {cfg.name!r}: expected a plain name (letters, digits, . _ -) for out_dir/eval/<name>")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise InputError(f"--out_dir {cfg.out_dir}: exists and is not a directory")
+    parent = cfg.out_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out_dir {cfg.out_dir}: {parent} is not a writable directory")
+    if not cfg.bench and not os.path.isfile(cfg.data):
+        raise InputError(f"--data {cfg.data}: no such file")
     if cfg.bench:
         for name in ("bench_batches", "bench_gen_lens"):
             if not all(x.isdigit() and int(x) > 0 for x in filter(None, getattr(cfg, name).split(","))):

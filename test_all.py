@@ -11,6 +11,7 @@ e head dim, p SSM head dim, n SSM state dim, g groups of B and C, v vocabulary, 
 import json
 import os
 import random
+import sys
 
 import matplotlib.image
 import pytest
@@ -1682,6 +1683,291 @@ def test_ddp_matches_one_process(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# bad inputs: one line naming the culprit, exit status 2, nothing written; runs killed at any point
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished tiny run (teacher and a pure student) with a finished 2-sample evaluation of the
+    student: what the bad-input cases run against (each on a copy)."""
+    root = tmp_path_factory.mktemp("finished")
+    out = str(root / "out")
+    md.main(["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--eval_n", "0", "--out_dir", out])
+    sample.main(["--checkpoint", f"{out}/pure", "--data", f"{out}/data/test.jsonl", "--out_dir", out, "--k", "2",
+                 "--n_problems", "2", "--max_new_tokens", "4", "--device", "cpu"])
+    return out
+
+
+def tree_state(root):
+    """{relative path: content hash} of every file under root."""
+    import hashlib
+    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def edit_json(path, **changes):
+    cfg = json.loads(open(path).read())
+    cfg.update(changes)
+    open(path, "w").write(json.dumps(cfg))
+
+
+def prepare(w, what):
+    """Set up a broken input inside the copy w of the finished run."""
+    if what == "bad_line":
+        open(f"{w}/bad.jsonl", "w").write(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{oops\n")
+    elif what == "no_answer":
+        open(f"{w}/bad.jsonl", "w").write(json.dumps({"question": "q"}) + "\n")
+    elif what == "empty":
+        open(f"{w}/bad.jsonl", "w").write("\n\n")
+    elif what.startswith("config:"):  # a model directory whose config.json has one bad field
+        key, value = what[7:].split("=", 1)
+        md.shutil.copytree(f"{w}/teacher", f"{w}/bad")
+        edit_json(f"{w}/bad/config.json", **{key: json.loads(value)})
+    elif what == "nan_weights":
+        md.shutil.copytree(f"{w}/pure", f"{w}/bad")
+        sd = md.load_safetensors(f"{w}/bad/model.safetensors")
+        sd = {k: v.clone() for k, v in sd.items()}
+        sd["model.norm.weight"][0] = float("nan")
+        md.save_safetensors(sd, f"{w}/bad/model.safetensors")
+    elif what == "big_tokenizer":  # a tokenizer with more ids than the model's vocabulary
+        md.shutil.copytree(f"{w}/teacher", f"{w}/bad")
+        edit_json(f"{w}/bad/config.json", vocab_size=10)
+    elif what == "unfinished":  # a student that a crash left as a checkpoint only
+        md.shutil.rmtree(f"{w}/pure")
+    elif what == "no_record":
+        os.remove(f"{w}/provenance.json")
+    elif what == "new_weights":  # the sampled checkpoint replaced since
+        sd = {k: v + 1 for k, v in md.load_safetensors(f"{w}/pure/model.safetensors").items()}
+        md.save_safetensors(sd, f"{w}/pure/model.safetensors")
+    elif what == "plot_bad_summary":
+        edit_json(f"{w}/eval/pure/summary.json", coverage=[2.0, 0.5])
+    elif what == "plot_bad_gpus":
+        edit_json(f"{w}/eval/pure/summary.json", gpus=-1)
+    elif what == "plot_bad_log":
+        open(f"{w}/logs/pure.jsonl", "a").write(json.dumps({"model": "pure", "init": "x", "stage": "kl"}) + "\n")
+    elif what == "plot_torn_json":
+        open(f"{w}/eval/pure/summary.json", "w").write('{"model": "pure", "k": [1')
+
+
+D = ["--preset", "tiny", "--out_dir", "{w}/new"]  # a distillation into a fresh directory
+S = ["--checkpoint", "{w}/pure", "--data", "{w}/data/test.jsonl", "--out_dir", "{w}", "--device", "cpu", "--k", "2",
+     "--n_problems", "2", "--max_new_tokens", "4"]
+# (script, flags, what prepare() sets up, the message expected): each case a bad input a user may give
+BAD_INPUTS = [
+    *[("distill", D + [f, v], None, rf"--{f[2:]}: expected at least") for f, v in [
+        ("--n_train", "0"), ("--n_test", "0"), ("--batch_size", "0"), ("--batch_size", "-4"), ("--seq_len", "0"),
+        ("--grad_accum", "0"), ("--n_layers", "0"), ("--teacher_steps", "0"), ("--d_model", "0"), ("--n_heads", "0"),
+        ("--n_kv_heads", "0"), ("--d_ff", "-1"), ("--vocab_size", "100"), ("--digits", "1"), ("--min_steps", "-1"),
+        ("--max_steps", "-2"), ("--align_steps", "-1"), ("--kl_steps", "-5"), ("--sft_steps", "-1"),
+        ("--log_every", "0"), ("--ckpt_every", "-1"), ("--eval_n", "-1"), ("--max_new_tokens", "-1"), ("--seed", "-1"),
+        ("--attn_fraction", "-0.1"), ("--warmup", "-0.1"), ("--weight_decay", "-0.1")]],
+    *[("distill", D + [f, v], None, rf"--{f[2:]}: expected (more than|a finite|at most)") for f, v in [
+        ("--teacher_lr", "0"), ("--teacher_lr", "nan"), ("--teacher_lr", "inf"), ("--kl_lr", "-1"), ("--align_lr", "0"),
+        ("--sft_lr", "nan"), ("--temperature", "0"), ("--temperature", "-1"), ("--temperature", "inf"),
+        ("--grad_clip", "0"), ("--attn_fraction", "1.5"), ("--warmup", "1.5"), ("--digits", "9")]],
+    *[("distill", D + [f, v], None, rf"--{f[2:]}: expected one of") for f, v in [
+        ("--random_baseline", "hybird"), ("--init", "nope"), ("--kl", "sideways"), ("--task", "nope"),
+        ("--preset", "huge"), ("--device", "tpu")]],
+    ("distill", D + ["--students", "nope"], None, r"--students: unknown"),
+    ("distill", D + ["--min_steps", "5", "--max_steps", "3"], None, r"--min_steps 5 is more than --max_steps 3"),
+    ("distill", D + ["--d_model", "100", "--n_heads", "3"], None, r"--d_model 100 must split into --n_heads 3"),
+    ("distill", D + ["--n_heads", "6", "--d_model", "384", "--n_kv_heads", "4"], None, r"--n_heads be a multiple"),
+    ("distill", D + ["--d_model", "30", "--n_heads", "2"], None, r"heads of an even size"),
+    ("distill", D + ["--batch_size", "6", "--grad_accum", "4"], None, r"--batch_size 6 must be a multiple"),
+    ("distill", D + ["--no_such_flag", "1"], None, r"unrecognized arguments: --no_such_flag"),
+    ("distill", D + ["--n_train", "abc"], None, r"argument --n_train: invalid int value"),
+    ("distill", D + ["--resume", "maybe"], None, r"argument --resume: expected true or false"),
+    ("distill", D + ["--kl_st", "5"], None, r"unrecognized arguments: --kl_st"),  # no abbreviations
+    ("distill", ["--preset", "tiny", "--out_dir", "{w}/data/train.jsonl"], None, r"--out_dir .*not a directory"),
+    ("distill", ["--preset", "tiny", "--out_dir", "{w}/data/train.jsonl/sub"], None, r"is not a writable directory"),
+    ("distill", D + ["--data", "{w}/nope.jsonl"], None, r"--data .*nope.jsonl: no such file"),
+    ("distill", D + ["--test_data", "{w}/nope.jsonl"], None, r"--test_data .*nope.jsonl: no such file"),
+    ("distill", D + ["--data", "{w}/bad.jsonl"], "bad_line", r"bad.jsonl:2: not valid JSON"),
+    ("distill", D + ["--data", "{w}/bad.jsonl"], "no_answer", r"bad.jsonl:1: field 'answer' is missing"),
+    ("distill", D + ["--test_data", "{w}/bad.jsonl"], "empty", r"bad.jsonl: no rows"),
+    ("distill", D + ["--teacher", "{w}/nope"], None, r"nope: no such checkpoint directory"),
+    ("distill", D + ["--teacher", "{w}/pure"], None, r"--teacher .*pure: a student \(Mamba layers"),
+    ("distill", D + ["--teacher", "{w}/data"], None, r"data/config.json: no such file"),
+    ("distill", D + ["--teacher", "{w}/bad"], "config:hidden_size=\"abc\"", r"hidden_size must be a positive whole number"),
+    ("distill", D + ["--teacher", "{w}/bad"], "config:num_attention_heads=0", r"num_attention_heads must be a positive"),
+    ("distill", D + ["--teacher", "{w}/bad"], "config:num_key_value_heads=3", r"must be a multiple of num_key_value_heads"),
+    ("distill", D + ["--teacher", "{w}/bad"], "config:rope_theta=-1", r"rope_theta must be a positive number"),
+    ("distill", D + ["--teacher", "{w}/bad"], "config:tie_word_embeddings=\"yes\"", r"tie_word_embeddings must be"),
+    ("distill", D + ["--teacher", "{w}/bad"], "config:vocab_size=0", r"vocab_size must be a positive"),
+    ("distill", D + ["--teacher", "{w}/bad"], "big_tokenizer", r"token ids, more than the vocab_size 10"),
+    ("distill", ["--preset", "smoke", "--out_dir", "{w}"], None, r"train.jsonl was made with other settings"),
+    ("distill", ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--out_dir", "{w}",
+                 "--kl_lr", "0.001"], None, r"pure/config.json was made with other settings \(kl_lr 0.0006 -> 0.001\)"),
+    ("distill", ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--out_dir", "{w}",
+                 "--teacher_steps", "5"], None, r"teacher/config.json was made with other settings \(teacher_steps 4 -> 5\)"),
+    ("distill", ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--out_dir", "{w}"], "unfinished",
+     r"ckpt/pure: an unfinished run of pure \(sft step 2\); add --resume"),
+    ("distill", ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--out_dir", "{w}", "--resume",
+                 "--kl_lr", "0.001"], "unfinished", r"ckpt/pure: an unfinished run of pure with other settings \(kl_lr"),
+    ("distill", ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--out_dir", "{w}"], "no_record",
+     r"provenance.json does not say what made it"),
+    ("distill", ["--bench", "--out_dir", "{w}/b", "--device", "cpu"], None, r"--bench needs a CUDA GPU"),
+    *[("sample", S + [f, v], None, rf"--{f[2:]}: expected at least") for f, v in [
+        ("--k", "0"), ("--n_problems", "-1"), ("--temperature", "-0.5"), ("--top_k", "-1"), ("--max_new_tokens", "-1"),
+        ("--batch_size", "-1"), ("--prefill_tokens", "0"), ("--seed", "-1"), ("--max_batch", "0")]],
+    *[("sample", S + [f, v], None, rf"--{f[2:]}: expected (more than|at most|a finite|one of)") for f, v in [
+        ("--top_p", "0"), ("--top_p", "1.5"), ("--temperature", "nan"), ("--attn_fraction", "2"),
+        ("--state_dtype", "float16"), ("--device", "tpu")]],
+    ("sample", S + ["--k", "3"], None, r"--k: expected a power of two"),
+    ("sample", S + ["--name", "../escape"], None, r"--name '../escape': expected a plain name"),
+    ("sample", S + ["--name", "a/b"], None, r"--name 'a/b': expected a plain name"),
+    ("sample", S + ["--name", ".."], None, r"--name '..': expected a plain name"),
+    ("sample", S + ["--checkpoint", "{w}/nope"], None, r"nope: no such checkpoint directory"),
+    ("sample", S + ["--checkpoint", "{w}/data"], None, r"data/config.json: no such file"),
+    ("sample", S + ["--checkpoint", "{w}/bad"], "nan_weights", r"weight model.norm.weight holds NaN"),
+    ("sample", S + ["--checkpoint", "{w}/bad"], "config:ssm_layers=[99]", r"ssm_layers must list layer indices"),
+    ("sample", S + ["--checkpoint", "{w}/bad"], "config:rope_scaling={\"rope_type\": \"llama3\"}", r"rope_scaling needs"),
+    ("sample", S + ["--checkpoint", "{w}/bad"], "config:intermediate_size=1.5", r"intermediate_size must be a positive"),
+    ("sample", S + ["--checkpoint", "{w}/bad"], "big_tokenizer", r"config.json does not match the weights: shape"),
+    ("sample", S + ["--data", "{w}/nope.jsonl"], None, r"--data .*nope.jsonl: no such file"),
+    ("sample", S + ["--data", "{w}/bad.jsonl"], "bad_line", r"bad.jsonl:2: not valid JSON"),
+    ("sample", S + ["--data", "{w}/bad.jsonl"], "empty", r"bad.jsonl: no rows"),
+    ("sample", S + ["--out_dir", "{w}/data/train.jsonl"], None, r"not a writable directory"),
+    ("sample", S + ["--temperature", "0.5"], None, r"meta.json: earlier samples were drawn with other temperature"),
+    ("sample", S + ["--top_k", "5"], None, r"meta.json: earlier samples were drawn with other top_k"),
+    ("sample", S, "new_weights", r"other weights \(the checkpoint changed since\)"),
+    ("sample", S + ["--no_such_flag", "1"], None, r"unrecognized arguments: --no_such_flag"),
+    ("sample", S + ["--k", "abc"], None, r"argument --k: invalid int value"),
+    ("sample", S + ["--cuda_graph", "maybe"], None, r"argument --cuda_graph: expected true or false"),
+    ("sample", S + ["--bench", "--bench_shapes", "nope"], None, r"unknown model shape 'nope'"),
+    ("sample", S + ["--bench", "--bench_models", "tiny"], None, r"unknown model kind 'tiny'"),
+    ("sample", S + ["--bench", "--bench_gen_lens", "0,12"], None, r"--bench_gen_lens: expected positive whole numbers"),
+    ("sample", S + ["--bench", "--bench_batches", "a"], None, r"--bench_batches: expected positive whole numbers"),
+    ("plot", ["--out_dir", "{w}", "--dpi", "0"], None, r"--dpi must be > 0"),
+    ("plot", ["--out_dir", "{w}", "--smooth", "0"], None, r"--smooth >= 1"),
+    ("plot", ["--out_dir", "{w}", "--label_k", "maybe"], None, r"argument --label_k: expected true or false"),
+    ("plot", ["--out_dir", "{w}", "--no_such_flag", "1"], None, r"unrecognized arguments"),
+    ("plot", ["--out_dir", "{w}", "--plots_dir", "{w}/data/train.jsonl"], None, r"--plots_dir .*not a directory"),
+    ("plot", ["--out_dir", "{w}"], "plot_bad_summary", r"summary.json: 'coverage' must hold fractions"),
+    ("plot", ["--out_dir", "{w}"], "plot_bad_gpus", r"summary.json: 'gpus' must be a positive whole number"),
+    ("plot", ["--out_dir", "{w}"], "plot_bad_log", r"pure.jsonl:\d+: missing key 'time_s'"),
+    ("plot", ["--out_dir", "{w}"], "plot_torn_json", r"summary.json:1: invalid JSON"),
+]
+if not CUDA:  # on a CPU machine these flags name a GPU that is not there
+    BAD_INPUTS += [("sample", S[:-6] + ["--device", "cuda"], None, r"--device cuda: no CUDA GPU is visible"),
+                   ("sample", S + ["--bench"], None, r"--bench needs a CUDA GPU"),
+                   ("distill", D + ["--device", "cuda"], None, r"--device cuda: no CUDA GPU is visible")]
+
+
+def run_script(script, argv, capsys):
+    """A script's main() in this process as its command line runs it: (exit status, stderr)."""
+    main = {"distill": md.main, "sample": sample.main, "plot": ps.main}[script]
+    try:
+        rc = main(argv)
+        rc = rc if isinstance(rc, int) else 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        rc = 2
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, flags, what, message", BAD_INPUTS,
+                         ids=[f"{c[0]}:{' '.join(c[1][-2:])}:{c[2]}" for c in BAD_INPUTS])
+def test_bad_input_fails_in_one_line_and_writes_nothing(finished_run, tmp_path, capsys, script, flags, what, message):
+    w = str(tmp_path / "w")
+    md.shutil.copytree(finished_run, w)
+    if what:
+        prepare(w, what)
+    before = tree_state(w)
+    rc, err = run_script(script, [f.replace("{w}", w) for f in flags], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and regex.search(message, lines[0]), (rc, err)
+    assert tree_state(w) == before, "a bad input changed files"
+
+
+def test_bad_input_table_covers_at_least_100_inputs():
+    assert len(BAD_INPUTS) >= 100
+
+
+def test_finished_run_is_reused_not_redone(finished_run, tmp_path, capsys):
+    """The same settings again reuse every artifact (nothing retrained, nothing changed but the summary)."""
+    w = str(tmp_path / "w")
+    md.shutil.copytree(finished_run, w)
+    before = tree_state(w)
+    md.main(["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--eval_n", "0", "--out_dir", w,
+             "--log_every", "5"])  # log_every changes nothing
+    after = tree_state(w)
+    assert {k: v for k, v in after.items() if k != "distill_summary.json"} == \
+        {k: v for k, v in before.items() if k != "distill_summary.json"}
+    assert "already distilled" in capsys.readouterr().out
+
+
+CRASH_DRIVER = """
+import os, signal, sys
+import mamba_distill as md
+point, n = sys.argv[1], int(sys.argv[2])
+calls = []
+def kill_on(name, fn, when=lambda *a, **k: True):
+    def wrapped(*a, **k):
+        if when(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*a, **k)
+    return wrapped
+if point == "log":  # right after a step's loss was computed, before its log line
+    md.ModelRun.log = kill_on("log", md.ModelRun.log)
+elif point == "ckpt_swap":  # inside a checkpoint's swap: the old one moved aside, the new one not yet in place
+    md.os.replace = kill_on("replace", os.replace, lambda src, dst: src.endswith(".tmp") and "ckpt" in src)
+elif point == "model_dir":  # while a finished model's directory is written
+    md.save_safetensors = kill_on("save", md.save_safetensors, lambda sd, path, *a: ".tmp" in str(path) and "ckpt" not in str(path))
+md.main(sys.argv[3:])
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("whole") / "out")
+    subprocess_main(CRASH_FLAGS + ["--out_dir", out])
+    return out
+
+
+CRASH_FLAGS = ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--align_steps", "2",
+               "--kl_steps", "4", "--sft_steps", "0", "--ckpt_every", "2", "--eval_n", "0", "--device", "cpu"]
+
+
+def subprocess_main(argv, crash=None):
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", CRASH_DRIVER, *crash, *argv] if crash else [sys.executable, "mamba_distill.py", *argv]
+    return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("point, n, resumes", [
+    ("log", 3, "teacher: resuming teacher after step 2"),  # mid-stage, after the teacher's first checkpoint
+    ("log", 7, None),  # the student's first kl step: its checkpoint ends stage 1
+    ("ckpt_swap", 2, None),  # while the teacher's first checkpoint is moved into place
+    ("ckpt_swap", 4, "teacher: resuming teacher after step 2"),  # the second: the first is kept as .old
+    ("ckpt_swap", 9, "pure: resuming kl after step 2"),  # the student's kl checkpoint at step 4
+    ("model_dir", 1, None),  # while the teacher's directory is written
+    ("model_dir", 2, None)])  # while the student's is
+def test_killed_run_resumes_to_the_uninterrupted_weights(uninterrupted, tmp_path, point, n, resumes):
+    """kill -9 at several points, then --resume: the uninterrupted run's weights, each step logged
+    once, every artifact recorded; where a checkpoint was complete, the run continued from it."""
+    out = str(tmp_path / "out")
+    killed = subprocess_main(CRASH_FLAGS + ["--out_dir", out], crash=(point, str(n)))
+    assert killed.returncode == -9, killed.stderr[-500:]
+    again = subprocess_main(CRASH_FLAGS + ["--out_dir", out, "--resume"])
+    assert again.returncode == 0, again.stderr[-1500:]
+    assert resumes is None or resumes in again.stdout, again.stdout[-1500:]
+    for name in ("teacher", "pure"):
+        wa, wb = md.load_state_dict(os.path.join(uninterrupted, name)), md.load_state_dict(os.path.join(out, name))
+        for k in wa:
+            assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-6, what=f"{name} {k}")
+        log = [json.loads(line) for line in open(os.path.join(out, "logs", f"{name}.jsonl"))]
+        want = [json.loads(line) for line in open(os.path.join(uninterrupted, "logs", f"{name}.jsonl"))]
+        assert [(r["stage"], r["step"], r["tokens"]) for r in log] == [(r["stage"], r["step"], r["tokens"]) for r in want]
+    assert set(md.read_provenance(out)) == {"data", "tokenizer.model", "teacher", "pure"}
+
+
+# -----------------------------------------------------------------------------
 # plot_scaling.py on fake inputs in the formats mamba_distill.py and sample.py write
 
 
@@ -1813,7 +2099,7 @@ def test_plot_malformed_input_names_file_and_line(tmp_path, capsys, target, line
     lines[line - 1] = lines[line - 1][:-3] + "{oops"
     path.write_text("\n".join(lines) + "\n")
     rc, out, err = plot_run(tmp_path, capsys)
-    assert rc == 1
+    assert rc == 2
     assert len(err.strip().splitlines()) == 1
     assert f"{path}:{line}: invalid JSON" in err, err
 
@@ -1825,11 +2111,11 @@ def test_plot_bad_values_are_reported(tmp_path, capsys):
     summary["coverage"] = [100 * c for c in summary["coverage"]]  # percentages instead of fractions
     path.write_text(json.dumps(summary))
     rc, out, err = plot_run(tmp_path, capsys)
-    assert rc == 1 and f"{path}: 'coverage' must hold fractions" in err
+    assert rc == 2 and f"{path}: 'coverage' must hold fractions" in err
     plot_write_jsonl(str(tmp_path / "logs" / "x.jsonl"), [{"model": "pure", "init": "random", "stage": "kl"}])
     path.write_text(json.dumps({**summary, "coverage": [c / 100 for c in summary["coverage"]]}))
     rc, out, err = plot_run(tmp_path, capsys)
-    assert rc == 1 and "x.jsonl:1: missing key 'time_s'" in err, err
+    assert rc == 2 and "x.jsonl:1: missing key 'time_s'" in err, err
 
 
 def test_plot_failed_hf_run_does_not_block_the_figures(tmp_path, capsys):
