@@ -2077,7 +2077,7 @@ def greedy_generate(model, prompts, stop, max_new_tokens, dtype, check_every=16)
 @dataclass
 class DistillConfig:
     out_dir: str = flag("out", "where data, models, checkpoints, logs and the summary go")
-    preset: str = flag("default", "default (about 8 min on one H200), smoke (about 1 min) or tiny (seconds, CPU)",
+    preset: str = flag("default", "default (minutes on one GPU), smoke (a quick GPU check) or tiny (seconds, CPU)",
                        choices=("default", "smoke", "tiny"))
     fresh: bool = flag(False, "start over: first remove the data, tokenizer, models, checkpoints, logs and records "
                               "an earlier run left in out_dir")

@@ -120,9 +120,9 @@ def topk_by_chunks(logits, k, size=TOPK_CHUNK_SIZE):
     maxima (a chunk that ranks below k by its maximum has k chunks, hence k values, above everything
     it holds). So take every chunk's maximum (one read of the logits), pick the top k chunks, and
     finish with a top-k over their k * size values. Chunk c holds ids c, c + n, c + 2n, ... (n
-    chunks): the maxima are then a reduction over rows of contiguous memory, which PyTorch runs near
-    full bandwidth (0.5 ms at batch 4096 on an H100), where a reduction over 32 contiguous ids took
-    4.9 ms. Same values as torch.topk (which id wins a tie may differ), whose radix select took 3.7 ms."""
+    chunks): the maxima are then a reduction over rows of contiguous memory, which runs near full
+    bandwidth (a reduction over 32 contiguous ids does not). Same values as torch.topk (which id wins a
+    tie may differ), without its radix select, slow on large batches."""
     b, v = logits.shape
     if v % size or v < 4 * k * size:  # too small to gain (or ragged): the plain top-k
         return logits.topk(min(k, v), dim=-1)
@@ -835,7 +835,7 @@ def _bench(cfg, device):
             del model
             torch.cuda.empty_cache()
     ratios = {}
-    for r in result["results"]:  # the issue's targets, side by side
+    for r in result["results"]:  # the two ratios README compares
         if r["model"] == "teacher" and (r["batch"], r["gen_len"]) == (256, 512) and result["hf"] and "tokens_per_s" in result["hf"][0]:
             ratios[f"{r['shape']} teacher / HF static, batch 256, 512 new"] = r["tokens_per_s"] / result["hf"][0]["tokens_per_s"]
         if r["model"] == "pure" and r["gen_len"] == 4096:

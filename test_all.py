@@ -1186,6 +1186,19 @@ def test_decode_kernel_path_equals_sdpa_path(kind, monkeypatch):
     assert [len(o) for o in outs] == [4, 4, 4]
 
 
+@pytest.mark.parametrize("kind", ["teacher", "hybrid", "pure"])
+def test_greedy_generate_equals_naive(kind):
+    """mamba_distill's greedy_generate (the pipeline's evaluation; one CUDA graph a step on a GPU) gives
+    the naive continuation, and a StopRule ends each row right before its stop token."""
+    model = tiny_models()[kind].to(DEVICE)
+    outs = md.greedy_generate(model, PROMPTS, md.StopRule(96, device=DEVICE), NEW, torch.float32)
+    full = [naive_generate(model, p, NEW) for p in PROMPTS]
+    assert outs == full
+    stops = {ref[4] for ref in full}
+    outs = md.greedy_generate(model, PROMPTS, md.StopRule(96, stops, device=DEVICE), NEW, torch.float32)
+    assert outs == [ref[:min(i for i, x in enumerate(ref) if x in stops)] for ref in full]
+
+
 def test_generate_in_batches():
     """sample.generate (what mamba_distill's greedy evaluation calls) splits prompts into batches."""
     model = tiny_models()["hybrid"]
@@ -1941,6 +1954,7 @@ def subprocess_main(argv, crash=None):
 
 
 @pytest.mark.parametrize("point, n, resumes", [
+    ("log", 1, "no checkpoint"),  # before any checkpoint: a rerun without --resume simply starts over
     ("log", 3, "teacher: resuming teacher after step 2"),  # mid-stage, after the teacher's first checkpoint
     ("log", 7, None),  # the student's first kl step: its checkpoint ends stage 1
     ("ckpt_swap", 2, None),  # while the teacher's first checkpoint is moved into place
@@ -1954,9 +1968,9 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(uninterrupted, tmp_path
     out = str(tmp_path / "out")
     killed = subprocess_main(CRASH_FLAGS + ["--out_dir", out], crash=(point, str(n)))
     assert killed.returncode == -9, killed.stderr[-500:]
-    again = subprocess_main(CRASH_FLAGS + ["--out_dir", out, "--resume"])
+    again = subprocess_main(CRASH_FLAGS + ["--out_dir", out] + ([] if resumes == "no checkpoint" else ["--resume"]))
     assert again.returncode == 0, again.stderr[-1500:]
-    assert resumes is None or resumes in again.stdout, again.stdout[-1500:]
+    assert resumes in (None, "no checkpoint") or resumes in again.stdout, again.stdout[-1500:]
     for name in ("teacher", "pure"):
         wa, wb = md.load_state_dict(os.path.join(uninterrupted, name)), md.load_state_dict(os.path.join(out, name))
         for k in wa:
@@ -1965,6 +1979,48 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(uninterrupted, tmp_path
         want = [json.loads(line) for line in open(os.path.join(uninterrupted, "logs", f"{name}.jsonl"))]
         assert [(r["stage"], r["step"], r["tokens"]) for r in log] == [(r["stage"], r["step"], r["tokens"]) for r in want]
     assert set(md.read_provenance(out)) == {"data", "tokenizer.model", "teacher", "pure"}
+
+
+# -----------------------------------------------------------------------------
+# the files as a learner reads them: layers without cycles, a reading path that points at the code
+
+
+LAYERS = {"scan_kernel": set(), "mamba_distill": {"scan_kernel"}, "sample": {"scan_kernel", "mamba_distill"},
+          "plot_scaling": set()}  # what each file may import of the project
+
+
+def imports_of(module):
+    import ast
+    tree = ast.parse(open(os.path.join(HERE, module + ".py")).read())
+    return ({a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module})
+
+
+def test_modules_import_in_layers_without_cycles():
+    """scan_kernel <- mamba_distill <- sample <- plot_scaling: a file imports only files below it, so
+    none imports one that imports it back; plot_scaling imports neither the others nor torch."""
+    for module, allowed in LAYERS.items():
+        assert imports_of(module) & set(LAYERS) - {module} <= allowed, module
+    assert "torch" not in imports_of("plot_scaling") and "triton" not in imports_of("plot_scaling")
+
+
+def test_plot_scaling_draws_without_torch(tmp_path):
+    import subprocess
+    plot_fake_out(tmp_path)
+    code = "import sys; sys.modules['torch'] = None; import plot_scaling; sys.exit(plot_scaling.main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, "--out_dir", str(tmp_path), "--dpi", "30"], cwd=HERE,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "wrote" in done.stdout, done.stderr[-800:]
+
+
+def test_readme_reading_path_points_at_the_code():
+    """Every `name` (file.py#Lnnn) link in README.md lands on the line that defines name."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    links = regex.findall(r"\[`([\w.]+)`\]\((\w+\.py)#L(\d+)\)", readme)
+    assert len(links) >= 12, "README.md should link the reading path into the code"
+    for name, file, line in links:
+        text = open(os.path.join(HERE, file)).read().splitlines()[int(line) - 1]
+        assert regex.match(rf"\s*(def|class) {name.split('.')[-1]}\b", text), (name, file, line, text)
 
 
 # -----------------------------------------------------------------------------
