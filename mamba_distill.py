@@ -2168,6 +2168,15 @@ def apply_preset(cfg: DistillConfig, argv) -> DistillConfig:
     return replace(cfg, min_steps=cfg.min_steps or lo, max_steps=cfg.max_steps or hi)
 
 
+def check_out_dir(path):
+    """--out_dir must be, or be creatable inside, a writable directory."""
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out_dir {path}: {parent} is not a writable directory")
+
+
 def check_config(cfg: DistillConfig):
     """Bad flags fail here, each in one line, before any data or model work: the bounds of each flag,
     how the sizes fit together, and the files and directories the flags name."""
@@ -2184,13 +2193,7 @@ def check_config(cfg: DistillConfig):
     if not cfg.teacher and (cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2 or cfg.n_heads % cfg.n_kv_heads):
         raise InputError(f"--d_model {cfg.d_model} must split into --n_heads {cfg.n_heads} heads of an even size, and "
                          f"--n_heads be a multiple of --n_kv_heads {cfg.n_kv_heads}")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise InputError(f"--out_dir {cfg.out_dir}: exists and is not a directory")
-    parent = cfg.out_dir
-    while not os.path.exists(parent):
-        parent = os.path.dirname(os.path.abspath(parent))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"--out_dir {cfg.out_dir}: {parent} is not a writable directory")
+    check_out_dir(cfg.out_dir)
     for name in ("data", "test_data"):
         path = getattr(cfg, name)
         if path and not os.path.isfile(path):

@@ -404,24 +404,6 @@ class Sampler:
         return rows, stats
 
 
-@torch.no_grad()
-def generate(model, prompts, tokenizer=None, max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-             batch_size=0, dtype=None, cuda_graph=True, compile=False):
-    """New token lists for every prompt (lists of ids), in batches of batch_size (0 = the largest that
-    fits). With a tokenizer a row stops at its stop tokens and at the end of its answer line."""
-    p = next(model.parameters())
-    max_len = max(map(len, prompts)) + max_new_tokens
-    batch = batch_size or largest_batch(model, max_len, dtype or p.dtype, p.device, 0, 32768)
-    stop = None if tokenizer is None else md.StopRule(model.cfg.vocab_size, tokenizer.stop_ids, tokenizer, p.device)
-    sampler = Sampler(model, min(batch, len(prompts)), max_len, temperature, top_k, top_p, cuda_graph, dtype=dtype,
-                      compile=compile, stop=stop)
-    out = []
-    for i in range(0, len(prompts), sampler.batch):
-        ids, _ = sampler.generate(prompts[i:i + sampler.batch], max_new_tokens, seed + i, tokenizer=tokenizer)
-        out += ids
-    return out
-
-
 # -----------------------------------------------------------------------------
 # 2. Evaluation: rounds of samples, coverage and majority against time, one GPU or several
 
@@ -859,11 +841,7 @@ def main(argv=None):
         raise InputError(f"--k: expected a power of two, got {cfg.k}")
     if cfg.name and (not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) or cfg.name in (".", "..")):
         raise InputError(f"--name {cfg.name!r}: expected a plain name (letters, digits, . _ -) for out_dir/eval/<name>")
-    parent = cfg.out_dir
-    while not os.path.exists(parent):
-        parent = os.path.dirname(os.path.abspath(parent))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"--out_dir {cfg.out_dir}: {parent} is not a writable directory")
+    md.check_out_dir(cfg.out_dir)
     if not cfg.bench and not os.path.isfile(cfg.data):
         raise InputError(f"--data {cfg.data}: no such file")
     if cfg.bench:
