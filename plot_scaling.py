@@ -14,25 +14,24 @@ Run:
 Figures (a figure whose input files are absent is skipped with a one-line note naming them):
   accuracy_vs_time.png   the paper's headline figure: coverage@k (pass@k: at least one of k samples is
                          right) and majority-vote accuracy@k against the measured wall-clock time each
-                         model needed to draw k samples for every problem, log time axis, one line per
-                         model, each point labelled with its k. A faster student can afford a larger k
-                         in the same time budget: its curve lies to the left of the teacher's.
+                         model needed to draw k samples of every problem (one GPU each), log time axis;
+                         its title states the takeaway, computed: how much faster each student drew its
+                         samples and in what share of the teacher's time range it was ahead.
                          Input: <out_dir>/eval/*/summary.json.
-  accuracy_vs_k.png      the same two accuracies against k (log2 axis): how much the distilled students
-                         lose per sample, regardless of speed. Same input.
-  decode_throughput.png  generated tokens/s (all sequences of a batch together, prefill + decode as
-                         sample.py --bench measures them: whole generate calls for the batch sweep, and,
-                         unless it ran with --bench_e2e, the decode step timed at 8 slots for the
-                         length sweep) against batch size, and against length
-                         at the largest batch measured for that length, one line per model kind and
-                         shape; dashed: the memory-bandwidth roofline (bytes of weights + KV cache or SSM
-                         state moved per decode step / measured copy bandwidth); black markers: HF
-                         transformers' generate when the bench ran it. Input: <out_dir>/bench/decode.json.
+  accuracy_vs_k.png      the same two accuracies against k (log2 axis): what each model's samples are
+                         worth, whatever they cost. Same input.
+  accuracy_vs_time_gpus.png   a model drawn on 1 GPU and on several (torchrun): the same samples,
+                         sooner. Drawn when eval summaries of one checkpoint have different 'gpus'.
+  decode_throughput.png  generated tokens/s (whole batches, prefill + decode) of sample.py --bench, one
+                         row of panels per card and model shape: against generation length at the
+                         largest batch measured (with the length at which each student overtakes the
+                         teacher), and against batch size where a batch sweep was measured; dashed: the
+                         memory-bandwidth roofline; black markers: HF transformers' generate.
+                         Input: <out_dir>/bench/decode*.json.
   distill_loss.png       training loss against wall time since the start of each model's run, one panel
                          per stage (teacher training, layer alignment, KL distillation, SFT), colour by
                          model, solid = mixer initialised from attention, dashed = random init.
                          Input: <out_dir>/logs/*.jsonl.
-
 
 Bad input (a malformed json/jsonl line, a missing key, a bad flag) stops with one line naming file:line
 or the flag, exit status 2; if no figure at all could be drawn the script exits with status 1.
