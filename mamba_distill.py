@@ -1161,7 +1161,7 @@ def finish_model(model, tok, cfg, env, name, settings, times):
     """Write a finished model's directory (its record first), and let every process wait for it."""
     if env.main:
         record_artifact(cfg.out_dir, name, settings, times)
-        save_model(model, tok, os.path.join(cfg.out_dir, name))
+        save_model(model, tok, os.path.join(cfg.out_dir, name), {"settings": settings, "times": times})
     barrier(env)
 
 
@@ -1634,9 +1634,10 @@ def load_teacher(path, device="cpu", dtype=torch.float32):
     return model, tok
 
 
-def save_model(model: LM, tokenizer, path):
+def save_model(model: LM, tokenizer, path, provenance=None):
     """Write an HF-style directory (a teacher written here loads in HF's LlamaForCausalLM too), whole:
-    into a temp directory that then replaces `path`."""
+    into a temp directory that then replaces `path`. provenance: the settings that made the model,
+    kept beside it in provenance.json, so that a copied directory still says what it is."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -1647,6 +1648,8 @@ def save_model(model: LM, tokenizer, path):
     tokenizer.save(os.path.join(tmp, "tokenizer.model"))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     write_json(os.path.join(tmp, "config.json"), {**model.cfg.to_dict(), "torch_dtype": dtype})
+    if provenance is not None:
+        write_json(os.path.join(tmp, "provenance.json"), provenance)
     if os.path.isdir(path):
         os.replace(path, old)
     os.replace(tmp, path)

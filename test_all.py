@@ -1604,6 +1604,9 @@ def test_pipeline_tiny(tmp_path):
         assert acc * 2 in (0, 1, 2)  # a share of the preset's 2 test problems
     stages = {json.loads(line)["stage"] for line in open(os.path.join(out, "logs", "pure.jsonl"))}
     assert stages == {"align", "kl", "sft"}
+    kept = json.load(open(os.path.join(out, "pure", "provenance.json")))  # travels with the directory
+    assert kept["settings"]["kl_steps"] == 3 and kept["settings"]["teacher"]["teacher_steps"] == 4
+    assert kept == md.read_provenance(out)["pure"] and set(kept["times"]) == {"align", "kl", "sft"}
     with open(os.path.join(out, "distill_summary.json")) as fh:
         assert set(json.load(fh)["models"]) == {"teacher", "hybrid", "pure", "pure_random"}
 
