@@ -1974,7 +1974,9 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(uninterrupted, tmp_path
         log = [json.loads(line) for line in open(os.path.join(out, "logs", f"{name}.jsonl"))]
         want = [json.loads(line) for line in open(os.path.join(uninterrupted, "logs", f"{name}.jsonl"))]
         assert [(r["stage"], r["step"], r["tokens"]) for r in log] == [(r["stage"], r["step"], r["tokens"]) for r in want]
-    assert set(md.read_provenance(out)) == {"data", "tokenizer.model", "teacher", "pure"}
+    record = md.read_provenance(out)
+    assert set(record) == {"data", "tokenizer.model", "teacher", "pure"}
+    assert set(record["teacher"]["times"]) == {"teacher"} and set(record["pure"]["times"]) == {"align", "kl"}
 
 
 # -----------------------------------------------------------------------------
