@@ -1380,16 +1380,21 @@ def test_pass_at_k_and_majority():
     assert maj == [0.5, 0.5, 0.5]  # problem 0 is outvoted from k = 4, problem 1 wins only then
 
 
-def test_evaluate_writes_and_resumes(tmp_path):
-    """A tiny checkpoint and tokenizer end to end: samples.jsonl, summary.json, and a resumed run."""
+def tiny_eval_checkpoint(tmp_path):
+    """A tiny random hybrid with its own BPE, saved as a checkpoint, and a 3-problem data file."""
     rows = md.synthetic_split("test", 3, seed=1, task="short")
     tok = md.train_bpe([r["question"] + r["answer"] for r in md.synthetic_split("train", 30, task="short")], 300,
                        str(tmp_path / "tok.model"))
     model = tiny_models(vocab_size=tok.n_words, max_position_embeddings=512)["hybrid"]
     md.save_model(model, tok, str(tmp_path / "ckpt"))
     md.write_jsonl(rows, str(tmp_path / "test.jsonl"))
-    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "test.jsonl"), "--out_dir",
-            str(tmp_path), "--name", "m", "--k", "4", "--max_new_tokens", "6", "--batch_size", "5", "--device", "cpu"]
+    return ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "test.jsonl"), "--out_dir", str(tmp_path),
+            "--max_new_tokens", "6", "--device", "cpu", "--flexible_extract"]
+
+
+def test_evaluate_writes_and_resumes(tmp_path):
+    """A tiny checkpoint and tokenizer end to end: samples.jsonl, summary.json, and a resumed run."""
+    argv = tiny_eval_checkpoint(tmp_path)[:-1] + ["--name", "m", "--k", "4", "--batch_size", "5"]
     sample.main(argv)
     path = tmp_path / "eval" / "m" / "samples.jsonl"
     lines = path.read_text().splitlines()
@@ -1418,18 +1423,6 @@ def test_evaluate_writes_and_resumes(tmp_path):
     meta.pop("state_dtype")  # written before the flag existed: those samples had an fp32 state
     meta_path.write_text(json.dumps(meta))
     sample.main(argv)
-
-
-def tiny_eval_checkpoint(tmp_path):
-    """A tiny random hybrid with its own BPE, saved as a checkpoint, and a 3-problem data file."""
-    rows = md.synthetic_split("test", 3, seed=1, task="short")
-    tok = md.train_bpe([r["question"] + r["answer"] for r in md.synthetic_split("train", 30, task="short")], 300,
-                       str(tmp_path / "tok.model"))
-    model = tiny_models(vocab_size=tok.n_words, max_position_embeddings=512)["hybrid"]
-    md.save_model(model, tok, str(tmp_path / "ckpt"))
-    md.write_jsonl(rows, str(tmp_path / "test.jsonl"))
-    return ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "test.jsonl"), "--out_dir", str(tmp_path),
-            "--max_new_tokens", "6", "--device", "cpu", "--flexible_extract"]
 
 
 def run_sample(argv, procs=1):
