@@ -27,7 +27,7 @@ Outputs, under --out_dir (read by sample.py and plot_scaling.py):
   data/train.jsonl, data/test.jsonl     the synthetic problems (GSM8K format)
   tokenizer.model                       the project's own BPE (tiktoken format), default run only
   teacher/, hybrid/, pure/, pure_random/   HF-style model directories: config.json, model.safetensors,
-                                        tokenizer.model
+                                        tokenizer.model, provenance.json (the settings that made it)
   provenance.json                       the settings each of the above was made with; a run that finds
                                         one made with other settings stops and says which differ
   logs/<model>.jsonl                    one line per logged step: model, init, stage, step, loss, lr,

@@ -817,7 +817,7 @@ def _bench(cfg, device):
             del model
             torch.cuda.empty_cache()
     ratios = {}
-    for r in result["results"]:  # the two ratios README compares
+    for r in result["results"]:  # the two ratios results/README.md reports
         if r["model"] == "teacher" and (r["batch"], r["gen_len"]) == (256, 512) and result["hf"] and "tokens_per_s" in result["hf"][0]:
             ratios[f"{r['shape']} teacher / HF static, batch 256, 512 new"] = r["tokens_per_s"] / result["hf"][0]["tokens_per_s"]
         if r["model"] == "pure" and r["gen_len"] == 4096:
