@@ -568,20 +568,21 @@ def align_loss_fn(teacher, ssm_layers, pad_id):
     return loss_fn
 
 
-def kl_loss_fn(teacher, direction, temperature, pad_id):
-    """Stage 2: distil the teacher's next-token distribution at every real token: forward
-    KL(p_T || p_S) (mass-covering) or reverse KL(p_S || p_T) (mode-seeking), both softmaxes at the
-    temperature. On a GPU the KL is scan_kernel.py's fused Triton kernel, which never materialises
-    an fp32 (b*l, v) tensor; elsewhere its PyTorch definition."""
+def kl_loss_fn(teacher, direction, temperature):
+    """Stage 2: distil the teacher's next-token distribution wherever the next token is part of a
+    solution (m = 1): forward KL(p_T || p_S) (mass-covering) or reverse KL(p_S || p_T) (mode-seeking),
+    both softmaxes at the temperature. Positions inside the question are left out, as the teacher's
+    own cross-entropy leaves them out: what it predicts there was never trained, and imitating it
+    would spend the student's steps on noise. On a GPU the KL is scan_kernel.py's fused Triton
+    kernel, which never materialises an fp32 (b*l, v) tensor; elsewhere its PyTorch definition."""
     def loss_fn(student, x, y, m):
         with torch.no_grad():
             t_logits = teacher(x)  # (b, l, v)
         s_logits = student(x)  # (b, l, v)
         kl_div = fused_kl_div if s_logits.is_cuda else kl_div_ref
         kl = kl_div(s_logits, t_logits, temperature, direction)  # (b, l) fp32
-        real = (x != pad_id).float()  # (b, l) every real token, the prompt's included
         # soft targets' gradients scale as 1 / T^2 (Hinton et al. 2015): T^2 makes them independent of T
-        return temperature ** 2 * (kl * real).sum(), real.sum()
+        return temperature ** 2 * (kl * m).sum(), m.sum()
     return loss_fn
 
 
@@ -609,7 +610,7 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, wan
         print(f"{name}: {len(ssm_layers)}/{teacher.cfg.num_hidden_layers} layers are Mamba, init={init}, "
               f"{student.num_params() / 1e6:.1f}M parameters")
     plan = [("align", cfg.align_steps if ssm_layers else 0, cfg.align_lr, align_loss_fn(teacher, ssm_layers, tok.pad_id)),
-            ("kl", cfg.kl_steps, cfg.kl_lr, kl_loss_fn(compiled(teacher, cfg, env), cfg.kl, cfg.temperature, tok.pad_id)),
+            ("kl", cfg.kl_steps, cfg.kl_lr, kl_loss_fn(compiled(teacher, cfg, env), cfg.kl, cfg.temperature)),
             ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
     # stage 1 trains the mixers alone (the rest is the teacher's); stages 2 and 3 train everything
     trains = {"align": lambda pname: ".mixer." in pname, "kl": lambda pname: True, "sft": lambda pname: True}
@@ -2118,10 +2119,10 @@ class DistillConfig:
     init: str = flag("attention", "attention (MambaInLlama transfer) or random mixers", choices=("attention", "random"))
     random_baseline: str = flag("pure", "also distil this student from random mixers (empty = no baseline)",
                                 choices=("", "hybrid", "pure"))
-    align_steps: int = flag(150, "stage 1: layer-wise mixer alignment steps (0 = skip)", at_least=0)
+    align_steps: int = flag(800, "stage 1: layer-wise mixer alignment steps (0 = skip)", at_least=0)
     align_lr: float = flag(2e-3, "stage 1: peak learning rate", above=0)
-    kl_steps: int = flag(600, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
-    kl_lr: float = flag(6e-4, "stage 2: peak learning rate", above=0)
+    kl_steps: int = flag(1400, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
+    kl_lr: float = flag(1e-3, "stage 2: peak learning rate", above=0)
     kl: str = flag("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)",
                    choices=("forward", "reverse"))
     temperature: float = flag(1.0, "stage 2: softmax temperature of both models (loss scaled by T^2)", above=0)
@@ -2268,7 +2269,7 @@ def bench(cfg, env, warmup=2, steps=8):
         student = transfer_attention_to_mamba(teacher, ssm).float().to(env.device).train()
         n_t = teacher.num_params() - teacher.model.embed_tokens.weight.numel() * (not mcfg.tie_word_embeddings)
         n_s = student.num_params() - student.model.embed_tokens.weight.numel() * (not mcfg.tie_word_embeddings)
-        loss_fn = kl_loss_fn(compiled(teacher, cfg, env), "forward", 1.0, pad_id=-1)
+        loss_fn = kl_loss_fn(compiled(teacher, cfg, env), "forward", 1.0)
         torch.cuda.reset_peak_memory_stats(env.device)
         run_stage("kl", student, loss_fn, warmup, 1e-5, cfg, env, batches, None)
         torch.cuda.synchronize(env.device)

@@ -1081,19 +1081,21 @@ def test_kl_reference_equals_torch_kl_div(direction):
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_kl_loss_fn_is_the_distillation_loss(direction):
-    """Stage 2's loss (here the reference path, on CPU): T^2 times the KL summed over the real
-    tokens, written out as it was before the fused kernel, and the count of real tokens."""
+    """Stage 2's loss (here the reference path, on CPU): T^2 times the KL summed over the positions
+    whose next token is a solution token (m = 1), written out as it was before the fused kernel, and
+    the count of those positions: the prompt and the padding count for nothing."""
     models = tiny_models()
     x = torch.randint(0, 90, (2, 9), generator=torch.Generator().manual_seed(6))
     x[0, :3] = 95  # padding
-    loss, count = md.kl_loss_fn(models["teacher"], direction, 2.0, pad_id=95)(models["pure"], x, None, None)
+    m = torch.zeros(2, 9)
+    m[0, 5:], m[1, 2:] = 1, 1  # (b, l) solution targets: 4 + 7 of them
+    loss, count = md.kl_loss_fn(models["teacher"], direction, 2.0)(models["pure"], x, None, m)
     with torch.no_grad():
         t_logp = torch.log_softmax(models["teacher"](x).float() / 2.0, -1)  # (b, l, v)
         s_logp = torch.log_softmax(models["pure"](x).float() / 2.0, -1)  # (b, l, v)
     p, q = (t_logp, s_logp) if direction == "forward" else (s_logp, t_logp)
-    real = (x != 95).float()  # (b, l)
-    assert count.item() == 15
-    assert_close(loss, 4.0 * ((p.exp() * (p - q)).sum(-1) * real).sum(), what=direction)
+    assert count.item() == 11
+    assert_close(loss, 4.0 * ((p.exp() * (p - q)).sum(-1) * m).sum(), what=direction)
 
 
 @needs_cuda
@@ -1799,13 +1801,13 @@ BAD_INPUTS = [
     ("distill", D + ["--teacher", "{w}/bad"], "big_tokenizer", r"token ids, more than the vocab_size 10"),
     ("distill", ["--preset", "smoke", "--out_dir", "{w}"], None, r"train.jsonl was made with other settings"),
     ("distill", ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--out_dir", "{w}",
-                 "--kl_lr", "0.001"], None, r"pure/config.json was made with other settings \(kl_lr 0.0006 -> 0.001\)"),
+                 "--kl_lr", "0.002"], None, r"pure/config.json was made with other settings \(kl_lr 0.001 -> 0.002\)"),
     ("distill", ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--out_dir", "{w}",
                  "--teacher_steps", "5"], None, r"teacher/config.json was made with other settings \(teacher_steps 4 -> 5\)"),
     ("distill", ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--out_dir", "{w}"], "unfinished",
      r"ckpt/pure: an unfinished run of pure \(sft step 2\); add --resume"),
     ("distill", ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--out_dir", "{w}", "--resume",
-                 "--kl_lr", "0.001"], "unfinished", r"ckpt/pure: an unfinished run of pure with other settings \(kl_lr"),
+                 "--kl_lr", "0.002"], "unfinished", r"ckpt/pure: an unfinished run of pure with other settings \(kl_lr"),
     ("distill", ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--out_dir", "{w}"], "no_record",
      r"provenance.json does not say what made it"),
     ("distill", ["--bench", "--out_dir", "{w}/b", "--device", "cpu"], None, r"--bench needs a CUDA GPU"),
