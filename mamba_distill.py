@@ -78,7 +78,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scan_kernel import (InputError, check_bounds, conv_step, conv_step_ref, decode_attention, flag, fused_kl_div,
-                         kl_div_ref, parse_config, ring_rows, ssd_scan, ssd_scan_chunked_torch, ssd_step, ssd_step_ref)
+                         kl_div_ref, parse_config, ring_rows, run_cli, ssd_scan, ssd_scan_chunked_torch, ssd_step,
+                         ssd_step_ref)
 
 
 # -----------------------------------------------------------------------------
@@ -108,8 +109,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, path="config.json"):
-        """A checked config: every size a positive whole number, heads that divide as GQA needs, layer
-        indices in range; anything else is an InputError naming the file and the field."""
+        """A checked config; anything invalid is an InputError naming the file and the field."""
         if not isinstance(d, dict):
             raise InputError(f"{path}: expected a JSON object")
         cfg = cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
@@ -165,8 +165,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Rotary frequencies (e/2,) in fp32 on the CPU, with Llama 3's long-context rescaling when
-    rope_scaling asks for it."""
+    """Rotary frequencies (e/2,) in fp32 on the CPU, with Llama 3's rescaling when rope_scaling asks."""
     e = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.float32, device="cpu") / e)  # (e/2,)
     rs = cfg.rope_scaling
@@ -174,8 +173,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         return inv_freq
     if rs.get("rope_type", rs.get("type")) != "llama3":
         raise InputError(f"config.json: rope_scaling type {rs.get('rope_type')!r} is not supported (llama3 only)")
-    # Llama 3.1: slow (long-wavelength) frequencies are divided by `factor`, fast ones kept, and the
-    # band in between interpolated smoothly, so the model sees longer contexts as it saw 8k.
+    # Llama 3.1: slow frequencies are divided by `factor`, fast ones kept, the band between interpolated
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     if not all(isinstance(rs.get(k), (int, float)) and rs[k] > 0 for k in keys):
         raise InputError(f"config.json: rope_scaling needs positive numbers {', '.join(keys)}, got {rs}")
@@ -194,9 +192,7 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention (Llama 3): h query heads share g key/value heads, r = h/g each. With a
-    cache, the new tokens' keys and values are written at their slots and the query reads the slots
-    written so far."""
+    """Grouped-query attention (Llama 3): h query heads share g key/value heads, r = h/g each."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -208,8 +204,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.e, d, bias=False)
 
     def qkv(self, x):
-        """The three projections (b, l, h*e), (b, l, g*e), (b, l, g*e); sample.py's Sampler replaces
-        this with one GEMM over the three weights stacked."""
+        """(b, l, h*e), (b, l, g*e), (b, l, g*e); sample.py's Sampler makes this one stacked GEMM."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, rope, cache=None, ctx=None):
@@ -226,8 +221,7 @@ class Attention(nn.Module):
             k_cache.index_copy_(2, ctx.slots, k.to(k_cache.dtype))
             v_cache.index_copy_(2, ctx.slots, v.to(v_cache.dtype))
             if ctx.mask is None:  # one token on a GPU: the flash-decoding kernel reads slots pad..t alone
-                # (q in the cache's dtype, as autocast gives SDPA: an fp32 model under bf16 autocast
-                # has an fp32 q here, as RoPE's product with the fp32 embedding stream promotes it)
+                # q in the cache's dtype, as autocast would give SDPA (RoPE may have promoted it to fp32)
                 y = decode_attention(q.view(b, self.h, self.e).to(k_cache.dtype), k_cache, v_cache, ctx.slots, ctx.pad)
                 y = y.view(b, self.h, 1, self.e)  # (b, h, 1, e)
             else:
@@ -264,9 +258,8 @@ class MambaMixer(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min=1e-3, dt_max=0.1, a_min=1.0, a_max=16.0):
-        """Mamba-2's initialisation for what attention does not have (also MambaInLlama's):
-        dt log-uniform in [dt_min, dt_max] (stored through softplus^-1), decay rates A in [1, 16]
-        (stored as log), D = 1 and a unit norm; conv and z keep PyTorch's default uniform init."""
+        """Mamba-2's initialisation (also MambaInLlama's): dt log-uniform in [dt_min, dt_max], decay
+        rates A in [a_min, a_max], D = 1, a unit norm; conv and z keep PyTorch's default init."""
         dt = torch.exp(torch.rand(self.h) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) == dt
         self.A_log.copy_(torch.log(torch.empty(self.h).uniform_(a_min, a_max)))
@@ -275,23 +268,18 @@ class MambaMixer(nn.Module):
 
     def rows(self, name) -> slice:
         """The rows of in_proj.weight that produce z, x, B, C or dt."""
-        start = 0
-        for key, size in self.sizes.items():
-            if key == name:
-                return slice(start, start + size)
-            start += size
-        raise KeyError(name)
+        names = list(self.sizes)
+        start = sum(self.sizes[k] for k in names[:names.index(name)])
+        return slice(start, start + self.sizes[name])
 
     def forward(self, u, cache=None, ctx=None):
-        """u (b, l, d) -> (b, l, d). Without a cache: the whole sequence (training). With one (from
-        LM.allocate_cache): l new tokens at cache slots ctx.slots, continuing the conv ring and the SSM
-        state the cache holds: a prefill, or one decode token (one step of the recurrence)."""
+        """u (b, l, d) -> (b, l, d): the whole sequence, or with a cache (LM.allocate_cache) l new tokens
+        at slots ctx.slots continuing its conv ring and SSM state (a prefill, or one decode step)."""
         b, l, _ = u.shape
         z, xBC, dt = self.in_proj(u).split([self.sizes["z"], self.conv_dim, self.h], dim=-1)  # (b, l, h*p), (b, l, conv_dim), (b, l, h)
         valid = None if ctx is None else ctx.valid  # (b, l) 0 at left padding
         if valid is not None:
-            # left padding must leave no trace: a zero conv input looks like "before the start", and
-            # dt = 0 means the state neither decays nor receives anything (exp(0) = 1)
+            # left padding leaves no trace: a zero conv input is "before the start"; dt = 0 leaves the state as is
             xBC = xBC * valid[..., None].to(xBC.dtype)
         x, B, C = self.conv(xBC, cache, ctx).split([self.g * self.p, self.g * self.n, self.h * self.n], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h) > 0
@@ -315,10 +303,8 @@ class MambaMixer(nn.Module):
         return self.out_proj(self.norm(y.reshape(b, l, -1), gate=z).to(self.out_proj.weight.dtype))  # (b, l, d)
 
     def conv(self, xBC, cache=None, ctx=None):
-        """The causal depthwise conv of (b, l, conv_dim), then silu. With a cache it continues from a
-        ring of the last w-1 inputs: slot s's input sits in row s % (w-1), so a decode token writes
-        one row (over the oldest input) instead of shifting the window, and reads rows ring_rows(t),
-        oldest first (causal-conv1d's causal_conv1d_update keeps the same circular layout)."""
+        """The causal depthwise conv of (b, l, conv_dim), then silu. A cache holds a ring of the last w-1
+        inputs, slot s in row s % (w-1): a decode token overwrites one row instead of shifting them all."""
         b, l, _ = xBC.shape
         if cache is None:
             return F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))  # (b, l, conv_dim)
@@ -384,8 +370,7 @@ class StepContext:
     """What every layer needs to read/write a cache at the current positions (built by LM.forward)."""
     slots: torch.Tensor  # (l,) cache slots written by this call
     kv_len: int          # attention reads cache slots [0, kv_len)
-    mask: torch.Tensor | None  # (b, 1, l, kv_len) bool, True = may attend; None for a one-token step
-                               # on a GPU, where decode_attention masks by pad and slots itself
+    mask: torch.Tensor | None  # (b, 1, l, kv_len) bool, True = may attend; None: GPU decode masks itself
     valid: torch.Tensor | None  # (b, l) float, 0 at left padding (None when there is none)
     pad: torch.Tensor    # (b,) long, left padding per row: row i's first real slot
 
@@ -401,8 +386,7 @@ class LM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # (e/2,) fp32. A plain attribute, not a buffer: model.to(torch.bfloat16) must not round the
-        # frequencies (at position 2047 bf16 rounding moves the angle by radians)
+        # (e/2,) fp32; not a buffer, so that model.to(torch.bfloat16) does not round the frequencies
         self.inv_freq = rope_inv_freq(cfg)
 
     def rope(self, pos, dtype):
@@ -414,9 +398,8 @@ class LM(nn.Module):
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
     def allocate_cache(self, batch, max_len, dtype, device, state_dtype=torch.float32):
-        """Per layer: (k, v) (b, k, s, e) for attention, (conv (b, w-1, conv_dim), state (b, h, p, n))
-        for a mixer: the last w-1 conv inputs (a ring, see MambaMixer.conv) and the SSM state, which is
-        fp32 unless state_dtype says otherwise (bf16 halves a pure student's decode traffic)."""
+        """Per layer: (k, v) (b, g, s, e) for attention; for a mixer (conv ring (b, w-1, conv_dim),
+        SSM state (b, h, p, n) in state_dtype)."""
         c = self.cfg
         if torch.device(device).type != "meta":  # (a meta cache only counts bytes)
             self.inv_freq = self.inv_freq.to(device)  # now, not inside a CUDA graph capture that may follow
@@ -433,14 +416,8 @@ class LM(nn.Module):
         return cache
 
     def forward(self, idx, cache=None, start=0, pad=None, collect=None, return_hidden=False):
-        """idx (b, l) -> logits (b, l, v).
-
-        Without a cache: positions 0..l-1 and plain causal attention (training).
-        With a cache (from allocate_cache): the l tokens go to cache slots start..start+l-1; `start` is
-        an int, or a 0-d long tensor for the decode step (l == 1) so that a CUDA graph can replay it.
-        pad (b,) long: row i is left-padded with pad[i] tokens; they get no attention and no SSM state,
-        and row i's positions count from its first real token.
-        """
+        """idx (b, l) -> logits (b, l, v). With a cache the tokens go to slots start..start+l-1 (start a
+        0-d tensor for a CUDA-graph decode step); pad (b,): row i's left padding, which nothing sees."""
         b, l = idx.shape
         x = self.model.embed_tokens(idx)  # (b, l, d)
         ctx = None
@@ -458,8 +435,7 @@ class LM(nn.Module):
 
     def _context(self, b, l, start, pad, cache, device):
         s = max([kv[0].shape[2] for kv, blk in zip(cache, self.model.layers) if not hasattr(blk, "mixer")] or [0])
-        if torch.is_tensor(start):  # decode step (graph-safe: start lives on the device); the CPU mask
-            # covers all s slots, the GPU kernel reads pad..t itself
+        if torch.is_tensor(start):  # decode step (graph-safe: start lives on the device)
             assert l == 1, "a tensor start is for one-token decode steps"
             slots = start.view(1)  # (1,)
             kv_len = s
@@ -472,8 +448,7 @@ class LM(nn.Module):
         if l > 1 or device.type != "cuda":
             key = torch.arange(max(kv_len, 1), device=device)[:kv_len]  # (kv_len,)
             mask = (key[None, None, :] <= slots[None, :, None]) & (key[None, None, :] >= pad[:, None, None])
-            # a padding query sees only itself: a row with nothing to attend to would give NaN, and a
-            # NaN value, even masked out later, poisons every real query through 0 * NaN
+            # a padding query sees itself: an empty row gives NaN, which poisons real queries via 0 * NaN
             mask = (mask | (key[None, None, :] == slots[None, :, None]))[:, None]  # (b, 1, l, kv_len)
         valid = None
         if l > 1 and bool(pad.any()):  # only a prefill can contain padding
@@ -497,16 +472,9 @@ ATTENTION_TO_SSM = [
 
 @torch.no_grad()
 def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention") -> LM:
-    """A student in which `ssm_layers` hold a Mamba-2 mixer and every other layer is the teacher's.
-
-    Embeddings, norms, MLPs and the kept attention layers are copied. With init="attention" each
-    mixer takes Q, K, V, O from the attention it replaces (table above); with init="random" the
-    mixer keeps its fresh initialisation, which is the baseline that shows what the transfer is worth.
-    Tensors attention has no counterpart for (z's rows, dt, A, D, conv, the gated norm) keep Mamba-2's
-    initialisation (MambaMixer.reset_ssm_parameters), as in MambaInLlama, which found the attention
-    weights to be what matters. Stage 1 then trains every mixer tensor, but from a mixer that already
-    reads and writes its state with the teacher's own projections.
-    """
+    """A student in which `ssm_layers` hold a Mamba-2 mixer and everything else is the teacher's.
+    init="attention": each mixer takes Q, K, V, O of the attention it replaces (table above); the rest
+    of the mixer keeps Mamba-2's init, as in MambaInLlama. init="random": the baseline, no transfer."""
     if init not in ("attention", "random"):
         raise InputError(f"--init: expected 'attention' or 'random', got {init!r}")
     p = next(teacher.parameters())
@@ -550,9 +518,8 @@ def student_layers(kind, n_layers, attn_fraction):
 # 3. The three stage losses; each returns (the loss summed over a micro-batch's tokens, their count)
 
 def align_loss_fn(teacher, ssm_layers, pad_id):
-    """Stage 1 (MOHAWK's hidden-state alignment): each student mixer gets the teacher's own input to
-    that layer's attention and must reproduce the attention's output. Layers train independently.
-    The error of each token is relative to the size of its target, so that every layer counts alike."""
+    """Stage 1 (MOHAWK's hidden-state alignment): each mixer, fed the teacher's input to that layer's
+    attention, must reproduce its output; the error is relative, so that every layer counts alike."""
     def loss_fn(student, x, y, m):
         collect = []
         with torch.no_grad():
@@ -569,12 +536,8 @@ def align_loss_fn(teacher, ssm_layers, pad_id):
 
 
 def kl_loss_fn(teacher, direction, temperature):
-    """Stage 2: distil the teacher's next-token distribution wherever the next token is part of a
-    solution (m = 1): forward KL(p_T || p_S) (mass-covering) or reverse KL(p_S || p_T) (mode-seeking),
-    both softmaxes at the temperature. Positions inside the question are left out, as the teacher's
-    own cross-entropy leaves them out: what it predicts there was never trained, and imitating it
-    would spend the student's steps on noise. On a GPU the KL is scan_kernel.py's fused Triton
-    kernel, which never materialises an fp32 (b*l, v) tensor; elsewhere its PyTorch definition."""
+    """Stage 2: forward KL(p_T || p_S) or reverse KL(p_S || p_T) at the temperature, on solution tokens
+    only (m = 1): the teacher was never trained to predict the question. On a GPU, the fused Triton KL."""
     def loss_fn(student, x, y, m):
         with torch.no_grad():
             t_logits = teacher(x)  # (b, l, v)
@@ -600,10 +563,8 @@ STAGES = ("teacher", "align", "kl", "sft")  # in the order a model's run goes th
 
 
 def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, want):
-    """Transfer, then the three stages (MOHAWK, MambaInLlama): 1 each mixer learns to reproduce the
-    attention output of its layer from the teacher's own hidden states; 2 the whole student learns the
-    teacher's next-token distribution; 3 (optional) fine-tuning on the solutions. Each stage checkpoints,
-    so a run resumes where it stopped. Returns the student and its stage wall times."""
+    """Transfer, then the stages: 1 align the mixers, 2 KL to the teacher, 3 (optional) fine-tune on
+    the solutions; each checkpoints, so a run resumes where it stopped. Returns (student, stage times)."""
     torch.manual_seed(cfg.seed + zlib.crc32(name.encode()))  # the same init whatever ran before
     student = transfer_attention_to_mamba(teacher, ssm_layers, init).float().to(env.device)
     if env.main:
@@ -627,9 +588,8 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, wan
 
 
 def get_teacher(cfg, env, train_rows, want):
-    """The teacher an earlier run with the same settings trained, or a new one trained here on the
-    training solutions (cross-entropy), saved and loaded back through the path a real Llama checkpoint
-    (--teacher) takes. Returns (model, tokenizer)."""
+    """(model, tokenizer): the teacher an earlier run with these settings trained, or one trained here,
+    saved, and loaded back the way a real Llama checkpoint (--teacher) is."""
     dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32  # frozen: bf16 is enough
     path = os.path.join(cfg.out_dir, "teacher")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -778,13 +738,9 @@ def barrier(env):
 
 
 class Batches:
-    """Tokenised examples and a batch order that depends only on (seed, stage, step), so that a
-    resumed run sees exactly the batches it would have seen.
-
-    Examples are kept sorted by length, and a step's batch is a random window of `batch` neighbours
-    in that order: its sequences have about the same length, and it is padded only to the longest of
-    them (rounded up to a multiple of 64), so that little compute goes to padding when lengths vary
-    from a few hundred to a few thousand tokens (HF's group_by_length does the same)."""
+    """Tokenised examples, and batches that depend only on (seed, stage, step), so a resumed run sees
+    the same ones. A batch is a random window of neighbours in length order, padded only to its longest
+    (like HF's group_by_length), so little compute goes to padding."""
 
     def __init__(self, tok, rows, seq_len, seed):
         answers = tok.encode_batch([r["answer"] for r in rows])
@@ -800,8 +756,7 @@ class Batches:
         self.pad_id, self.seq_len, self.seed = tok.pad_id, seq_len, seed
 
     def get(self, stage, step, batch, rank=0, world=1, micro=0, n_micro=1):
-        """This rank's share of micro-batch `micro` of the global batch of `step`:
-        inputs, targets, loss mask (b, l) and how many input tokens are real (not padding)."""
+        """This rank's share of micro-batch `micro` of step `step`: inputs, targets, loss mask (b, l), real tokens."""
         # a stable hash: Python's hash() of a str changes from one process to the next
         g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{stage}/{step}".encode()))
         n = len(self.ids)
@@ -844,8 +799,8 @@ class TrainingError(Exception):
 
 
 class StageLoss(nn.Module):
-    """student + loss function as one module, so DDP sees one forward per micro-batch (the teacher is
-    kept outside the module tree: frozen, replicated, never synchronised)."""
+    """student + loss function as one module, so DDP sees one forward per micro-batch (the teacher
+    stays outside the module tree: never synchronised)."""
 
     def __init__(self, student, loss_fn):
         super().__init__()
@@ -856,18 +811,13 @@ class StageLoss(nn.Module):
 
 
 def compiled(model, cfg, env):
-    """torch.compile(model) when --compile is on and the device is a GPU, else the model itself. The
-    compiled module shares the model's parameters; only calls of its forward go through it."""
+    """torch.compile(model) (sharing its parameters) with --compile on a GPU, else the model itself."""
     return torch.compile(model) if cfg.compile and env.device.type == "cuda" else model
 
 
 def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run=None):
-    """The training loop every stage shares: accumulate, clip, step, log, checkpoint.
-
-    loss_fn(model, inputs, targets, mask) -> (the loss summed over a micro-batch's tokens, how many
-    tokens that is); the parameters that require grad are trained. run: the model's ModelRun, which
-    resumes, logs and checkpoints it (None: the benchmark, which does none of that).
-    """
+    """The loop every stage shares: accumulate, clip, step, log, checkpoint. loss_fn(model, x, y, m) ->
+    (loss summed over tokens, token count). run: the ModelRun that resumes, logs, checkpoints (None: bench)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(params, peak_lr, cfg.weight_decay, env.device)
     step0, tokens = run.start(stage, model, optimizer) if run else (0, 0)
@@ -894,9 +844,8 @@ def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run
             s.backward()
             loss_sum += s.detach()
             count += n
-        # The losses are sums over tokens; dividing the summed gradient by the step's token count
-        # afterwards gives the mean over every token of the step, however they fall in micro-batches
-        # and GPUs (DDP has averaged the sums over GPUs, so divide by the mean count per GPU).
+        # summed losses / the step's token count = the mean over its tokens, however they fall in
+        # micro-batches and GPUs (DDP averaged the sums over GPUs: divide by the mean count per GPU)
         if env.world > 1:
             stats = torch.stack([loss_sum, count, torch.tensor(float(real), device=env.device)])
             dist.all_reduce(stats)
@@ -923,11 +872,8 @@ def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run
 
 
 class ModelRun:
-    """One model's run through its stages: what it resumes from, its log, its checkpoints, the wall
-    time of each stage. Without --resume a model starts over and its log is emptied; with --resume it
-    continues from its checkpoint (check_artifacts has made sure that the checkpoint was made with this
-    run's settings) and its log is cut back to the checkpoint's step. So no step is ever logged twice,
-    and the stage times cover the whole run, the part before a crash included."""
+    """One model's run through its stages: resume point, log, checkpoints, stage wall times. Its log is
+    cut back to the checkpoint it resumes from (emptied without --resume), so no step is logged twice."""
 
     def __init__(self, name, init, cfg, env, settings, plan):
         self.name, self.init, self.cfg, self.env, self.settings = name, init, cfg, env, settings
@@ -944,8 +890,7 @@ class ModelRun:
             write_text(self.log_path, "".join(kept))
 
     def stage_done(self, stage, model):
-        """Whether `stage` has nothing left to run: no steps, or a checkpoint past it (when the
-        checkpoint ends this very stage, its weights are loaded here)."""
+        """Whether `stage` has nothing left to run (a checkpoint that ends it is loaded here)."""
         s = self.state
         if self.steps[stage] == 0:
             return True
@@ -958,8 +903,7 @@ class ModelRun:
         return True
 
     def start(self, stage, model, optimizer):
-        """(first step, tokens so far) of a stage, its weights and optimizer moments restored from the
-        checkpoint when the run resumes inside it."""
+        """(first step, tokens so far); weights and optimizer restored when resuming inside the stage."""
         s = self.state
         if s is not None and s["stage"] == stage:
             load_checkpoint(model, optimizer, self.ckpt)
@@ -994,14 +938,22 @@ class ModelRun:
 
 
 def run_conditions(cfg, env):
-    """What a resumed run must share with the one it continues besides the settings: a run resumed on
-    another kind of device, or compiled differently, would not end with the uninterrupted run's weights."""
+    """What a resumed run must share with the one it continues besides the settings."""
     return {"device": env.device.type, "compile": cfg.compile}
+
+
+def replace_dir(tmp, path):
+    """Swap directory tmp in as path (path.old survives a crash between the two renames)."""
+    old = path + ".old"
+    if os.path.isdir(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(model, opt, tok, path, state):
     """model dir + optimizer + state.json, written into a temp dir and swapped in whole."""
-    tmp, old = path + ".tmp", path + ".old"
+    tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tok, tmp)
     flat = {}
@@ -1010,10 +962,7 @@ def save_checkpoint(model, opt, tok, path, state):
             flat[f"{i}.{k}"] = v.detach().float().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
     save_safetensors(flat, os.path.join(tmp, "optimizer.safetensors"))
     write_json(os.path.join(tmp, "state.json"), state)
-    if os.path.isdir(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, path)
 
 
 def checkpoint_dir(ckpt):
@@ -1048,9 +997,7 @@ def load_checkpoint(model, opt, ckpt):
     opt.load_state_dict(sd)
 
 
-# The settings that decide each artifact. The others (where files go, how often to log or checkpoint,
-# how many problems to evaluate, which models this run makes) cannot change one, and may differ
-# between the run that made an artifact and one that reuses or resumes it.
+# The settings that decide each artifact; the others (paths, logging, evaluation) may differ between runs.
 DATA_SETTINGS = ("task", "min_steps", "max_steps", "digits", "n_train", "seed")
 TEACHER_SETTINGS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "teacher_steps", "teacher_lr")
 STUDENT_SETTINGS = ("align_steps", "align_lr", "kl_steps", "kl_lr", "kl", "temperature", "sft_steps", "sft_lr")
@@ -1058,9 +1005,8 @@ OPTIM_SETTINGS = ("batch_size", "grad_accum", "seq_len", "warmup", "weight_decay
 
 
 def wanted_artifacts(cfg, runs):
-    """{artifact: the settings that make it} for everything this run writes under out_dir: the
-    synthetic data, the tokenizer and teacher it trains, and each student (runs: (name, ssm_layers,
-    init)). A student's settings hold its teacher's, so a new teacher makes every student stale."""
+    """{artifact: the settings that make it} for data, tokenizer, teacher and each student (runs: (name,
+    ssm_layers, init)). A student's settings hold its teacher's: a new teacher makes every student stale."""
     pick = lambda names: {k: getattr(cfg, k) for k in names if k != "digits" or cfg.task == "relay"}
     train = {"data": file_fingerprint(cfg.data)} if cfg.data else pick(DATA_SETTINGS)
     want = {}
@@ -1088,8 +1034,7 @@ def read_provenance(out_dir):
 
 
 def record_artifact(out_dir, name, settings, times=None):
-    """Note in out_dir/provenance.json the settings that make artifact `name`, before it is written: a
-    crash in between leaves a record without the artifact, never an artifact without its record."""
+    """Record in provenance.json the settings of artifact `name` before it is written, never after."""
     record = read_provenance(out_dir)
     record[name] = {"settings": settings, **({"times": times} if times else {})}
     write_json(os.path.join(out_dir, "provenance.json"), record)
@@ -1103,9 +1048,8 @@ def differences(old, new):
 
 
 def check_artifacts(cfg, env, want):
-    """Before any work: stop if out_dir holds an artifact of this run made with other settings (or one
-    that no record explains), or a checkpoint of an unfinished model that this run would otherwise
-    silently start over or continue under other settings."""
+    """Before any work: stop on an artifact made with other settings (or with no record), or on an
+    unfinished model's checkpoint that this run would silently restart or continue differently."""
     record = read_provenance(cfg.out_dir)
     remedy = "use another --out_dir, or --fresh to start over"
     for name, settings in want.items():
@@ -1130,8 +1074,7 @@ def check_artifacts(cfg, env, want):
 
 
 def start_over(out_dir, students):
-    """--fresh: remove what this run would make (data, tokenizer, models, their checkpoints and logs,
-    the records and the summary), nothing else under out_dir."""
+    """--fresh: remove what this run would make, nothing else under out_dir."""
     names = ["data", "tokenizer.model", "teacher", *students, "ckpt", "provenance.json", "distill_summary.json"]
     names += [os.path.join("logs", f"{m}.jsonl") for m in ["teacher", *students]]
     gone = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
@@ -1143,8 +1086,7 @@ def start_over(out_dir, students):
 
 
 def load_data(cfg, env, want):
-    """Training and test rows: the given jsonl files (read first: a bad line stops the run before
-    anything is written), or the synthetic splits (written to out_dir/data)."""
+    """Training and test rows: the given jsonl files, or the synthetic splits (written to out_dir/data)."""
     rows = {split: read_jsonl(path) for split, path in (("train", cfg.data), ("test", cfg.test_data)) if path}
     for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
         if split in rows:
@@ -1174,26 +1116,16 @@ LLAMA3_SPLIT_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-LLAMA3_SPECIAL_TOKENS = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>",
-    "<|step_id|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eom_id|>",  # end of message (tool calls)
-    "<|eot_id|>",  # end of turn
-    "<|python_tag|>",
-    "<|image|>",
+LLAMA3_SPECIAL_TOKENS = [  # <|eom_id|>: end of message (tool calls); <|eot_id|>: end of turn
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+    "<|eot_id|>", "<|python_tag|>", "<|image|>",
 ]
 LLAMA3_SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIAL_TOKENS))]
 
 
 def load_tiktoken_bpe_file(path) -> dict[bytes, int]:
-    """Read tiktoken's BPE file format: one `<base64 token bytes> <rank>` per line, rank = merge priority
-    (lower merges first). Ranks must be 0..n-1 so that the special tokens can follow at id n."""
+    """tiktoken's BPE file: `<base64 token bytes> <rank>` a line; ranks 0..n-1, so specials follow at n."""
     try:
         with open(path, "rb") as f:
             lines = f.read().splitlines()
@@ -1221,20 +1153,16 @@ def load_tiktoken_bpe_file(path) -> dict[bytes, int]:
 
 
 class Tokenizer:
-    """Llama 3's tokenizer: byte-level BPE run by tiktoken, plus 256 special tokens after the base vocab.
-    Works the same for Meta's 128k-token file and for the project's own small file (train_bpe)."""
+    """Llama 3's tokenizer: byte-level BPE run by tiktoken, plus 256 special tokens after the base vocab
+    (Meta's 128k-token file, or the project's own from train_bpe)."""
 
     def __init__(self, path):
         self.path = str(path)
         self.mergeable_ranks = load_tiktoken_bpe_file(path)
         n_base = len(self.mergeable_ranks)
         self.special_tokens = {tok: n_base + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        self.model = tiktoken.Encoding(
-            name=os.path.basename(self.path),
-            pat_str=LLAMA3_SPLIT_PATTERN,
-            mergeable_ranks=self.mergeable_ranks,
-            special_tokens=self.special_tokens,
-        )
+        self.model = tiktoken.Encoding(name=os.path.basename(self.path), pat_str=LLAMA3_SPLIT_PATTERN,
+                                       mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens)
         self.n_words = n_base + len(self.special_tokens)
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
@@ -1263,9 +1191,8 @@ class Tokenizer:
         return self.model.decode_single_token_bytes(i)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Llama 3 instruct format (Meta's chat_format.py; no default system message):
-        <|begin_of_text|> then per message <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>,
-        then an open assistant header so that the model writes the reply."""
+        """Llama 3 instruct format: <|begin_of_text|>, per message <|start_header_id|>{role}<|end_header_id|>
+        \\n\\n{content}<|eot_id|>, then an open assistant header for the reply."""
         ids = [self.bos_id]
         for m in messages:
             ids += self._header(m["role"]) + self.encode(m["content"].strip()) + [self.eot_id]
@@ -1278,22 +1205,19 @@ class Tokenizer:
 
     def save(self, path):
         """Write the BPE file in tiktoken's format (specials are implied by the base vocab size)."""
-        by_rank = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
-        text = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in by_rank)
-        atomic_write(path, [text.encode()])
+        write_bpe(path, sorted(self.mergeable_ranks, key=self.mergeable_ranks.get))
+
+
+def write_bpe(path, tokens):
+    """tokens (bytes), in rank order, as a tiktoken BPE file."""
+    write_text(path, "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for rank, tok in enumerate(tokens)))
 
 
 def train_bpe(texts: list[str], vocab_size: int, path, single_digits: bool = True) -> Tokenizer:
-    """Train a byte-level BPE vocabulary of `vocab_size` base tokens (256 bytes + merges; the 256 special
-    tokens come on top), write it to `path` in tiktoken's format and load it back.
-
-    Classic BPE (Sennrich et al. 2016, byte-level as in GPT-2): split text into words with the Llama 3
-    pattern, then repeatedly merge the most frequent adjacent pair of tokens. Rank = merge order, which is
-    what tiktoken's encoder expects (it merges the lowest-rank pair first). Pairs are counted over unique
-    words weighted by frequency and updated only in the words that contain the merged pair.
-    single_digits: never merge digits, so every digit is its own token (as Llama 1 and 2 split numbers;
-    Llama 3's pattern allows up to three per token): column arithmetic then reads one digit per token
-    instead of digits hidden inside tokens like "509"."""
+    """Train byte-level BPE (Sennrich et al. 2016) of `vocab_size` base tokens (256 bytes + merges),
+    write it to `path` in tiktoken's format (rank = merge order) and load it back. Pair counts are
+    kept over unique words and updated only in the words a merge touches. single_digits: one token a
+    digit (as in Llama 1 and 2), so column arithmetic reads one digit per token."""
     assert vocab_size >= 256, "the base vocabulary starts with all 256 single bytes"
     word_freq = Counter(w for text in texts for w in regex.findall(LLAMA3_SPLIT_PATTERN, text))  # tiktoken's own splitter module
     if single_digits:  # the pattern puts digits in words of their own: such words get no pairs to merge
@@ -1337,8 +1261,7 @@ def train_bpe(texts: list[str], vocab_size: int, path, single_digits: bool = Tru
                 words_with[pair].add(wi)
         for pair in [p for p, c in pair_count.items() if c <= 0]:
             del pair_count[pair]
-    text = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for rank, tok in enumerate(vocab))
-    atomic_write(path, [text.encode()])
+    write_bpe(path, vocab)
     return Tokenizer(path)
 
 
@@ -1348,8 +1271,7 @@ def train_bpe(texts: list[str], vocab_size: int, path, single_digits: bool = Tru
 
 
 def atomic_write(path, data):
-    """Write bytes (or an iterable of bytes-like chunks) to `path` through a temp file in the same
-    directory and os.replace, so a crash mid-write never leaves a half-written file under the name."""
+    """Write bytes (or an iterable of chunks) through a temp file and os.replace: never a half-written file."""
     path = str(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -1383,10 +1305,9 @@ def read_json(path):
 
 
 def read_jsonl(path, required=None, lenient=False, raw=False):
-    """The rows of a jsonl file, one JSON object a line, blank lines skipped. required: {key: type} each
-    row must hold (default: GSM8K's question and answer strings); anything else is an InputError naming
-    the file and line. lenient: a missing file has no rows, and a torn last line (a crash while it was
-    appended) is dropped. raw: (line, row) pairs."""
+    """The rows of a jsonl file. required: {key: type} each row must hold (default: GSM8K's question and
+    answer); anything else is an InputError naming file and line. lenient: a missing file has no rows and
+    a torn last line is dropped. raw: (line, row) pairs."""
     required = {"question": str, "answer": str} if required is None else required
     if lenient and not os.path.exists(path):
         return []
@@ -1421,9 +1342,8 @@ def write_jsonl(rows: list[dict], path):
 
 
 def file_fingerprint(path, blocks=256, block=4096):
-    """A short hash of a file that changes when its content does: its size and, for a file of more
-    than blocks * block bytes, `blocks` evenly spaced blocks of it (retrained weights change
-    everywhere; reading gigabytes would take seconds), else all of it."""
+    """A short hash of a file's size and content: all of it, or of a large file `blocks` evenly spaced
+    blocks (retrained weights change everywhere; reading gigabytes would take seconds)."""
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -1513,9 +1433,7 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{path}: tensor {name!r} has a bad header entry {info!r:.100}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         if min(shape, default=0) < 0 or not 0 <= begin <= end:
             raise InputError(f"{path}: tensor {name!r} has a negative shape or offsets {shape} {[begin, end]}")
         if end > data_len:
@@ -1536,8 +1454,7 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict(directory) -> dict[str, torch.Tensor]:
-    """Read HF-layout weights: `model.safetensors.index.json` + its shards if the index exists, else
-    `model.safetensors`."""
+    """HF-layout weights: model.safetensors.index.json and its shards, else model.safetensors."""
     index_path = os.path.join(directory, "model.safetensors.index.json")
     single_path = os.path.join(directory, "model.safetensors")
     if not os.path.exists(index_path):
@@ -1581,8 +1498,7 @@ def read_config(path) -> ModelConfig:
 
 
 def load_model(path, device="cpu", dtype=torch.float32) -> LM:
-    """Build the model that config.json describes and load its weights, strictly (every tensor
-    present, none extra, every shape right), without ever unpickling anything."""
+    """The model config.json describes, its weights loaded strictly and without unpickling anything."""
     cfg = read_config(path)
     sd = load_state_dict(path)
     with torch.device("meta"):  # no time wasted on a random init that is overwritten next
@@ -1625,8 +1541,7 @@ def check_tokenizer_fits(tok, cfg: ModelConfig, path):
 
 
 def load_teacher(path, device="cpu", dtype=torch.float32):
-    """A local HF-format Llama directory -> (LM, Tokenizer), checked to be a teacher (no mixers) whose
-    vocabulary holds every id of its tokenizer."""
+    """A local HF-format Llama directory -> (LM, Tokenizer), checked to be a teacher that fits its tokenizer."""
     model = load_model(path, device, dtype)
     if model.cfg.ssm_layers:
         raise InputError(f"{path}: a student (Mamba layers {model.cfg.ssm_layers}), not a Llama teacher")
@@ -1636,10 +1551,9 @@ def load_teacher(path, device="cpu", dtype=torch.float32):
 
 
 def save_model(model: LM, tokenizer, path, provenance=None):
-    """Write an HF-style directory (a teacher written here loads in HF's LlamaForCausalLM too), whole:
-    into a temp directory that then replaces `path`. provenance: the settings that made the model,
-    kept beside it in provenance.json, so that a copied directory still says what it is."""
-    tmp, old = path + ".tmp", path + ".old"
+    """Write an HF-style directory (a teacher loads in HF's LlamaForCausalLM too), whole, via a temp
+    directory. provenance: the settings that made the model, kept beside it in provenance.json."""
+    tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
@@ -1651,10 +1565,7 @@ def save_model(model: LM, tokenizer, path, provenance=None):
     write_json(os.path.join(tmp, "config.json"), {**model.cfg.to_dict(), "torch_dtype": dtype})
     if provenance is not None:
         write_json(os.path.join(tmp, "provenance.json"), provenance)
-    if os.path.isdir(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, path)
 
 
 save_teacher = save_model  # the public name for teachers: a teacher is an LM with no ssm_layers
@@ -1685,11 +1596,9 @@ OBJECTS = [
 
 
 def make_problem(rng: random.Random, n_steps: int) -> dict:
-    """One word problem whose solution takes n_steps arithmetic steps, each a GSM8K-style sentence that
-    restates what happens and shows its result. Returns {"question", "answer", "ops"}; "ops" lists the
-    steps as [op, *numbers] so a test can redo the arithmetic: first ["start", a] (no step) or
-    ["pack", a, b] (a * b), then ["+", b], ["-", b], ["*", b], ["/", b] (one step each),
-    ["add_packs", a, b] (x + a * b, two steps) and, only last, ["together_fewer", b] (x + (x - b), two)."""
+    """A word problem of n_steps GSM8K-style arithmetic steps: {"question", "answer", "ops"}, ops the steps
+    as [op, *numbers] for a test to redo: ["start", a] or ["pack", a, b] (a * b), then "+", "-", "*", "/"
+    (one step each), ["add_packs", a, b] (x + a * b, two) and last ["together_fewer", b] (x + (x - b), two)."""
     assert n_steps >= 1
     name, he, his = rng.choice(NAMES)
     friend = rng.choice([n for n in NAMES if n[0] != name])[0]
@@ -1800,10 +1709,8 @@ COLUMNS = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-th
 
 
 def column_lines(a: int, b: int, sign: str) -> list[str]:
-    """a + b or a - b (a >= b) worked column by column from the ones, as taught at school: one line per
-    column naming it, its two digits, the carry or borrow it takes and passes on, and the digits of the
-    result found so far. Every line reads only the line above it and the operands, and the last one
-    holds the whole result: nothing is assembled from far back."""
+    """a + b or a - b (a >= b) worked column by column, as at school: a line per column with its digits,
+    carry or borrow and the result so far, so that each line needs only the one above it."""
     da, db = [int(c) for c in reversed(str(a))], [int(c) for c in reversed(str(b))]
     lines, flow, so_far = [], 0, ""
     for i in range(len(da) + 1):
@@ -1825,12 +1732,9 @@ def column_lines(a: int, b: int, sign: str) -> list[str]:
 
 
 def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digits: int = 4) -> dict:
-    """A long-reasoning problem: n_people pass objects round a circle for n_turns turns, each giver
-    handing the next person a tenth of what they hold (rounded down), and the question asks what one
-    of them holds at the end. The worked solution restates everyone's count after each turn and does
-    every subtraction and addition column by column, so it is long because the reasoning is long
-    (about 250 tokens a turn under the default tokenizer), every line can be checked, each line needs
-    only what the last few lines say, and one wrong digit anywhere carries through to a wrong answer.
+    """A long-reasoning problem: n_people pass a tenth (rounded down) of what they hold round a circle for
+    n_turns turns; what does one hold at the end? The solution does every sum column by column, so it is
+    long because the reasoning is, and one wrong digit gives a wrong answer.
     Returns {"question", "answer", "ops"}; ops = ["relay", [start amounts], n_turns, asked index]."""
     assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and 2 <= digits <= len(COLUMNS) - 1
     people = rng.sample(NAMES, n_people)
@@ -1871,16 +1775,14 @@ TASKS = {"relay": (make_relay_problem, 2, 10), "short": (make_problem, 2, 8)}
 
 
 def split_of(question: str) -> str:
-    """'test' for ~10% of questions, 'train' for the rest, by a stable hash of the text: the two splits
-    can never share a question, whatever seeds or sizes are asked for."""
+    """'test' for ~10% of questions, by a stable hash of the text: the splits never share a question."""
     return "test" if int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 10 == 0 else "train"
 
 
 def synthetic_split(split: str, n: int, seed: int = 0, task: str = "relay", min_steps: int = 0,
                     max_steps: int = 0, **knobs) -> list[dict]:
-    """n distinct problems of `split` ("train" or "test") of a task in TASKS, steps (turns for relay,
-    arithmetic steps for short) uniform in [min_steps, max_steps] (0 = the task's default), the same
-    for the same arguments. knobs go to the generator (relay: n_people, digits)."""
+    """n distinct problems of `split` of a task in TASKS, steps uniform in [min_steps, max_steps] (0 = the
+    task's default), the same for the same arguments. knobs go to the generator (relay: n_people, digits)."""
     assert split in ("train", "test"), split
     make, lo, hi = TASKS[task]
     lo, hi = min_steps or lo, max_steps or hi
@@ -1895,8 +1797,7 @@ def synthetic_split(split: str, n: int, seed: int = 0, task: str = "relay", min_
 
 
 def gold_answer(answer_text: str) -> str:
-    """The final answer of a GSM8K-style solution: the rest of the line after the last '####', without
-    commas ("#### 1,200" -> "1200"); "" if there is none. Used for gold answers and model samples alike."""
+    """The rest of the line after the last '####', without commas ("#### 1,200" -> "1200"); "" if none."""
     if "####" not in answer_text:
         return ""
     return answer_text.rsplit("####", 1)[1].split("\n", 1)[0].strip().replace(",", "")
@@ -1913,8 +1814,7 @@ def encode_prompt(tok, question):
 
 
 def auto_max_new_tokens(tok, rows) -> int:
-    """A generation limit that fits every worked solution of `rows` with a quarter to spare, in
-    multiples of 64 (a sampled solution may run longer than the written one and still end well)."""
+    """A generation limit: the longest solution of `rows` + 25%, rounded up to a multiple of 64."""
     longest = max(len(ids) for ids in tok.encode_batch([r["answer"] for r in rows])) + 1  # + <|eot_id|>
     return -(-int(1.25 * longest) // 64) * 64
 
@@ -1944,11 +1844,9 @@ def boxed_contents(text: str) -> str | None:
 
 
 def extract_answer(text: str, flexible: bool = False) -> str | None:
-    """The final answer a solution wrote, normalised (normalize_number): the first number on its last
-    "####" line (GSM8K; the line's text if it holds no number), else the contents of its last
-    \\boxed{...} (MATH); None (unanswered) if it wrote neither. flexible: also take the last number
-    anywhere in the text when there is no answer line (what GSM8K harnesses call flexible extraction;
-    off by default, since it credits numbers the model never gave as its answer)."""
+    """The normalised final answer: the first number on the last "####" line (else that line's text),
+    else the last \\boxed{...}; None if neither. flexible: else the last number anywhere (GSM8K
+    harnesses' flexible extraction; off by default: it credits numbers never given as the answer)."""
     if "####" in text:
         line = text.rsplit("####", 1)[1].split("\n", 1)[0]
         nums = NUMBER.findall(line)
@@ -1968,19 +1866,15 @@ def extract_answer(text: str, flexible: bool = False) -> str | None:
 
 
 def answer_text(ids, tokenizer) -> str:
-    """The text answers are read from: the sample with every special token (whose names hold digits,
-    as in <|reserved_special_token_221|>) replaced by a space, so that none can yield an answer."""
+    """The sample with every special token (names like <|reserved_special_token_221|>) as a space."""
     plain = tokenizer.n_words - len(getattr(tokenizer, "special_tokens", ()))
     return tokenizer.decode([i if i < plain else tokenizer.encode(" ")[0] for i in ids])
 
 
 class StopRule:
-    """When a row of generated tokens is finished, decided on the device at every step: at a stop token
-    (not kept), or at the newline that ends a "#### <number>" answer line (kept). Per-token flags:
-    is_stop, has_hash (the token's text holds "####"), has_digit, has_newline. A row's answer-line
-    watch (phase): 0 outside one, 1 after "####", 2 once a digit followed; a newline in phase 2 ends the
-    row, a newline before any digit closes the line. A "####" split over two tokens is not seen here:
-    such a row runs to the length limit and answer_end() cuts it on the host, with the same result."""
+    """When a generated row is finished, decided on the device each step: at a stop token (not kept) or
+    the newline ending a "#### <number>" line (kept). phase: 0 outside an answer line, 1 after "####",
+    2 once a digit followed. A "####" split over two tokens is left to answer_end() on the host."""
 
     def __init__(self, vocab_size, stop_ids=(), tokenizer=None, device="cpu"):
         flags = torch.zeros(4, vocab_size, dtype=torch.bool)  # is_stop, has_hash, has_digit, has_newline
@@ -1995,8 +1889,7 @@ class StopRule:
         self.active = bool(flags.any())
 
     def update(self, tok, col, phase, done, end):
-        """Fold this step's tokens tok (b,) at new-token index col (0-d long) into the rows' watch:
-        phase, done (b,) and end (b,), the number of tokens a finished row keeps; in place."""
+        """Fold tokens tok (b,) at index col into phase, done and end (b,) (tokens a row keeps), in place."""
         stop, hsh, dig, nl = self.is_stop[tok], self.has_hash[tok], self.has_digit[tok], self.has_newline[tok]
         finish = ~done & (stop | ((phase == 2) & nl))  # (b,)
         end.copy_(torch.where(finish, col + (~stop).long(), end))
@@ -2009,8 +1902,7 @@ ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")  # "#### <number>" and the new
 
 
 def answer_end(ids, tokenizer):
-    """How many of `ids` to keep so that they end with the newline of the first "#### <number>" line
-    (the text-level form of StopRule's answer-line watch), or len(ids) when there is none."""
+    """How many of `ids` end with the first "#### <number>" line's newline (StopRule on text), else all."""
     text = tokenizer.decode(ids)
     m = ANSWER_LINE.search(text)
     if m is None:
@@ -2025,10 +1917,8 @@ def answer_end(ids, tokenizer):
 
 @torch.no_grad()
 def greedy_generate(model, prompts, stop, max_new_tokens, dtype, check_every=16):
-    """Greedy continuations of prompts (lists of ids), as one batch through the model's cache: the
-    prompts left-padded and prefilled, then one token a step (on a GPU, one captured CUDA graph
-    replayed); a row ends as `stop` (a StopRule) says, the batch once every row has. The plain form of
-    what sample.py's Sampler does fast."""
+    """Greedy continuations of prompts (lists of ids) in one left-padded batch, a token a step (a CUDA
+    graph on a GPU) until `stop` (a StopRule) ends every row: the plain form of sample.py's Sampler."""
     p = next(model.parameters())
     dev, b, l = p.device, len(prompts), max(map(len, prompts))
     pad = torch.tensor([l - len(x) for x in prompts], device=dev)  # (b,)
@@ -2156,14 +2046,12 @@ PRESETS = {  # fields that a preset changes, unless the command line set them
 }
 
 
-# --bench: 16 x 2048 tokens a step per GPU in 4 micro-batches (so that N GPUs each do one GPU's work:
-# weak scaling, as data parallelism is used), compiled
+# --bench: 16 x 2048 tokens a step per GPU in 4 micro-batches (weak scaling), compiled
 BENCH = dict(batch_size=16, seq_len=2048, grad_accum=4, compile=True)
 
 
 def apply_preset(cfg: DistillConfig, argv) -> DistillConfig:
-    """The preset's values for every field the command line did not set; a task's default number of
-    steps where the command line left it at 0."""
+    """The preset's values for the fields the command line did not set; the task's default steps for 0."""
     bench = dict(BENCH, batch_size=BENCH["batch_size"] * int(os.environ.get("WORLD_SIZE", 1)))
     preset = dict(PRESETS[cfg.preset], **(bench if cfg.bench else {}))
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}  # parse_config allows no abbreviations
@@ -2182,8 +2070,7 @@ def check_out_dir(path):
 
 
 def check_config(cfg: DistillConfig):
-    """Bad flags fail here, each in one line, before any data or model work: the bounds of each flag,
-    how the sizes fit together, and the files and directories the flags name."""
+    """Bad flags, sizes that do not fit together, missing files: one line each, before any work."""
     check_bounds(cfg)
     unknown = set(filter(None, cfg.students.split(","))) - {"hybrid", "pure"}
     if unknown:
@@ -2298,8 +2185,4 @@ def bench(cfg, env, warmup=2, steps=8):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (InputError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, InputError) else 1)
+    run_cli(main, TrainingError)

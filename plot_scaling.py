@@ -1,10 +1,9 @@
 """
 Plot the measurements of mamba_distill.py and sample.py: accuracy against time, decode speed, losses.
 
-Reads what the other scripts wrote under one output directory (formats: the "Outputs" parts of the
-docstrings of mamba_distill.py and sample.py) and writes PNG files into <out_dir>/plots/, printing the same numbers
-as plain-text tables on stdout. It imports neither torch nor the project's other files: it draws on
-any machine with matplotlib and numpy.
+Reads what the other scripts wrote under one output directory (see their docstrings' "Outputs") and
+writes PNGs into <out_dir>/plots/, and the same numbers as tables on stdout. It imports neither torch
+nor the project's other files: it draws on any machine with matplotlib and numpy.
 
 Run:
   python plot_scaling.py                     # reads out/, writes out/plots/*.png
@@ -12,26 +11,18 @@ Run:
   python plot_scaling.py --help              # every option of PlotConfig below
 
 Figures (a figure whose input files are absent is skipped with a one-line note naming them):
-  accuracy_vs_time.png   the paper's headline figure: coverage@k (pass@k: at least one of k samples is
-                         right) and majority-vote accuracy@k against the measured wall-clock time each
-                         model needed to draw k samples of every problem (one GPU each), log time axis;
-                         its title states the takeaway, computed: how much faster each student drew its
-                         samples and in what share of the teacher's time range it was ahead.
-                         Input: <out_dir>/eval/*/summary.json.
+  accuracy_vs_time.png   the paper's headline figure: coverage@k and majority-vote accuracy@k against
+                         the measured time each model needed to draw k samples of every problem (one
+                         GPU each); the title states the computed takeaway. Input: <out_dir>/eval/*/summary.json.
   accuracy_vs_k.png      the same two accuracies against k (log2 axis): what each model's samples are
                          worth, whatever they cost. Same input.
   accuracy_vs_time_gpus.png   a model drawn on 1 GPU and on several (torchrun): the same samples,
                          sooner. Drawn when eval summaries of one checkpoint have different 'gpus'.
-  decode_throughput.png  generated tokens/s (whole batches, prefill + decode) of sample.py --bench, one
-                         row of panels per card and model shape: against generation length at the
-                         largest batch measured (with the length at which each student overtakes the
-                         teacher), and against batch size where a batch sweep was measured; dashed: the
-                         memory-bandwidth roofline; black markers: HF transformers' generate.
-                         Input: <out_dir>/bench/decode*.json.
-  distill_loss.png       training loss against wall time since the start of each model's run, one panel
-                         per stage (teacher training, layer alignment, KL distillation, SFT), colour by
-                         model, solid = mixer initialised from attention, dashed = random init.
-                         Input: <out_dir>/logs/*.jsonl.
+  decode_throughput.png  tokens/s of sample.py --bench per card and model shape, against generation
+                         length (largest batch) and batch size; dashed: the memory-bandwidth roofline;
+                         black markers: HF transformers' generate. Input: <out_dir>/bench/decode*.json.
+  distill_loss.png       training loss against wall time, a panel per stage, colour by model, dashed =
+                         random mixer init. Input: <out_dir>/logs/*.jsonl.
 
 Bad input (a malformed json/jsonl line, a missing key, a bad flag) stops with one line naming file:line
 or the flag, exit status 2; if no figure at all could be drawn the script exits with status 1.
@@ -89,8 +80,7 @@ def _bool(s):
 
 
 def parse_config(cls, argv=None, description=None):
-    """--field value for every field of the dataclass, as the project's other scripts do (their
-    parse_config lives in scan_kernel.py, which needs torch; this script must not)."""
+    """--field value for every field of the dataclass (scan_kernel.py's parse_config needs torch)."""
     parser = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -148,8 +138,7 @@ def _number_list(rec, key, where):
 
 
 def read_eval_summaries(out_dir):
-    """One dict per out_dir/eval/<model>/summary.json, checked: equal-length k / coverage / majority /
-    time_s lists, accuracies as fractions in [0, 1], positive times (they go on a log axis)."""
+    """One checked dict per out_dir/eval/<model>/summary.json (times positive: they go on a log axis)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(out_dir, "eval", "*", "summary.json"))):
         s = read_json(path)
@@ -263,6 +252,8 @@ def plain_log_ticks(axis):
 
 LABEL_BOX = dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.75)
 MARKERS, LINESTYLES = "os^vDP", ("-", "--", "-.", ":")
+METRIC_TITLES = {"coverage": "coverage: any of k samples correct", "majority": "majority vote over k samples"}
+TIME_LABEL = "wall-clock time to draw k samples for every problem (s, log scale)"
 
 
 def save_png(fig, path, dpi):
@@ -306,14 +297,13 @@ def plot_accuracy(runs, x_key, path, cfg):
             ax.set_xscale("log")
             ax.margins(x=0.18)  # room for the k labels at both ends
             plain_log_ticks(ax.xaxis)
-            ax.set_xlabel("wall-clock time to draw k samples for every problem (s, log scale)")
+            ax.set_xlabel(TIME_LABEL)
         else:
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted({k for r in runs for k in r["k"]}))
             plain_log_ticks(ax.xaxis)
             ax.set_xlabel("k = samples per problem (log2 scale)")
-        ax.set_title({"coverage": "coverage: any of k samples correct",
-                      "majority": "majority vote over k samples"}[metric])
+        ax.set_title(METRIC_TITLES[metric])
     axes[1].yaxis.set_tick_params(labelleft=True)
     counts = [r["n_problems"] for r in runs if r["n_problems"] is not None]
     details = [f"{_one_or_many(counts)} problems"] if counts else []
@@ -329,15 +319,13 @@ def plot_accuracy(runs, x_key, path, cfg):
 
 
 def accuracy_at(run, metric, t):
-    """A run's accuracy with the samples it had drawn by time t (its largest k whose time is <= t);
-    None before its first round ended."""
+    """A run's accuracy at its largest k drawn by time t; None before its first round ended."""
     done = [v for v, tk in zip(run[metric], run["time_s"]) if tk <= t]
     return done[-1] if done else None
 
 
 def share_above(student, teacher, metric, points=400):
-    """The share of the teacher's time range, from its k = 1 time to its largest-k time on a log scale,
-    in which the student's accuracy (what it had drawn by then) is strictly above the teacher's."""
+    """The share of the teacher's time range (log scale) in which the student's accuracy is above its."""
     lo, hi = math.log(teacher["time_s"][0]), math.log(teacher["time_s"][-1])
     above = 0
     for i in range(points):
@@ -371,8 +359,7 @@ def headline(runs):
 
 
 def plot_gpus(pairs, path, cfg):
-    """Each model drawn on 1 GPU and on N GPUs (torchrun): the same samples, so the same accuracies,
-    reached sooner."""
+    """Each model drawn on 1 GPU and on N GPUs (torchrun): the same accuracies, sooner."""
     colours = model_colours(one["name"] for one, _ in pairs)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True, layout="constrained")
     for ax, metric in zip(axes, ("coverage", "majority")):
@@ -382,9 +369,9 @@ def plot_gpus(pairs, path, cfg):
                         label=f"{one['name']}, {run['gpus']} GPU{'s' * (run['gpus'] > 1)}" if ax is axes[0] else None)
         ax.set_xscale("log")
         plain_log_ticks(ax.xaxis)
-        ax.set_xlabel("wall-clock time to draw k samples for every problem (s, log scale)")
+        ax.set_xlabel(TIME_LABEL)
         ax.set_ylabel(f"{metric}@k (% of problems)")
-        ax.set_title({"coverage": "coverage: any of k samples correct", "majority": "majority vote over k samples"}[metric])
+        ax.set_title(METRIC_TITLES[metric])
         ax.grid(True, which="major", alpha=0.3)
     axes[1].yaxis.set_tick_params(labelleft=True)
     fig.suptitle("The same draw on 1 GPU (solid) and on several GPUs of one host (dashed, torchrun): "
@@ -439,17 +426,15 @@ def _length_sweep(rows):
 
 
 def crossover(student, teacher):
-    """The shortest generation length measured at which the student's tokens/s pass the teacher's, or
-    None (length sweeps, rows sorted by gen_len)."""
+    """The shortest gen_len at which the student's tokens/s pass the teacher's (sorted sweeps), or None."""
     teacher_at = {r["gen_len"]: r["tokens_per_s"] for r in teacher}
     return next((r["gen_len"] for r in student if r["gen_len"] in teacher_at
                  and r["tokens_per_s"] > teacher_at[r["gen_len"]]), None)
 
 
 def plot_decode(benches, path, cfg):
-    """One row of panels per (card, model shape): tokens/s against generation length at the largest
-    batch measured, and against batch size where a batch sweep was measured. A panel holds one shape,
-    one card and one way of measuring."""
+    """A row of panels per (card, model shape): tokens/s against generation length at the largest batch,
+    and against batch size where a batch sweep was measured."""
     panels = []  # (bench, shape, rows of that shape)
     for bench in benches:
         for shape in sorted({r["shape"] for r in bench["results"]}):
@@ -471,10 +456,7 @@ def plot_decode(benches, path, cfg):
                    if (same := [r for r in rs if r.get("method", "generate") == method])}
         methods = _one_or_many(r.get("method", "generate") for rs in lengths.values() for r in rs)
         for i, (model, rs) in enumerate(lengths.items()):
-            xs = [r["gen_len"] for r in rs]
-            ax_l.plot(xs, [r["tokens_per_s"] for r in rs], marker=MARKERS[i % len(MARKERS)], color=colours[model],
-                      label=model, lw=1.6)
-            ax_l.plot(xs, [r["roofline_tokens_per_s"] for r in rs], "--", color=colours[model], alpha=0.5, lw=1)
+            _plot_rates(ax_l, "gen_len", rs, colours[model], MARKERS[i % len(MARKERS)], model)
         batches = _one_or_many(r["batch"] for rs in lengths.values() for r in rs)
         notes = [f"{s}: faster than the teacher from {c:g} new tokens" for s, rs in lengths.items()
                  if s != "teacher" and "teacher" in lengths and (c := crossover(rs, lengths["teacher"]))]
@@ -488,10 +470,7 @@ def plot_decode(benches, path, cfg):
         if ax_b is not None and has_batch:
             for i, (model, rs) in enumerate(by_model.items()):
                 sweep = _batch_sweep([r for r in rs if r.get("method", "generate") == "generate"] or rs)
-                xs = [r["batch"] for r in sweep]
-                ax_b.plot(xs, [r["tokens_per_s"] for r in sweep], marker=MARKERS[i % len(MARKERS)],
-                          color=colours[model], lw=1.6)
-                ax_b.plot(xs, [r["roofline_tokens_per_s"] for r in sweep], "--", color=colours[model], alpha=0.5, lw=1)
+                _plot_rates(ax_b, "batch", sweep, colours[model], MARKERS[i % len(MARKERS)])
             first = _batch_sweep(next(iter(by_model.values())))[0]
             for hf in bench.get("hf_rows", []):
                 if hf["gen_len"] == first["gen_len"] and shape == "llama-3.2-1b":
@@ -521,13 +500,19 @@ def plot_decode(benches, path, cfg):
     save_png(fig, path, cfg.dpi)
 
 
+def _plot_rates(ax, x_key, rows, colour, marker, label=None):
+    """tokens/s (solid) and its roofline (dashed) against rows' x_key."""
+    xs = [r[x_key] for r in rows]
+    ax.plot(xs, [r["tokens_per_s"] for r in rows], marker=marker, color=colour, label=label, lw=1.6)
+    ax.plot(xs, [r["roofline_tokens_per_s"] for r in rows], "--", color=colour, alpha=0.5, lw=1)
+
+
 def _optional(row, key, fmt):
     return format(row[key], fmt) if isinstance(row.get(key), (int, float)) else "-"
 
 
 def decode_table(rows, hf):
-    """tokens/s: whole generate calls (prefill + decode); 'decode tok/s' and 'of roofline' (the decode
-    steps alone against the bandwidth bound) are printed when sample.py recorded them."""
+    """tokens/s of whole generate calls; the decode steps' own rates where sample.py recorded them."""
     table = [(r["model"], r["shape"], f"{r['batch']:g}", f"{r['prompt_len']:g}", f"{r['gen_len']:g}",
               f"{r['tokens_per_s']:.0f}", _optional(r, "decode_tokens_per_s", ".0f"),
               f"{r['roofline_tokens_per_s']:.0f}", _optional(r, "roofline_frac", ".2f"),
@@ -611,9 +596,8 @@ def format_table(headers, rows):
 
 
 def make_plots(cfg):
-    """Draw every figure whose inputs exist; returns the PNG paths written. Prints tables to stdout and
-    a one-line note per skipped figure to stderr. Every input is read and checked before anything is
-    drawn, so a malformed file leaves the existing plots untouched."""
+    """Draw every figure whose inputs exist (tables to stdout, a note per skipped figure to stderr);
+    returns the PNG paths. Every input is checked first: a malformed file leaves the plots untouched."""
     if cfg.dpi <= 0 or cfg.smooth < 1:
         raise InputError(f"--dpi must be > 0 and --smooth >= 1 (got {cfg.dpi}, {cfg.smooth})")
     if cfg.plots_dir and os.path.exists(cfg.plots_dir) and not os.path.isdir(cfg.plots_dir):

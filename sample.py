@@ -2,12 +2,11 @@
 Thinking Slow, Fast (Paliotta et al. 2025), the test-time-scaling half: draw many chain-of-thought
 samples per problem fast, score them, and time them; and the decode speed benchmark.
 
-In this file: 1. the Sampler, one batched generation loop for every model kind (Llama teacher, hybrid
-and pure Mamba students): a left-padded prefill with the parallel forward, then one token per step
-from a preallocated cache (KV slots for attention layers, a fixed-size conv + SSM state for Mamba
+In this file: 1. the Sampler, one batched generation loop for every model kind: a left-padded prefill,
+then one token per step from a preallocated cache (KV slots for attention, conv + SSM state for Mamba
 layers), each step a captured CUDA graph on a GPU; 2. evaluation: coverage@k (unbiased pass@k) and
-majority@k against the measured wall-clock time to draw k samples of every problem, on one GPU or
-several (torchrun); 3. the decode speed benchmark (--bench).
+majority@k against the measured time to draw k samples of every problem, on one GPU or several
+(torchrun); 3. the decode speed benchmark (--bench).
 
 Run:
   python sample.py --checkpoint out/pure                      # eval on out/data/test.jsonl, 64 samples each
@@ -37,23 +36,17 @@ Glossary (letters in shape comments):
   t  the cache slot a decode step writes (a 0-d device tensor, so that one CUDA graph replays every step)
   r  rows of one prefill chunk           k  (evaluation) samples per problem: coverage@k, majority@k
 
-Why one graph serves every step: a captured graph replays fixed kernels on fixed buffers, so nothing
-the step needs may change on the host. The slot t of the new token lives in a 0-d device tensor that
-the step increments itself, and the GPU attention kernel (decode_attention in scan_kernel.py,
-"flash-decoding") reads t and each row's left padding from memory and visits only slots pad..t: a
-teacher step reads as many keys as exist, never the whole cache; a student's conv step (conv_step)
-reads it too, to find its place in the ring of past inputs. Before capture the decode step is compiled
-with torch.compile, which fuses the norms, RoPE and SwiGLU into a few kernels. Each attention layer's
-q, k and v projections run as one GEMM (fuse_qkv), top-k takes two passes over the logits
-(topk_by_chunks), and every row draws its randomness from a hash of its own seed (row_uniforms): no
-host sync anywhere in a step, and a sample does not depend on which batch or GPU draws it.
+Why one graph serves every step: a captured graph replays fixed kernels on fixed buffers, so the
+slot t lives in a 0-d device tensor that the step increments itself, and the attention and conv
+kernels (scan_kernel.py) read t and the padding from memory. The step is compiled before capture;
+q, k, v run as one GEMM (fuse_qkv), top-k takes two passes (topk_by_chunks), and each row draws from
+a hash of its own seed (row_uniforms): no host sync in a step, and a sample never depends on its batch.
 """
 import glob
 import json
 import math
 import os
 import re
-import sys
 import time
 import zlib
 from collections import Counter
@@ -64,7 +57,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mamba_distill as md
-from scan_kernel import InputError, copy_bandwidth, flag, parse_config
+from scan_kernel import InputError, copy_bandwidth, flag, parse_config, run_cli
 
 
 @dataclass
@@ -115,14 +108,11 @@ TOPK_CHUNK_SIZE = 32  # ids per chunk in topk_by_chunks
 
 
 def topk_by_chunks(logits, k, size=TOPK_CHUNK_SIZE):
-    """logits.topk(k, dim=-1) for a large vocabulary, as (values, ids), sorted, in two cheap passes.
-    Split the ids into chunks of `size`; the k largest values lie in the k chunks with the largest
-    maxima (a chunk that ranks below k by its maximum has k chunks, hence k values, above everything
-    it holds). So take every chunk's maximum (one read of the logits), pick the top k chunks, and
-    finish with a top-k over their k * size values. Chunk c holds ids c, c + n, c + 2n, ... (n
-    chunks): the maxima are then a reduction over rows of contiguous memory, which runs near full
-    bandwidth (a reduction over 32 contiguous ids does not). Same values as torch.topk (which id wins a
-    tie may differ), without its radix select, slow on large batches."""
+    """logits.topk(k, dim=-1) for a large vocabulary, as (values, ids), sorted, in two cheap passes: the
+    k largest values lie in the k chunks of `size` ids with the largest maxima (a chunk ranked below k
+    has k values above all it holds), so top-k over the maxima, then over those chunks' k * size values.
+    Chunk c holds ids c, c + n, ... so that the maxima reduce over contiguous rows. Same values as
+    torch.topk (ties may pick another id), without its radix select, slow on large batches."""
     b, v = logits.shape
     if v % size or v < 4 * k * size:  # too small to gain (or ragged): the plain top-k
         return logits.topk(min(k, v), dim=-1)
@@ -135,11 +125,8 @@ def topk_by_chunks(logits, k, size=TOPK_CHUNK_SIZE):
 
 
 def row_uniforms(seeds, step, c):
-    """(b, c) uniforms in (0, 1), one per row, decode step and candidate rank, from a counter-based
-    hash of (row seed, step, rank): no generator state, so what a row draws depends on its own seed
-    alone, never on the batch it runs in or on which GPU (what makes a sample reproducible whatever
-    the batch size or the number of processes). Integer arithmetic stays below 2^63, so int64 never
-    overflows; graph-safe (step is a device tensor)."""
+    """(b, c) uniforms in (0, 1) from a counter-based hash of (row seed, step, candidate rank): what a
+    row draws depends on its own seed alone, never on its batch or GPU. int64 never overflows; graph-safe."""
     m32 = 0xFFFFFFFF
     ranks = torch.arange(c, device=seeds.device)
     x = (seeds[:, None] * 0x9E3779B1 + step * 0x85EBCA77 + ranks * 0x27D4EB2F) & m32  # (b, c)
@@ -150,9 +137,8 @@ def row_uniforms(seeds, step, c):
 
 
 def sample_next(logits, temperature, top_k, top_p, seeds=None, step=0):
-    """logits (b, v) -> next tokens (b,). Greedy at temperature 0; else top-k, then top-p (nucleus,
-    Holtzman et al. 2020) within those, at the given temperature, with each row's randomness from
-    row_uniforms(seeds, step) (seeds (b,) long; None: torch's generator). No host sync (graph-safe)."""
+    """logits (b, v) -> next tokens (b,): greedy at temperature 0, else top-k then top-p (nucleus) at the
+    temperature, randomness from row_uniforms(seeds, step) (None: torch's generator). No host sync."""
     if temperature == 0:
         return logits.argmax(-1)  # (b,)
     if top_k > 0:  # top-k on the raw logits: dividing by a positive temperature keeps the order
@@ -165,8 +151,7 @@ def sample_next(logits, temperature, top_k, top_p, seeds=None, step=0):
         # drop a candidate when the ones ranked above it already hold top_p of the mass
         vals = vals.masked_fill(probs.cumsum(-1) - probs > top_p, -math.inf)
     probs = vals.softmax(-1)  # (b, c)
-    # exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, and unlike
-    # torch.multinomial it never synchronises with the host
+    # exponential race: argmax p_i / E_i, E_i ~ Exp(1), picks i with probability p_i, with no host sync
     if seeds is None:
         race = torch.empty_like(probs).exponential_()  # (b, c)
     else:
@@ -189,8 +174,8 @@ def cache_bytes_per_row(model, max_len, dtype, state_dtype):
 
 
 def largest_batch(model, max_len, dtype, device, cap, prefill_tokens, state_dtype=torch.float32):
-    """The most rows whose cache and decode-step workspace fit in the free GPU memory (a multiple of
-    8, at most cap; cap 0 = no bound). On a CPU: min(cap, 64)."""
+    """The most rows (a multiple of 8, at most cap unless 0) whose cache and step fit in free GPU memory.
+    On a CPU: min(cap, 64)."""
     if torch.device(device).type != "cuda":
         return min(cap or 64, 64)
     c = model.cfg
@@ -206,11 +191,9 @@ def largest_batch(model, max_len, dtype, device, cap, prefill_tokens, state_dtyp
 
 
 def fuse_qkv(model):
-    """Each attention layer's q, k and v projections as one GEMM in forwards without gradients (all the
-    Sampler runs): narrow products get small tiles that leave SMs idle. The three weights move into one
-    stacked tensor and the parameters become views of it, so names, state_dict and in-place writes
-    (load_state_dict, an optimizer step) are unchanged; a weight given new storage later (model.to())
-    would leave the stacked tensor behind, which is why the Sampler then refuses to run."""
+    """Each attention layer's q, k and v projections as one GEMM in forwards without gradients (narrow
+    products leave SMs idle). The parameters become views of one stacked tensor, so names, state_dict
+    and in-place writes are unchanged (new storage, as from model.to(), makes the Sampler refuse to run)."""
     for blk in model.model.layers:
         attn = getattr(blk, "self_attn", None)
         if attn is None or "qkv" in vars(attn):  # no attention, or fused already
@@ -228,26 +211,23 @@ def fuse_qkv(model):
 
 
 class Sampler:
-    """Batched generation with a preallocated cache of up to `batch` rows and `max_len` slots, reused
-    across calls. A call runs n <= batch rows on the first n rows of the cache; on a GPU each row count
-    gets its own captured decode graph (prepare(n) captures it ahead, outside any timing; all graphs
-    share one memory pool). Usage: Sampler(model, ...).generate(prompts, max_new_tokens, seeds=...)."""
+    """Batched generation with a preallocated cache of `batch` rows and `max_len` slots, reused across
+    calls; a call of n rows uses the first n, with its own captured decode graph on a GPU (prepare(n)).
+    Usage: Sampler(model, ...).generate(prompts, max_new_tokens, seeds=...)."""
 
     def __init__(self, model, batch, max_len, temperature=1.0, top_k=0, top_p=1.0, cuda_graph=True,
                  prefill_tokens=32768, dtype=None, compile=False, state_dtype=torch.float32, stop=None):
         p = next(model.parameters())
         self.model, self.batch, self.max_len = model, batch, max_len
         self.device, self.dtype = p.device, dtype or p.dtype
-        # an fp32 model (e.g. mid-training) computes under autocast in the cache's dtype; the
-        # autocast weight cache stays off, as a captured graph needs
+        # an fp32 model computes under autocast in the cache's dtype (no weight cache: graph capture)
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != p.dtype,
                                        cache_enabled=False)
         self.sampling = (temperature, top_k, top_p)
         self.prefill_tokens = prefill_tokens
         self.stop = stop or md.StopRule(model.cfg.vocab_size, device=self.device)
         fuse_qkv(model)  # one GEMM for q, k and v in every step (and prefill)
-        # where every weight lives: a captured graph (and the fused q, k, v) would go on reading these
-        # addresses, so generate() refuses to run once a weight has been given new storage
+        # a captured graph (and the fused q, k, v) reads these addresses: generate() checks them
         self.weight_ptrs = [p.data_ptr() for p in model.parameters()]
         self.cache = model.allocate_cache(batch, max_len, self.dtype, self.device, state_dtype)
         self.is_ssm = [hasattr(blk, "mixer") for blk in model.model.layers]
@@ -263,8 +243,7 @@ class Sampler:
         self.end = torch.zeros(batch, dtype=torch.long, **dev)  # (b,) tokens a finished row keeps
         self.phase = torch.zeros(batch, dtype=torch.long, **dev)  # (b,) answer-line watch
         on_gpu = self.device.type == "cuda"
-        # the decode step's forward, compiled with a symbolic batch size: one compilation serves every
-        # row count (the cache never changes size)
+        # compiled with a symbolic batch size: one compilation serves every row count
         self.forward = torch.compile(model, dynamic=True) if compile and on_gpu else model
         self.use_graphs = cuda_graph and on_gpu
         self.graphs, self.pool = {}, None
@@ -288,9 +267,8 @@ class Sampler:
 
     @torch.no_grad()
     def prepare(self, n):
-        """Capture the decode step of n rows as a CUDA graph (on a GPU with cuda_graph), once, on garbage
-        state before any real use: the warm-up runs, which compile and pick kernels outside the
-        capture, write to the cache and the SSM state, and a prefill resets both."""
+        """Capture the decode step of n rows as a CUDA graph (GPU, cuda_graph), once; the warm-up runs
+        write garbage to the cache, which the next prefill resets."""
         if not self.use_graphs or n in self.graphs:
             return
         if not 0 < n <= self.batch:
@@ -323,9 +301,8 @@ class Sampler:
 
     @torch.no_grad()
     def prefill(self, prompts, seeds, prompt_len=0):
-        """Left-pad the prompts to their longest (or to prompt_len, if longer: a row's numbers then do
-        not depend on the other prompts of its batch), run the parallel forward into the cache and sample
-        each row's first new token. Returns the padded prompt length l."""
+        """Left-pad the prompts to their longest (or prompt_len, so that a row never depends on its batch),
+        run the parallel forward into the cache and sample each row's first token. Returns the length l."""
         n = len(prompts)
         l = max(prompt_len, max(len(r) for r in prompts))
         pad = torch.tensor([l - len(r) for r in prompts], dtype=torch.long)  # (n,)
@@ -360,12 +337,10 @@ class Sampler:
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, seed=0, stop_ids=None, tokenizer=None, check_every=16,
                  seeds=None, prompt_len=0):
-        """prompts: lists of token ids (at most self.batch). Returns (new token lists, stats).
-        seeds: one sampling seed per prompt (default: seed * 1_000_003 + the prompt's index).
-        A row stops as the sampler's StopRule says (with a tokenizer, answer_end() then cuts a row that
-        ran to the limit at its answer line, should the rule have missed it); the call ends when every
-        row has stopped, which the host checks every `check_every` steps (later tokens are discarded).
-        stop_ids: a quick way to stop at these tokens without building a StopRule."""
+        """prompts: lists of token ids (at most self.batch) -> (new token lists, stats). seeds: one per
+        prompt (default: seed * 1_000_003 + index). Rows stop as the StopRule says (with a tokenizer,
+        answer_end() cuts what it missed); the host checks every `check_every` steps whether all have.
+        stop_ids: stop at these tokens without building a StopRule."""
         n = len(prompts)
         if not 0 < n <= self.batch:
             raise ValueError(f"got {n} prompts for a batch of {self.batch}")
@@ -409,8 +384,7 @@ class Sampler:
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, "Evaluating Large
-    Language Models Trained on Code"): 1 - C(n-c, k) / C(n, k), as a stable product."""
+    """Unbiased pass@k of n samples, c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), a stable product."""
     if k > n:
         raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
     if n - c < k:
@@ -434,11 +408,9 @@ def round_of(j):
 
 
 def summarize(samples, n_problems, k_max):
-    """coverage@k, majority@k and time@k from sample rows (dicts as in samples.jsonl).
-    time@k is the measured wall-clock time it took to have k samples of every problem, rounds
-    k = 1, 2, 4, ... one after the other: per round, each process's time is the sum of its samples'
-    shares of their batches' wall times, and the round took as long as its slowest process (rounds
-    start together on every process); a round finished by a later, resumed run adds that run's time."""
+    """coverage@k, majority@k and time@k from samples.jsonl rows. time@k: the wall time to have k
+    samples of every problem, rounds k = 1, 2, 4, ... in turn, each as long as its slowest process
+    (the sum of its samples' time_s); a round a resumed run finished adds that run's time."""
     by_problem = [[] for _ in range(n_problems)]
     for s in sorted(samples, key=lambda s: (s["problem"], s["sample"])):
         by_problem[s["problem"]].append(s)
@@ -458,22 +430,19 @@ def summarize(samples, n_problems, k_max):
 
 
 def sample_seed(seed, problem, j):
-    """The sampling seed of sample j of a problem: fixed by the three numbers alone, so a sample is the
-    same whatever batch, round or process draws it."""
+    """The seed of sample j of a problem: the same whatever batch, round or process draws it."""
     return zlib.crc32(f"{seed}/{problem}/{j}".encode()) & 0x7FFFFFFF
 
 
 def plan_round(todo, fit):
-    """Cut a round's work into as few batches as fit in memory, of equal size (so that one captured
-    graph serves them all): [list of (problem, sample)]."""
+    """A round's (problem, sample) pairs in as few equal batches as fit (one captured graph for all)."""
     n_batches = -(-len(todo) // fit)
     size = -(-len(todo) // n_batches)
     return [todo[i:i + size] for i in range(0, len(todo), size)]
 
 
 def rank_files(out_dir):
-    """Per-process sample files of a run of several processes (merged into samples.jsonl at its end;
-    left behind only by a crash)."""
+    """Per-process sample files (merged into samples.jsonl at the end; left behind only by a crash)."""
     return sorted(glob.glob(os.path.join(out_dir, "samples.rank*.jsonl")))
 
 
@@ -481,8 +450,8 @@ SAMPLE_KEYS = {"problem": int, "sample": int}  # what a line of samples.jsonl mu
 
 
 def merge_samples(out_dir, keep):
-    """samples.jsonl plus whatever per-process files a crashed run left, each (problem, sample) once,
-    filtered by keep(sample), written back to samples.jsonl atomically (the process files removed)."""
+    """samples.jsonl and any per-process files, each (problem, sample) once if keep(sample), written
+    back to samples.jsonl atomically (the process files removed)."""
     path = os.path.join(out_dir, "samples.jsonl")
     merged = {}
     for f in [path] + rank_files(out_dir):
@@ -498,8 +467,7 @@ def merge_samples(out_dir, keep):
 
 
 class Group:
-    """The processes of a torchrun launch (one per GPU), or just this one. Coordination runs over a
-    gloo group on the host: its barriers never wait on the GPU's queue."""
+    """The processes of a torchrun launch, or just this one; a gloo group, so barriers never wait on a GPU."""
 
     def __init__(self, env):
         self.rank, self.world = env.rank, env.world
@@ -560,7 +528,7 @@ def _evaluate(cfg, env, group):
             os.makedirs(out_dir, exist_ok=True)
             if (os.path.exists(path) or rank_files(out_dir)) and os.path.exists(meta_path):
                 old = md.read_json(meta_path)
-                old.setdefault("state_dtype", "torch.float32" if model.cfg.ssm_layers else None)  # from before the flag
+                old.setdefault("state_dtype", "torch.float32" if model.cfg.ssm_layers else None)  # files without it
                 old.setdefault("flexible_extract", False)
                 # the files are known by their fingerprints: a moved or copied checkpoint or data file is the same one
                 differ = sorted(key for key in meta if key not in ("checkpoint", "data") and old.get(key) != meta[key])
@@ -569,8 +537,7 @@ def _evaluate(cfg, env, group):
                                      f"{' (the checkpoint changed since)' if 'weights' in differ else ''}; "
                                      f"use another --name or delete {out_dir}")
             md.write_json(meta_path, meta)
-            # keep what an interrupted run wrote (with any number of processes), without the line it was
-            # writing and without samples this run does not ask for (a smaller --n_problems or --k)
+            # keep what an interrupted run wrote, less a torn line and samples this run does not ask for
             kept = merge_samples(out_dir, lambda s: s["problem"] < len(rows) and s["sample"] < cfg.k)
             if kept:
                 print(f"resuming: {len(kept)} samples already in {path}")
@@ -582,8 +549,7 @@ def _evaluate(cfg, env, group):
     samples = md.read_jsonl(path, SAMPLE_KEYS, lenient=True)
     done = {(s["problem"], s["sample"]) for s in samples}
     run = group.from_rank0(time.time_ns())  # tells this run's samples from a resumed run's
-    # round k takes every problem from k/2 samples (0 at k = 1) to k, so time@k is measured; each
-    # process draws every world-th pair of a round
+    # round k takes every problem from k/2 samples to k (so time@k is measured); each process every world-th
     rounds = {k: [(p, j) for j in range(k // 2 if k > 1 else 0, k) for p in range(len(rows)) if (p, j) not in done]
               for k in ks_up_to(cfg.k)}
     mine = {k: todo[group.rank::group.world] for k, todo in rounds.items()}
@@ -661,8 +627,7 @@ def random_model(cfg, device, dtype):
 
 
 def step_bytes(model, batch, kv_len, state_dtype):
-    """Bytes one decode step must move at least: every weight once (the tied embedding is read as the
-    LM head), the KV cache of kv_len tokens per row, and each SSM/conv state read and written."""
+    """Bytes a decode step must move: every weight once, the KV cache of kv_len tokens, each state twice."""
     w = sum(p.numel() * p.element_size() for p in model.parameters())
     cache = model.allocate_cache(batch, max(kv_len, 1), next(model.parameters()).dtype, "meta", state_dtype)
     kv = ssm = 0
@@ -682,9 +647,7 @@ def bench_sampler(model, batch, max_len, cfg, cuda_graph):
 
 
 def bench_generate(model, batch, prompt_len, gen_len, cfg):
-    """Tokens/s of one full generate call (prefill + decode, every row producing gen_len tokens).
-    The graph was captured when the sampler was built; a short warm-up call of the same batch and
-    prompt length runs the prefill's kernels once."""
+    """Tokens/s of one full generate call (every row producing gen_len tokens), after a warm-up call."""
     sampler = bench_sampler(model, batch, prompt_len + gen_len, cfg, cfg.cuda_graph)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
@@ -692,17 +655,18 @@ def bench_generate(model, batch, prompt_len, gen_len, cfg):
     torch.cuda.reset_peak_memory_stats()
     outs, st = sampler.generate(prompts, gen_len, seed=1)
     assert all(len(o) == gen_len for o in outs)
-    wall = st["prefill_s"] + st["decode_s"]
-    return {"tokens_per_s": batch * gen_len / wall, "decode_tokens_per_s": batch * (gen_len - 1) / st["decode_s"],
-            "prefill_s": st["prefill_s"], "decode_s": st["decode_s"], "graph_capture_s": sampler.capture_s,
-            "method": "generate"}
+    return bench_rates(batch, gen_len, st["prefill_s"], st["decode_s"], sampler, "generate")
+
+
+def bench_rates(batch, gen_len, prefill_s, decode_s, sampler, method):
+    return {"tokens_per_s": batch * gen_len / (prefill_s + decode_s),
+            "decode_tokens_per_s": batch * (gen_len - 1) / decode_s, "prefill_s": prefill_s, "decode_s": decode_s,
+            "graph_capture_s": sampler.capture_s, "method": method}
 
 
 def bench_step_times(model, batch, prompt_len, gen_len, cfg, points=8):
-    """Tokens/s for gen_len new tokens from the measured prefill plus the decode step's graph timed at
-    `points` evenly spaced slots of the generation (replayed 4 times each, the median of the last 3),
-    times the number of steps. A step's cost is affine in its slot (it reads keys pad..t), so the
-    midpoints give the exact mean: what a full call measures, in a fraction of its time."""
+    """Tokens/s for gen_len new tokens: the measured prefill plus the step's graph timed at `points`
+    evenly spaced slots. A step's cost is affine in its slot, so the midpoints give the exact mean."""
     sampler = bench_sampler(model, batch, prompt_len + gen_len, cfg, cuda_graph=True)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len)).tolist()
     sampler.generate(prompts, 2)
@@ -722,10 +686,7 @@ def bench_step_times(model, batch, prompt_len, gen_len, cfg, points=8):
             times.append(time.perf_counter() - t0)
         step_s.append(sorted(times[1:])[1])  # median of 3 after one warm-up replay
     decode = (gen_len - 1) * sum(step_s) / points
-    wall = st["prefill_s"] + decode
-    return {"tokens_per_s": batch * gen_len / wall, "decode_tokens_per_s": batch * (gen_len - 1) / decode,
-            "prefill_s": st["prefill_s"], "decode_s": decode, "graph_capture_s": sampler.capture_s,
-            "method": f"step times at {points} slots"}
+    return bench_rates(batch, gen_len, st["prefill_s"], decode, sampler, f"step times at {points} slots")
 
 
 def bench_hf(shape, batch=256, prompt_len=128, gen_len=512):
@@ -856,8 +817,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -11,10 +11,9 @@ Run:  python scan_kernel.py --check           correctness check on the current d
       python scan_kernel.py --bench [--mamba_path DIR]   speed against the PyTorch path and mamba_ssm
       python -m pytest -q test_all.py -k "scan or step or kl or decode_attention or conv"
 
-In this file, in order: the derivation (below); the references; the forward kernels; the backward
-kernel right after them; the autograd Function; the decode step; then the kernels the speed
-comparison needs (the teacher's decode attention, the students' conv step, stage 2's fused KL loss);
-then the check, the benchmark and the command line the project's scripts share.
+In order: the derivation (below); the references; the forward kernels, the backward kernel and the
+autograd Function; the decode step; the teacher's decode attention, the students' conv step, stage 2's
+fused KL loss; the check, the benchmark and the command line the project's scripts share.
 
 Glossary: b batch, l length, h heads, p head dim (x, y), n state dim (B, C), g groups (head h reads
 B and C of group h // (h/g); the student's scan gets g == h, its decode step x and B per kv head and
@@ -49,10 +48,8 @@ dS_{k+1} + that), and one kernel per chunk and group computes dx, dB, dC, ddt an
 sums from the saved states S_k. Gradients of the log-decays: d(loss)/ds_i collects from (1), (2),
 (3); since s is a running sum, d/d(dt_t A) = sum_{i>=t} d/ds_i (a reverse cumulative sum).
 
-Decode (ssd_step) is one step of the recurrence: a pure read-modify-write of the (b, h, p, n)
-state, so it is limited by memory bandwidth; one program per (b, h, block of p rows). The state may
-be stored in bf16 (mamba_ssm's inference cache keeps it in the model's dtype): half the bytes, fp32
-math inside the step.
+Decode (ssd_step) is one step of the recurrence: a memory-bound read-modify-write of the (b, h, p, n)
+state, one program per (b, h, block of p rows); a bf16 state halves the bytes (fp32 math inside).
 
 Shapes and dtypes: any l; any p, n up to 128 (tiles are padded to powers of two >= 16 by masks);
 x, B, C in bf16, fp16 or fp32 (fp32 dots run as tf32 on GPU); dt, A, D fp32; the scan's states fp32
@@ -61,32 +58,22 @@ for the backward: b*h*ceil(l/c)*p*n*4 bytes. Under the interpreter (TRITON_INTER
 with `while` or over constexpr bounds: `range(runtime int)` fails there with numpy 2.4.
 
 The teacher's decode attention (decode_attention) is one token of grouped-query attention against
-the KV cache: q (b, h, e) against keys and values (b, g, s, e), h = g*r; row i sees slots pad_i..t,
-t the slot just written. It is memory-bound: every key and value is read once. "Flash-decoding":
-each program takes one (row, kv head), so the r query heads of a group share each key they read (an
-(r, e) x (e, block) tl.dot, r padded to 16), and one split of the slots: splits are fixed ranges of
-SPLIT slots, the same whatever the batch, so a row's result never depends on how many rows run with
-it (samples are then the same at any batch size or number of GPUs), and a cache of a few thousand
-slots is read by several programs per row even at small batch. Each keeps an online softmax (running
-max m, sum l, weighted values acc, rescaled when the max grows) and a second kernel merges the
-splits. t and pad are read from device memory, never from the host: one captured CUDA graph serves
-every step, and a step reads only the keys that exist.
+the KV cache, memory-bound. "Flash-decoding": each program takes one (row, kv head), so the r query
+heads of a group share each key they read (an (r, e) x (e, block) tl.dot), and one fixed range of
+SPLIT slots, so a row's result never depends on the batch (samples are the same at any batch size)
+and a long cache is read by several programs per row. Each keeps an online softmax (running max m,
+sum l, weighted values acc) and a second kernel merges the splits. t and pad are read from device
+memory: one captured CUDA graph serves every step.
 
-The conv step (conv_step) is the mixer's short causal depthwise conv for one decode token: out =
-silu(bias + sum_j weight_j * input_{t-w+1+j}). Its state is a ring of the last w-1 inputs, channels
-last, slot s's input in row s % (w-1): one program per (row, block of channels) reads the w-1 rows,
-writes the new input over the oldest and the output. It reads its slot from the device too.
+The conv step (conv_step) is the mixer's causal depthwise conv for one decode token: out =
+silu(bias + sum_j weight_j * input_{t-w+1+j}), over a ring of the last w-1 inputs (slot s in row s % (w-1)).
 
-The fused KL loss (fused_kl_div) is stage 2 of distillation: per row of N rows (tokens) of student
-and teacher logits over a vocabulary of V, at temperature T, the KL between softmax(t / T) and
-softmax(s / T), forward KL(p_t || p_s) or reverse KL(p_s || p_t). In PyTorch it materialises several
-fp32 (N, V) tensors, 4 GB each at N = 8192, V = 128256. The kernel gives each row one program that
-streams its two rows of logits in blocks of the vocabulary, in fp32 registers: pass 1 finds both
-log-sum-exps online (a running max, and a running sum of exponentials rescaled whenever the max
-grows); pass 2 sums the KL and, for the forward KL, writes the gradient (p_s - p_t) / T; the reverse
-KL's gradient p_s ((log p_s - log p_t) - KL) / T needs the finished KL, so a third pass writes it.
-The gradient is written during the forward into one (N, V) buffer of the logits' dtype, and the
-backward only scales it by the incoming gradient, in place: no fp32 (N, V) tensor ever exists.
+The fused KL loss (fused_kl_div) is stage 2 of distillation: per row of student and teacher logits,
+KL(p_t || p_s) (forward) or KL(p_s || p_t) (reverse) at temperature T. PyTorch materialises several
+fp32 (N, V) tensors; the kernel streams each row's logits in blocks, in fp32 registers: pass 1 finds
+both log-sum-exps online, pass 2 sums the KL (and writes the forward KL's gradient (p_s - p_t) / T),
+pass 3 the reverse KL's gradient p_s ((log p_s - log p_t) - KL) / T, which needs the finished KL. The
+gradient goes into one (N, V) buffer of the logits' dtype, which the backward scales in place.
 """
 import argparse
 import dataclasses
@@ -131,9 +118,8 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, return_final_state=
 
 
 def ssd_scan_chunked_torch(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, chunk_size=64):
-    """The chunked algorithm of the docstring in plain PyTorch (fp32), the same interface as ssd_scan:
-    what the model runs on a CPU, and the benchmark's PyTorch path (the sequential reference is far
-    too slow at l = 8192)."""
+    """The chunked algorithm in plain PyTorch (fp32), ssd_scan's interface: the CPU path and the
+    benchmark's PyTorch path."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     c = chunk_size
@@ -166,9 +152,8 @@ def ssd_scan_chunked_torch(x, dt, A, B, C, D=None, initial_state=None, return_fi
 
 
 def ssd_step_ref(state, x, dt, A, B, C, D=None):
-    """One decode step: updates state (b, h, p, n) in place (fp32 math, stored in the state's dtype),
-    returns y (b, h, p) in x's dtype. x (b, gx, p), B (b, gb, n) and C (b, gc, n) may each be shared
-    by groups of heads: head i reads group i // (h / g) of each."""
+    """One decode step in place on state (b, h, p, n) (fp32 math); y (b, h, p) in x's dtype. x (b, gx, p),
+    B (b, gb, n), C (b, gc, n) may be shared by groups of heads: head i reads group i // (h / g)."""
     h = state.shape[1]
     xh, Bh, Ch = (v.float().repeat_interleave(h // v.shape[1], dim=1) for v in (x, B, C))  # (b, h, p), (b, h, n) x2
     decay = torch.exp(dt.float() * A.float())  # (b, h)
@@ -227,12 +212,10 @@ def _state_passing_kernel(states_ptr, logdecay_ptr, init_ptr, last_ptr, NCHUNKS,
                           HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, STEP: tl.constexpr, BLOCK: tl.constexpr):
     """One (b*h, block of the p*n state entries), in place along the chunks.
     Forward: states[k] holds chunk k's own contribution on entry, the state entering chunk k on exit;
-    last = final state. Reverse (backward): states[k] holds dloss/dS_k from chunk k's outputs on
-    entry, the gradient of the state leaving chunk k on exit; last = gradient of the initial state.
-    Going one chunk at a time would wait for one small load per step; instead STEP chunks are
-    loaded at once and solved with the chunk trick one level up: the state entering chunk u of the
-    group is exp(sum of decays before u) * run + sum_{v<u} (decay from v to u) * own_v, a (STEP, STEP)
-    lower-triangular matrix times the (STEP, BLOCK) tile of own contributions."""
+    last = final state. Reverse: the same for the gradients, last = gradient of the initial state.
+    STEP chunks are solved at once with the chunk trick one level up: the state entering chunk u is
+    exp(decay before u) * run + sum_{v<u} (decay from v to u) * own_v, a (STEP, STEP) lower-triangular
+    matmul, rather than waiting for one small load per chunk."""
     bh = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < PN
@@ -271,8 +254,7 @@ def _decay_matrix(s, CHUNK: tl.constexpr):
 @triton.jit
 def _chunk_group(B_ptr, C_ptr, L, H, N, s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n,
                  HPG: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What the output and backward kernels' programs, one per (chunk, b*g), start from: their indices,
-    the group's B and C (c, n) and C B^T (c, c) in fp32, which the group's h/g heads share."""
+    """The start of a (chunk, b*g) program: indices, the group's B and C (c, n) and their shared C B^T (c, c)."""
     k = tl.program_id(0)
     bg = tl.program_id(1)
     G = H // HPG
@@ -312,11 +294,9 @@ def _chunk_out_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y_p
         tl.store(y_ptr + ((b * L + t[:, None]) * H + h) * P + offs_p[None, :], y.to(y_ptr.dtype.element_ty), mask=tp_mask)
 
 
-# Fixed launch options for the chunk kernels, no autotune (it made results depend on which config
-# won). num_warps=8 gave wrong gradients and an illegal memory access for small tiles (p=16, n=32,
-# chunk 64), but is right and faster for the backward at p=n=64 when a group has several heads;
-# num_stages=2 was slower. Chunk 128 at p=n=64, or chunk 64 at p=n=128, needs more shared memory
-# than an H100/H200 has: the default chunk is 32 above 64.
+# Fixed launch options, no autotune, so that results never depend on which config won. num_warps=8
+# is only safe for large tiles (the backward of groups of several heads); larger chunks than the
+# defaults need more shared memory than an H100/H200 has.
 CHUNK_OPTS = dict(num_warps=4, num_stages=1)
 PASS_STEP, PASS_BLOCK = 16, 256  # passing kernel: chunks per step (tl.dot needs >= 16), state entries per program
 
@@ -521,8 +501,8 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, H,
                  s_st_b, s_st_h, s_st_p, s_st_n, s_x_b, s_x_g, s_x_p, s_dt_b, s_dt_h,
                  s_b_b, s_b_g, s_b_n, s_c_b, s_c_g, s_c_n,
                  HAS_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One (b*h, block of p rows): state = exp(dt A) state + dt outer(x, B); y = state C + D x.
-    x, B and C are read from head h's group of each (XPG, BPG, CPG heads per group)."""
+    """One (b*h, block of p rows): state = exp(dt A) state + dt outer(x, B); y = state C + D x
+    (x, B, C read from head h's group: XPG, BPG, CPG heads per group)."""
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), bh % H  # int64: b * s_st_b passes 2^31 at 8k rows of a 3B student
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -538,7 +518,7 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, H,
     mask = p_mask[:, None] & n_mask[None, :]
     S = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # (p, n)
     S = S * decay + (dt * x)[:, None] * Bv[None, :]
-    # a bf16 state (mamba_ssm's inference default) moves half the bytes; y uses the unrounded fp32 state
+    # a bf16 state moves half the bytes; y uses the unrounded fp32 state
     tl.store(ptrs, S.to(state_ptr.dtype.element_ty), mask=mask)
     y = tl.sum(S * Cv[None, :], 1)  # (p,)
     if HAS_D:
@@ -546,17 +526,13 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, H,
     tl.store(y_ptr + bh * P + offs_p, y.to(y_ptr.dtype.element_ty), mask=p_mask)
 
 
-# state entries per program of the step kernel: a whole 64 x 64 head per program moved the most bytes
+# state entries per program of the step kernel: a whole 64 x 64 head
 STEP_TILE, STEP_OPTS = 4096, dict(num_warps=4)
 
 
 def ssd_step(state, x, dt, A, B, C, D=None):
-    """One decode step in place on state (b, h, p, n) (fp32, or bf16/fp16 to halve the bytes; the
-    math is fp32 either way); returns y (b, h, p) in x's dtype.
-    x (b, gx, p), B (b, gb, n), C (b, gc, n): each may be shared by groups of heads (gx, gb, gc divide
-    h), read in place by every head of its group: the MambaInLlama student passes x and B per kv head
-    and C per head, and a repeat to h heads would cost two (b, h, p) copies a layer.
-    No host sync, no autotune, one fixed-size output: safe inside a captured CUDA graph."""
+    """Triton ssd_step_ref: the state fp32, bf16 or fp16 (fp32 math). Shared x, B, C are read in place
+    by each head of their group (no repeat to h heads). No host sync: safe inside a CUDA graph."""
     b, h, p, n = state.shape
     gx, gb, gc = x.shape[1], B.shape[1], C.shape[1]
     if state.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -600,16 +576,13 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, t_ptr, pad_ptr, acc_ptr, m_ptr, l_p
                         s_q_b, s_q_h, s_k_b, s_k_g, s_k_s, s_v_b, s_v_g, s_v_s,
                         NSPLIT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
-    """One (row b, kv head g, split j): the r query heads of group g against the row's keys [pad_b, t]
-    that lie in slots [j * SPLIT, (j + 1) * SPLIT), with an online softmax; writes unnormalised
-    partials for the combine."""
+    """One (row b, kv head g, split j): the r query heads against the row's keys [pad_b, t] in slots
+    [j * SPLIT, (j + 1) * SPLIT), online softmax; writes unnormalised partials for the combine."""
     bg, j = tl.program_id(0), tl.program_id(1)
-    # int64: b * s_k_b passes 2^31 when one layer's cache holds more than 2^31 entries (a 1B hybrid's
-    # few attention layers at batch 4096 and 2k tokens)
+    # int64: b * s_k_b may pass 2^31 in a large cache
     b, g = (bg // G).to(tl.int64), bg % G
     t = tl.load(t_ptr)  # the newest slot, read from memory: one captured graph serves every step
-    # a row whose padding reaches t (an empty prompt) attends to slot t alone, as the mask of the
-    # parallel forward lets a padding query see itself: never a row with no key, so never NaN
+    # a row whose padding reaches t (an empty prompt) sees slot t alone, as in the parallel forward: no NaN
     lo = tl.minimum(tl.load(pad_ptr + b), t)
     start = tl.maximum(lo, j * SPLIT)
     end = tl.minimum((j + 1) * SPLIT, t + 1)  # start >= end: an empty split
@@ -643,7 +616,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, t_ptr, pad_ptr, acc_ptr, m_ptr, l_p
         s0 += BLOCK_S
     part = bg * NSPLIT + j  # an empty split leaves m = -inf, l = 0, acc = 0: it weighs nothing below
     tl.store(acc_ptr + (part * BLOCK_R + offs_r[:, None]) * BLOCK_E + offs_e[None, :], acc,
-             mask=r_mask[:, None])  # the r real heads only: r = 3 of BLOCK_R = 16 at the default shape
+             mask=r_mask[:, None])  # the r real heads only
     tl.store(m_ptr + part * BLOCK_R + offs_r, m)
     tl.store(l_ptr + part * BLOCK_R + offs_r, l)
 
@@ -670,19 +643,13 @@ def _decode_attn_combine_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, G, R, E, s_o_b, s_
              y.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-# keys per block of the decode attention, and slots per split: a row's keys are cut at fixed slot
-# boundaries, one program per split (programs of splits past t exit at once)
+# keys per block of the decode attention, and slots per split (programs of splits past t exit at once)
 ATTN_BLOCK_S, ATTN_SPLIT, ATTN_OPTS = 64, 1024, dict(num_warps=4)
 
 
 def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
-    """One decode step of grouped-query attention (flash-decoding: split the keys, merge the splits).
-
-    q (b, h, e): this step's queries; k_cache, v_cache (b, g, s, e): the cache, this step's key and
-    value already written at slot t; t: 1-element long tensor; pad (b,) long: row i's keys start at
-    slot pad[i] (left padding). Row i attends to slots pad[i]..t. Returns (b, h, e) in q's dtype.
-    t and pad are read on the device: no host sync, and one captured graph serves every step.
-    fp32 inputs get full-precision dots (not tf32): the tests compare greedy tokens with SDPA's."""
+    """Triton decode_attention_ref (flash-decoding): row i attends to slots pad[i]..t of the cache, this
+    step's key and value already written at t. fp32 inputs get exact (not tf32) dots."""
     b, h, e = q.shape
     g, s = k_cache.shape[1], k_cache.shape[2]
     _expect_shapes({"k_cache": (k_cache, (b, g, s, e)), "v_cache": (v_cache, (b, g, s, e)), "t": (t, (1,)),
@@ -713,15 +680,13 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
 
 
 def ring_rows(t, r):
-    """The rows of a ring of r past inputs (slot s's input in row s % r) that hold the r inputs
-    before slot t, oldest first: slots t-r+j sit in rows (t + j) % r. t: a 1-element long tensor."""
+    """The ring rows (slot s in row s % r) of the r inputs before slot t, oldest first: (t + j) % r."""
     return (t + torch.arange(r, device=t.device)) % r  # (r,)
 
 
 def conv_step_ref(state, x, weight, bias, slot, activation=True):
-    """One token of the mixer's causal depthwise conv, fp32 math. state (b, w-1, d) is a ring of the
-    last w-1 inputs (slot s's input in row s % (w-1)); x (b, d) is the input of slot `slot` (a
-    1-element long tensor); weight (d, w), bias (d,). Overwrites the oldest row with x, returns
+    """One token of the causal depthwise conv, fp32 math: state (b, w-1, d) the ring, x (b, d) the input
+    of slot `slot` (1-element tensor), weight (d, w), bias (d,). x overwrites the oldest row; returns
     silu(conv) (or the conv alone) (b, d) in x's dtype."""
     r = weight.shape[1] - 1
     past = state.index_select(1, ring_rows(slot, r)).float()  # (b, w-1, d) oldest first
@@ -734,11 +699,9 @@ def conv_step_ref(state, x, weight, bias, slot, activation=True):
 def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr, slot_ptr, D,
                       s_st_b, s_st_r, s_x_b, s_w_d, s_o_b,
                       R: tl.constexpr, W: tl.constexpr, ACT: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One (row b, block of channels): the conv over the ring's w-1 = R past inputs and x, then x
-    written over the oldest row. Each program reads its rows before writing one of them. The taps
-    are one (d, W) tile, W = next power of two >= R + 1: column j < R holds slot t-R+j (ring row
-    (t + j) % R), column R holds x, columns past R are zero; the weight is loaded the same way, in
-    one contiguous read (per-tap strided loads are slower)."""
+    """One (row b, block of channels): the conv over the ring's R past inputs and x, then x written over
+    the oldest row. The taps are one (d, W) tile, W >= R + 1: column j < R holds slot t-R+j, column R x,
+    the rest zero; the weight is loaded the same way, in one contiguous read."""
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (d,)
     taps = tl.arange(0, W)  # (W,)
@@ -761,9 +724,7 @@ CONV_BLOCK_D, CONV_OPTS = 1024, dict(num_warps=4)  # channels per program
 
 
 def conv_step(state, x, weight, bias, slot, activation=True):
-    """One token of the causal depthwise conv, in place on the ring state (b, w-1, d); see
-    conv_step_ref. One kernel, in place (the same PyTorch, compiled, ran as three kernels that also
-    copied the whole state). Safe inside a captured CUDA graph."""
+    """Triton conv_step_ref: one kernel, in place on the ring, safe inside a captured CUDA graph."""
     b, r, d = state.shape
     if r < 1:
         raise ValueError(f"scan_kernel.py: conv_step needs a conv width of at least 2, got a ring of {r} rows")
@@ -790,9 +751,8 @@ def _check_kl_args(s_logits, t_logits, temperature, direction):
 
 
 def kl_div_ref(s_logits, t_logits, temperature=1.0, direction="forward"):
-    """Definition, fp32 math: the KL between softmax(t / T) and softmax(s / T) of every row of
-    (..., V) logits, (...,) fp32, without distillation's T^2 factor. "forward" is KL(p_t || p_s)
-    (mass-covering), "reverse" KL(p_s || p_t) (mode-seeking)."""
+    """Definition, fp32: per row of (..., V) logits, forward KL(p_t || p_s) (mass-covering) or reverse
+    KL(p_s || p_t) (mode-seeking) of the softmaxes at temperature T, (...,) fp32, without the T^2 factor."""
     _check_kl_args(s_logits, t_logits, temperature, direction)
     t_logp = torch.log_softmax(t_logits.float() / temperature, -1)  # (..., V)
     s_logp = torch.log_softmax(s_logits.float() / temperature, -1)  # (..., V)
@@ -814,15 +774,12 @@ def _kl_log_probs(s_row, t_row, v0, offs, V, inv_t, lse_s, lse_t):
 @triton.jit
 def _kl_fwd_kernel(s_ptr, t_ptr, grad_ptr, loss_ptr, V, s_stride, t_stride, inv_t,
                    REVERSE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One row: loss = KL, and (WRITE_GRAD) dKL/ds into the contiguous (N, V) buffer grad, in s's dtype.
-    Pass 1 finds both log-sum-exps, pass 2 the KL (and the forward KL's gradient), pass 3 the
-    reverse KL's gradient, which needs the finished KL."""
-    row = tl.program_id(0).to(tl.int64)  # row * V passes 2^31 at 16k rows of Llama 3's 128k vocabulary
+    """One row: loss = KL, and (WRITE_GRAD) dKL/ds into the contiguous (N, V) buffer grad, in s's dtype."""
+    row = tl.program_id(0).to(tl.int64)  # row * V may pass 2^31
     s_row, t_row, g_row = s_ptr + row * s_stride, t_ptr + row * t_stride, grad_ptr + row * V
     offs = tl.arange(0, BLOCK_V)
-    # pass 1, online: whenever the running max grows, rescale the running sum of exp(x - max). Every
-    # block holds at least one real entry (index < V), so the new max is finite and the padding's
-    # exp(-inf - max) = 0: no inf - inf, no NaN
+    # pass 1, online: rescale the running sum of exp(x - max) whenever the max grows. Every block holds
+    # a real entry, so the max is finite and the padding's exp(-inf - max) = 0: no NaN
     m_s, m_t = float("-inf"), float("-inf")
     z_s, z_t = 0.0, 0.0
     v0 = 0
@@ -856,11 +813,9 @@ def _kl_fwd_kernel(s_ptr, t_ptr, grad_ptr, loss_ptr, V, s_stride, t_stride, inv_
     if not REVERSE:
         tl.store(loss_ptr + row, kl)
     else:
-        # The reverse gradient subtracts the KL from log p_s - log p_t, and the KL is large where the
-        # teacher is sure (about 40 on random_logits' peaked teacher row). A rounding error e of lse_s
-        # shifts every log p_s by -e and makes z = exp(-e), not 1: left alone, it reaches the gradient
-        # multiplied by the KL (in fp32, several times the PyTorch reference's error on such rows).
-        # Normalising by z cancels it: kl / z = KL - e, the shift log p_s has too; the KL is kl / z - log z.
+        # A rounding error e of lse_s shifts every log p_s by -e and makes z = exp(-e); the reverse
+        # gradient would multiply it by the (large) KL. Normalising by z cancels it: kl / z = KL - e,
+        # the shift log p_s has too; the KL is kl / z - log z.
         kl = kl / z
         tl.store(loss_ptr + row, kl - tl.log(z))
         if WRITE_GRAD:
@@ -873,14 +828,12 @@ def _kl_fwd_kernel(s_ptr, t_ptr, grad_ptr, loss_ptr, V, s_stride, t_stride, inv_
                 v0 += BLOCK_V
 
 
-# Vocabulary entries per loop step and warps per row: one fixed config; small blocks under the
-# interpreter keep the CPU tests fast.
+# Vocabulary entries per loop step and warps per row; small blocks keep the interpreter fast.
 KL_BLOCK_V, KL_OPTS = (256 if INTERPRET else 4096), dict(num_warps=8)
 
 
 class _KLDivFn(torch.autograd.Function):
-    """On (N, V) rows with unit last stride. The gradient is computed in the forward, where the
-    kernel has the row at hand anyway, and kept in s's dtype: no fp32 (N, V) tensor ever exists."""
+    """On (N, V) rows with unit last stride; the gradient is computed in the forward, in s's dtype."""
 
     @staticmethod
     def forward(ctx, s_logits, t_logits, temperature, reverse, write_grad):
@@ -896,8 +849,7 @@ class _KLDivFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         grad, = ctx.saved_tensors
-        # in place: the buffer is used once, and a second (N, V) tensor is what this avoids. A second
-        # backward through a retained graph fails autograd's version check instead of scaling twice
+        # in place, to avoid a second (N, V) tensor; a second backward fails autograd's version check
         return grad.mul_(dloss[:, None]), None, None, None, None
 
 
@@ -924,6 +876,14 @@ def _rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+def _report(label, errs, tol):
+    """Print a check line of relative errors; True when each is within tol[name]."""
+    bad = [k for k, e in errs.items() if not e <= tol[k]]
+    print(label, " ".join(f"{k} {e:.1e}".lstrip() for k, e in errs.items())
+          + ("  FAIL " + ",".join(bad) if bad else "  ok").rstrip())
+    return not bad
+
+
 def random_inputs(b, l, h, p, n, g, device, dtype, seed=0):
     """Inputs in the regime of a trained Mamba-2 layer: dt ~ 0.001..0.1, A ~ -1..-16."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -938,10 +898,8 @@ def random_inputs(b, l, h, p, n, g, device, dtype, seed=0):
 
 
 def random_logits(n, v, device, dtype, seed=0):
-    """Student and teacher logits (n, v) as in distillation: the teacher's spread like a trained LM's,
-    the student's off by noise. Row 0 of the student and row 1 of the teacher put +100 on one token:
-    exp(100) overflows fp32, so only a softmax that subtracts the max survives them. Drawn on the
-    device: the benchmark's 2 x 10^9 logits would take seconds on a CPU."""
+    """Student and teacher logits (n, v) as in distillation, drawn on the device. A +100 logit in row 0
+    of the student and row 1 of the teacher overflows exp in fp32: only a max-subtracting softmax survives."""
     gen = torch.Generator(device=device).manual_seed(seed)
     t = 3 * torch.randn(n, v, generator=gen, device=device)  # (n, v)
     s = t + torch.randn(n, v, generator=gen, device=device)  # (n, v)
@@ -950,8 +908,7 @@ def random_logits(n, v, device, dtype, seed=0):
 
 
 def check(device):
-    """Forward, all gradients and the step against the references, then the fused KL loss and its
-    gradient against kl_div_ref, then decode attention and the conv step; returns True when all pass."""
+    """Every kernel (and gradient) against its reference; True when all pass."""
     small = INTERPRET
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
     tol = {torch.float32: 1e-4 if device.type == "cpu" else 5e-3, torch.bfloat16: 3e-2}  # tf32 / bf16 dots on GPU
@@ -975,10 +932,7 @@ def check(device):
             y1 = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
             y1_r = ssd_step_ref(state_r, x[:, t].float(), dt[:, t], A, B[:, t].float(), C[:, t].float(), D)
         errs["step_y"], errs["step_state"] = _rel_err(y1, y1_r), _rel_err(state, state_r)
-        bad = {k: v for k, v in errs.items() if not v <= tol[dtype]}
-        ok &= not bad
-        print(f"check {device.type} {str(dtype):15s} rel errors: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items())
-              + ("  FAIL " + ",".join(bad) if bad else "  ok"))
+        ok &= _report(f"check {device.type} {str(dtype):15s} rel errors:", errs, dict.fromkeys(errs, tol[dtype]))
     n, v = (5, 1000) if small else (64, 128256)
     for dtype in dtypes:
         s, t = random_logits(n, v, device, dtype)
@@ -989,10 +943,8 @@ def check(device):
             loss, loss_r = fused_kl_div(s_ours, t, 2.0, direction), kl_div_ref(s_ref, t.float(), 2.0, direction)
             errs = {"loss": _rel_err(loss, loss_r),
                     "ds": _rel_err(torch.autograd.grad(loss, s_ours, dloss)[0], torch.autograd.grad(loss_r, s_ref, dloss)[0])}
-            bad = [k for k, e in errs.items() if not e <= tol[k]]
-            ok &= not bad
-            print(f"check {device.type} {str(dtype):15s} kl {direction:7s} (T = 2, N={n}, V={v}) rel errors: "
-                  + " ".join(f"{k} {e:.1e}" for k, e in errs.items()) + ("  FAIL " + ",".join(bad) if bad else "  ok"))
+            ok &= _report(f"check {device.type} {str(dtype):15s} kl {direction:7s} (T = 2, N={n}, V={v}) rel errors:",
+                          errs, tol)
     b, h, g, e, s = (3, 8, 2, 16, 100) if small else (64, 32, 8, 64, 2048)
     gen = torch.Generator(device=device).manual_seed(0)
     for dtype in dtypes:
@@ -1001,10 +953,8 @@ def check(device):
         t = torch.tensor([s - 10], device=device)
         pad = torch.randint(0, s // 2, (b,), generator=gen, device=device)
         err = _rel_err(decode_attention(q, k, v, t, pad), decode_attention_ref(q.float(), k.float(), v.float(), t, pad))
-        good = err <= (1e-4 if dtype == torch.float32 else 1e-2)
-        ok &= good
-        print(f"check {device.type} {str(dtype):15s} decode attention (b={b}, h={h}, g={g}, s={s}) rel error "
-              f"{err:.1e}" + ("  ok" if good else "  FAIL"))
+        ok &= _report(f"check {device.type} {str(dtype):15s} decode attention (b={b}, h={h}, g={g}, s={s}) rel error",
+                      {"": err}, {"": 1e-4 if dtype == torch.float32 else 1e-2})
     b, d, w = (3, 40, 4) if small else (256, 3072, 4)
     for dtype in dtypes:
         weight, bias = torch.randn(d, w, device=device, dtype=dtype), torch.randn(d, device=device, dtype=dtype)
@@ -1015,10 +965,9 @@ def check(device):
             x = torch.randn(b, d, device=device, dtype=dtype)
             slot = torch.tensor([t], device=device)
             errs.append(_rel_err(conv_step(ring, x, weight, bias, slot), conv_step_ref(ring_r, x, weight, bias, slot)))
-        good = max(errs) <= (1e-5 if dtype == torch.float32 else 1e-2) and torch.equal(ring, ring_r)
-        ok &= good
-        print(f"check {device.type} {str(dtype):15s} conv step (b={b}, d={d}, w={w}, 5 steps) rel error "
-              f"{max(errs):.1e}" + ("  ok" if good else "  FAIL"))
+        ring_err = 0.0 if torch.equal(ring, ring_r) else math.inf  # the ring itself must match exactly
+        ok &= _report(f"check {device.type} {str(dtype):15s} conv step (b={b}, d={d}, w={w}, 5 steps) rel error",
+                      {"": max(errs + [ring_err])}, {"": 1e-5 if dtype == torch.float32 else 1e-2})
     return ok
 
 
@@ -1026,8 +975,7 @@ def check(device):
 # Benchmark: the scan against the PyTorch path and mamba_ssm's kernels; the step and the KL loss
 
 def load_mamba(path):
-    """Import mamba_ssm's Triton sources without running mamba_ssm/__init__.py (it needs compiled
-    CUDA extensions): register the packages by hand with __path__ pointing at the source dirs."""
+    """Import mamba_ssm's Triton sources without its __init__.py (which needs compiled CUDA extensions)."""
     root = os.path.abspath(path)
     if not os.path.isdir(os.path.join(root, "mamba_ssm", "ops", "triton")):
         raise InputError(f"--mamba_path {path}: no mamba_ssm/ops/triton inside")
@@ -1058,8 +1006,7 @@ def host_ms(fn, reps=10):
 
 
 def copy_bandwidth(device, n_bytes=1 << 31):
-    """Device memory bandwidth of a plain copy of n_bytes, (read + write bytes) / time, in GB/s: what a
-    memory-bound kernel is compared with."""
+    """Device memory bandwidth of a plain copy of n_bytes, (read + write bytes) / time, in GB/s."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     return 2 * n_bytes / triton.testing.do_bench_cudagraph(lambda: dst.copy_(src)) / 1e6
@@ -1158,8 +1105,7 @@ class InputError(Exception):
 
 
 def flag(default, help, **bounds):
-    """A config field and its flag. bounds, checked by parse_config: at_least, above, at_most (numbers)
-    or choices (any)."""
+    """A config field and its flag; bounds: at_least, above, at_most (numbers) or choices."""
     return dataclasses.field(default=default, metadata={"help": help, **bounds})
 
 
@@ -1170,8 +1116,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_config(cls, argv=None, description=None):
-    """--field value for every field of a dataclass; unknown flags, values of the wrong type and
-    values out of a field's bounds are errors."""
+    """--field value for every field of a dataclass, each type- and bounds-checked."""
     parser = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -1241,9 +1186,14 @@ def main(argv=None):
         bench(cfg)
 
 
-if __name__ == "__main__":
+def run_cli(main, *fatal):
+    """A script's entry point: an InputError (exit status 2) or one of `fatal` (1) is one line on stderr."""
     try:
         main()
-    except InputError as e:
+    except (InputError, *fatal) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, InputError) else 1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
