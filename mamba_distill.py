@@ -31,7 +31,9 @@ Outputs, under --out_dir (read by sample.py and plot_scaling.py):
   provenance.json                       the settings each of the above was made with; a run that finds
                                         one made with other settings stops and says which differ
   logs/<model>.jsonl                    one line per logged step: model, init, stage, step, loss, lr,
-                                        tokens, time_s (wall seconds since that model's run began)
+                                        tokens, time_s (wall seconds since that model's run began), and
+                                        every --val_every steps held_out_loss (the stage's loss on test
+                                        problems it never trains on)
   ckpt/<model>/                         the latest checkpoint (+ optimizer.safetensors, state.json)
   distill_summary.json                  greedy accuracy, parameters and stage wall times per model
   bench/distill.json                    --bench: tokens/s, MFU, peak memory per student
@@ -562,7 +564,7 @@ def ce_loss(model, x, y, m):
 STAGES = ("teacher", "align", "kl", "sft")  # in the order a model's run goes through them
 
 
-def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, want):
+def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, held_out, want):
     """Transfer, then the stages: 1 align the mixers, 2 KL to the teacher, 3 (optional) fine-tune on
     the solutions; each checkpoints, so a run resumes where it stopped. Returns (student, stage times)."""
     torch.manual_seed(cfg.seed + zlib.crc32(name.encode()))  # the same init whatever ran before
@@ -575,7 +577,7 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, wan
             ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
     # stage 1 trains the mixers alone (the rest is the teacher's); stages 2 and 3 train everything
     trains = {"align": lambda pname: ".mixer." in pname, "kl": lambda pname: True, "sft": lambda pname: True}
-    run = ModelRun(name, init, cfg, env, want, [(stage, steps) for stage, steps, _, _ in plan])
+    run = ModelRun(name, init, cfg, env, want, [(stage, steps) for stage, steps, _, _ in plan], held_out)
     for stage, steps, lr, loss_fn in plan:
         if run.stage_done(stage, student):
             continue
@@ -587,7 +589,7 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, wan
     return student, run.times
 
 
-def get_teacher(cfg, env, train_rows, want):
+def get_teacher(cfg, env, train_rows, test_rows, want):
     """(model, tokenizer): the teacher an earlier run with these settings trained, or one trained here,
     saved, and loaded back the way a real Llama checkpoint (--teacher) is."""
     dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32  # frozen: bf16 is enough
@@ -615,7 +617,8 @@ def get_teacher(cfg, env, train_rows, want):
         if env.main:
             print(f"teacher: {model.num_params() / 1e6:.1f}M parameters, vocab {tok.n_words}, {len(train_rows)} "
                   f"problems of {batches.mean_len:.0f} tokens on average ({batches.cut} cut to --seq_len)")
-        run = ModelRun("teacher", "random", cfg, env, want["teacher"], [("teacher", cfg.teacher_steps)])
+        run = ModelRun("teacher", "random", cfg, env, want["teacher"], [("teacher", cfg.teacher_steps)],
+                       held_out_batch(tok, test_rows, cfg, env))
         if not run.stage_done("teacher", model):
             model.train()
             run_stage("teacher", model, ce_loss, cfg.teacher_steps, cfg.teacher_lr, cfg, env, batches, tok, run)
@@ -653,9 +656,10 @@ def main(argv=None):
     t_start, times = time.time(), {}
     given = load_teacher(cfg.teacher, env.device, env.amp or torch.float32) if cfg.teacher else None  # checked first
     train_rows, test_rows = load_data(cfg, env, want)
-    teacher, tok = given or get_teacher(cfg, env, train_rows, want)
+    teacher, tok = given or get_teacher(cfg, env, train_rows, test_rows, want)
     teacher.eval().requires_grad_(False)
     batches = Batches(tok, train_rows, cfg.seq_len, cfg.seed + 1)
+    held_out = held_out_batch(tok, test_rows, cfg, env)
     models = {"teacher": teacher}
     for name, ssm_layers, init in runs:
         path = os.path.join(cfg.out_dir, name)
@@ -664,7 +668,8 @@ def main(argv=None):
                 print(f"{name}: already distilled in {path} with these settings")
             models[name] = load_model(path, env.device)
             continue
-        models[name], stage_times = distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, want[name])
+        models[name], stage_times = distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, held_out,
+                                                          want[name])
         finish_model(models[name], tok, cfg, env, name, want[name], stage_times)
     record = read_provenance(cfg.out_dir)
     summary = {"device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
@@ -777,6 +782,17 @@ class Batches:
         return ids[:, :-1], ids[:, 1:], mask[:, 1:], real
 
 
+def held_out_batch(tok, rows, cfg, env):
+    """The fixed (x, y, m) micro-batch of the last test problems on which every stage's held-out loss
+    is measured (a training loss that keeps falling while this one rises means memorised problems);
+    None when --val_every is 0."""
+    n = min(len(rows), cfg.batch_size // (cfg.grad_accum * env.world))
+    if not cfg.val_every or n == 0:
+        return None
+    x, y, m, _ = Batches(tok, rows[-n:], cfg.seq_len, cfg.seed).get("held_out", 0, n)
+    return x.to(env.device), y.to(env.device), m.to(env.device)
+
+
 def lr_at(step, steps, peak, warmup):
     """Linear warmup, then cosine decay to 10% of the peak."""
     w = max(1, int(warmup * steps))
@@ -821,7 +837,7 @@ def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(params, peak_lr, cfg.weight_decay, env.device)
     step0, tokens = run.start(stage, model, optimizer) if run else (0, 0)
-    module = StageLoss(compiled(model, cfg, env), loss_fn)
+    module = stage_loss = StageLoss(compiled(model, cfg, env), loss_fn)
     if env.world > 1:
         module = DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     trainable = [p for _, p in params]
@@ -861,9 +877,15 @@ def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += real
-        if run and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
+        last = step + 1 == steps
+        held_out = None
+        if run and run.held_out is not None and ((step + 1) % cfg.val_every == 0 or last):
+            with torch.no_grad(), env.autocast():  # every rank alike, outside DDP: no collective
+                s, n = stage_loss(*run.held_out)
+            held_out = (s / n.clamp(min=1)).item()
+        if run and ((step + 1) % cfg.log_every == 0 or last or held_out is not None):
             now = time.time()
-            run.log(stage, step, steps, loss_value, lr, tokens, (tokens - tok_last) / max(now - t_last, 1e-9))
+            run.log(stage, step, steps, loss_value, lr, tokens, (tokens - tok_last) / max(now - t_last, 1e-9), held_out)
             t_last, tok_last = now, tokens
         if run and (step + 1 == steps or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
             run.checkpoint(stage, step + 1, tokens, model, optimizer, tok)
@@ -875,8 +897,9 @@ class ModelRun:
     """One model's run through its stages: resume point, log, checkpoints, stage wall times. Its log is
     cut back to the checkpoint it resumes from (emptied without --resume), so no step is logged twice."""
 
-    def __init__(self, name, init, cfg, env, settings, plan):
+    def __init__(self, name, init, cfg, env, settings, plan, held_out=None):
         self.name, self.init, self.cfg, self.env, self.settings = name, init, cfg, env, settings
+        self.held_out = held_out  # (x, y, m) on the device, or None
         self.steps = dict(plan)  # stage -> steps
         self.ckpt = os.path.join(cfg.out_dir, "ckpt", name)
         self.log_path = os.path.join(cfg.out_dir, "logs", f"{name}.jsonl")
@@ -914,16 +937,20 @@ class ModelRun:
         self.stage_t0 = time.time()
         return 0, 0
 
-    def log(self, stage, step, steps, loss, lr, tokens, tok_s):
+    def log(self, stage, step, steps, loss, lr, tokens, tok_s, held_out=None):
         if not self.env.main:
             return
         t = time.time() - self.t0
         eta = (steps - step - 1) * (tokens / max(step + 1, 1)) / max(tok_s, 1e-9)
-        print(f"{self.name:>12} {stage:>7} step {step + 1:5d}/{steps} loss {loss:.4f} lr {lr:.2e} "
+        val = "" if held_out is None else f" held-out {held_out:.4f}"
+        print(f"{self.name:>12} {stage:>7} step {step + 1:5d}/{steps} loss {loss:.4f}{val} lr {lr:.2e} "
               f"{tok_s / 1e3:7.1f}k tok/s  eta {eta / 60:5.1f} min", flush=True)
+        rec = {"model": self.name, "init": self.init, "stage": stage, "step": step + 1, "loss": round(loss, 6),
+               "lr": lr, "tokens": tokens, "time_s": round(t, 3)}
+        if held_out is not None:
+            rec["held_out_loss"] = round(held_out, 6)
         with open(self.log_path, "a") as fh:
-            fh.write(json.dumps({"model": self.name, "init": self.init, "stage": stage, "step": step + 1,
-                                 "loss": round(loss, 6), "lr": lr, "tokens": tokens, "time_s": round(t, 3)}) + "\n")
+            fh.write(json.dumps(rec) + "\n")
 
     def checkpoint(self, stage, step, tokens, model, optimizer, tok):
         if self.env.main:
@@ -1976,7 +2003,7 @@ class DistillConfig:
     fresh: bool = flag(False, "start over: first remove the data, tokenizer, models, checkpoints, logs and records "
                               "an earlier run left in out_dir")
     resume: bool = flag(False, "continue each unfinished model from its checkpoint, made with the same settings "
-                               "(log_every, ckpt_every, eval_n, max_new_tokens, students and random_baseline "
+                               "(log_every, val_every, ckpt_every, eval_n, max_new_tokens, students and random_baseline "
                                "may differ: they change no model)")
     teacher: str = flag("", "a local HF Llama directory; empty = train a small teacher on the data first")
     data: str = flag("", "a GSM8K-format jsonl to train on; empty = the synthetic task, written to out_dir/data")
@@ -2027,6 +2054,8 @@ class DistillConfig:
     weight_decay: float = flag(0.1, "AdamW weight decay (matrices only)", at_least=0)
     grad_clip: float = flag(1.0, "clip the gradient norm to this", above=0)
     log_every: int = flag(25, "steps between progress lines", at_least=1)
+    val_every: int = flag(250, "steps between held-out losses: each stage's loss on the last test problems (one "
+                               "micro-batch of them), which no stage trains on (0 = none)", at_least=0)
     ckpt_every: int = flag(500, "steps between checkpoints (0 = only at the end of a stage)", at_least=0)
     eval_n: int = flag(200, "test problems for the greedy accuracy of each model (0 = skip)", at_least=0)
     max_new_tokens: int = flag(0, "generation limit when evaluating; 0 = the longest test solution + 25%", at_least=0)

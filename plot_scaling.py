@@ -22,7 +22,7 @@ Figures (a figure whose input files are absent is skipped with a one-line note n
                          length (largest batch) and batch size; dashed: the memory-bandwidth roofline;
                          black markers: HF transformers' generate. Input: <out_dir>/bench/decode*.json.
   distill_loss.png       training loss against wall time, a panel per stage, colour by model, dashed =
-                         random mixer init. Input: <out_dir>/logs/*.jsonl.
+                         random mixer init, open markers = held-out loss. Input: <out_dir>/logs/*.jsonl.
 
 Bad input (a malformed json/jsonl line, a missing key, a bad flag) stops with one line naming file:line
 or the flag, exit status 2; if no figure at all could be drawn the script exits with status 1.
@@ -190,7 +190,8 @@ def read_decode_bench(path):
 
 
 def read_logs(out_dir):
-    """{(model, init, stage): [(time_s, loss, step, tokens)]} from every out_dir/logs/*.jsonl."""
+    """{(model, init, stage): [(time_s, loss, step, tokens, held-out loss or None)]} from every
+    out_dir/logs/*.jsonl."""
     curves = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "logs", "*.jsonl"))):
         for lineno, rec in read_jsonl(path):
@@ -198,8 +199,9 @@ def read_logs(out_dir):
             for key in ("model", "init", "stage"):
                 if key not in rec:
                     raise InputError(f"{where}: missing key '{key}'")
+            held_out = _number(rec, "held_out_loss", where) if "held_out_loss" in rec else None
             point = (_number(rec, "time_s", where), _number(rec, "loss", where),
-                     int(_number(rec, "step", where)), rec.get("tokens"))
+                     int(_number(rec, "step", where)), rec.get("tokens"), held_out)
             curves.setdefault((str(rec["model"]), str(rec["init"]), str(rec["stage"])), []).append(point)
     return {key: sorted(points) for key, points in curves.items()}
 
@@ -555,18 +557,24 @@ def plot_losses(curves, path, cfg):
             if s != stage:
                 continue
             times, losses = [p[0] for p in points], [p[1] for p in points]
-            positive &= all(v > 0 for v in losses)
+            held = [(p[0], p[4]) for p in points if p[4] is not None]
+            positive &= all(v > 0 for v in losses + [v for _, v in held])
             ax.plot(times, _moving_average(losses, cfg.smooth), "-" if s == "teacher" else dashes[init],
                     color=colours[model], lw=1.5)
+            if held:  # the held-out loss as open markers on the training curve's colour
+                ax.plot(*zip(*held), "o", color=colours[model], mfc="white", ms=5, zorder=3)
         if positive:
             ax.set_yscale("log")
             plain_log_ticks(ax.yaxis)
         ax.set_title(STAGES.get(stage, f"stage '{stage}'"))
         ax.set_xlabel("wall-clock time since the model's run started (s)")
-        ax.set_ylabel("training loss" + (" (log scale)" if positive else ""))
+        ax.set_ylabel("loss" + (" (log scale)" if positive else ""))
         ax.grid(True, which="both", alpha=0.3)
     handles = [Line2D([], [], color=colours[m], lw=2, label=m) for m in models]
     handles += [Line2D([], [], color="black", linestyle=dashes[i], label=f"student mixer: {i} init") for i in inits]
+    if any(p[4] is not None for points in curves.values() for p in points):
+        handles.append(Line2D([], [], color="black", marker="o", mfc="white", linestyle="none",
+                              label="held-out loss (lines: training)"))
     smooth = f"\n(moving average over {cfg.smooth} logged steps)" if cfg.smooth > 1 else ""
     fig.suptitle(f"Distillation loss curves: student mixers initialised from attention vs random{smooth}")
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
@@ -576,11 +584,12 @@ def plot_losses(curves, path, cfg):
 def loss_table(curves):
     rows = []
     for (model, init, stage), points in sorted(curves.items(), key=lambda kv: (model_order(kv[0][0]), kv[0][1:])):
-        t, loss, step, tokens = points[-1]
+        t, loss, step, tokens, _ = points[-1]
+        held = [p[4] for p in points if p[4] is not None]
         rows.append((model, init, stage, len(points), step, f"{tokens:g}" if isinstance(tokens, (int, float))
-                     else "-", f"{points[0][1]:.4g}", f"{loss:.4g}", f"{t:.1f}"))
+                     else "-", f"{points[0][1]:.4g}", f"{loss:.4g}", f"{held[-1]:.4g}" if held else "-", f"{t:.1f}"))
     return format_table(("model", "init", "stage", "logged", "last step", "tokens", "first loss", "final loss",
-                         "time s"), rows)
+                         "held-out", "time s"), rows)
 
 
 # -----------------------------------------------------------------------------

@@ -1585,6 +1585,25 @@ def test_cli_flags(capsys):
 # the whole pipeline at a tiny size: artifacts, resume after a NaN
 
 
+def test_held_out_loss_is_the_stage_loss_on_test_problems(tmp_path):
+    """Every --val_every steps and at a stage's end the log holds the stage's loss on the last test
+    problems; the teacher's last one is its final weights' cross-entropy there, recomputed here."""
+    out = str(tmp_path / "out")
+    argv = ["--preset", "tiny", "--students", "", "--random_baseline", "", "--teacher_steps", "5", "--val_every", "2",
+            "--eval_n", "0", "--device", "cpu", "--out_dir", out]
+    md.main(argv)
+    recs = md.read_jsonl(os.path.join(out, "logs", "teacher.jsonl"), {"step": int})
+    assert [r["step"] for r in recs if "held_out_loss" in r] == [2, 4, 5]
+    cfg = md.apply_preset(md.parse_config(md.DistillConfig, argv), argv)
+    teacher, tok = md.load_teacher(os.path.join(out, "teacher"))
+    rows = md.read_jsonl(os.path.join(out, "data", "test.jsonl"))
+    x, y, m = md.held_out_batch(tok, rows, cfg, md.setup_env("cpu"))
+    assert x.shape[0] == cfg.batch_size // cfg.grad_accum  # one micro-batch of test problems
+    with torch.no_grad():
+        s, n = md.ce_loss(teacher, x, y, m)
+    assert_close(torch.tensor(recs[-1]["held_out_loss"]), s / n, atol=2e-6, what="held-out loss")
+
+
 def test_pipeline_tiny(tmp_path):
     out = str(tmp_path / "out")
     summary = md.main(["--preset", "tiny", "--out_dir", out])
