@@ -57,6 +57,7 @@ With no decay (A = 0), dt = 1, identity conv, no gate and D = 0 the mixer comput
 """
 import base64
 import binascii
+import copy
 import hashlib
 import json
 import math
@@ -589,19 +590,26 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, hel
     return student, run.times
 
 
-def get_teacher(cfg, env, train_rows, test_rows, want):
-    """(model, tokenizer): the teacher an earlier run with these settings trained, or one trained here,
-    saved, and loaded back the way a real Llama checkpoint (--teacher) is."""
+def get_tokenizer(cfg, env, train_rows, want):
+    """The project's own BPE: its teacher's, the one an earlier run with these settings trained, or one
+    trained here."""
+    teacher, path = os.path.join(cfg.out_dir, "teacher"), os.path.join(cfg.out_dir, "tokenizer.model")
+    if os.path.isfile(os.path.join(teacher, "config.json")):
+        return Tokenizer(find_tokenizer(teacher))
+    if env.main and not os.path.isfile(path):
+        record_artifact(cfg.out_dir, "tokenizer.model", want["tokenizer.model"])
+        # a few thousand problems hold every word the tokenizer will see; all of them only take longer
+        train_bpe([r["question"] + "\n" + r["answer"] for r in train_rows[:4000]], cfg.vocab_size, path)
+    barrier(env)
+    return Tokenizer(path)
+
+
+def get_teacher(cfg, env, tok, batches, held_out, want):
+    """(model, tokenizer): the teacher an earlier run with these settings trained, or one trained here on
+    `batches`, saved, and loaded back the way a real Llama checkpoint (--teacher) is."""
     dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32  # frozen: bf16 is enough
     path = os.path.join(cfg.out_dir, "teacher")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        tok_path = os.path.join(cfg.out_dir, "tokenizer.model")
-        if env.main and not os.path.isfile(tok_path):
-            record_artifact(cfg.out_dir, "tokenizer.model", want["tokenizer.model"])
-            # a few thousand problems hold every word the tokenizer will see; all of them only take longer
-            train_bpe([r["question"] + "\n" + r["answer"] for r in train_rows[:4000]], cfg.vocab_size, tok_path)
-        barrier(env)
-        tok = Tokenizer(tok_path)
         mcfg = ModelConfig(vocab_size=tok.n_words, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
                            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                            num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_model // cfg.n_heads, rope_theta=10000.0,
@@ -613,12 +621,10 @@ def get_teacher(cfg, env, train_rows, test_rows, want):
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02 / (math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1))
         model.to(env.device)
-        batches = Batches(tok, train_rows, cfg.seq_len, cfg.seed)
         if env.main:
-            print(f"teacher: {model.num_params() / 1e6:.1f}M parameters, vocab {tok.n_words}, {len(train_rows)} "
+            print(f"teacher: {model.num_params() / 1e6:.1f}M parameters, vocab {tok.n_words}, {len(batches.ids)} "
                   f"problems of {batches.mean_len:.0f} tokens on average ({batches.cut} cut to --seq_len)")
-        run = ModelRun("teacher", "random", cfg, env, want["teacher"], [("teacher", cfg.teacher_steps)],
-                       held_out_batch(tok, test_rows, cfg, env))
+        run = ModelRun("teacher", "random", cfg, env, want["teacher"], [("teacher", cfg.teacher_steps)], held_out)
         if not run.stage_done("teacher", model):
             model.train()
             run_stage("teacher", model, ce_loss, cfg.teacher_steps, cfg.teacher_lr, cfg, env, batches, tok, run)
@@ -656,10 +662,12 @@ def main(argv=None):
     t_start, times = time.time(), {}
     given = load_teacher(cfg.teacher, env.device, env.amp or torch.float32) if cfg.teacher else None  # checked first
     train_rows, test_rows = load_data(cfg, env, want)
-    teacher, tok = given or get_teacher(cfg, env, train_rows, test_rows, want)
-    teacher.eval().requires_grad_(False)
-    batches = Batches(tok, train_rows, cfg.seq_len, cfg.seed + 1)
+    tok = given[1] if given else get_tokenizer(cfg, env, train_rows, want)
+    batches = Batches(tok, train_rows, cfg.seq_len, cfg.seed)  # tokenised once, for every model
     held_out = held_out_batch(tok, test_rows, cfg, env)
+    teacher, tok = given or get_teacher(cfg, env, tok, batches, held_out, want)
+    teacher.eval().requires_grad_(False)
+    batches = batches.reseeded(cfg.seed + 1)  # the students' own batch order
     models = {"teacher": teacher}
     for name, ssm_layers, init in runs:
         path = os.path.join(cfg.out_dir, name)
@@ -759,6 +767,12 @@ class Batches:
         self.ids = [torch.tensor(ids, dtype=torch.int32) for ids, _ in enc]  # ragged, int32: small in memory
         self.mask = [torch.tensor(mask, dtype=torch.bool) for _, mask in enc]
         self.pad_id, self.seq_len, self.seed = tok.pad_id, seq_len, seed
+
+    def reseeded(self, seed):
+        """The same examples, drawn in another order."""
+        other = copy.copy(self)
+        other.seed = seed
+        return other
 
     def get(self, stage, step, batch, rank=0, world=1, micro=0, n_micro=1):
         """This rank's share of micro-batch `micro` of step `step`: inputs, targets, loss mask (b, l), real tokens."""
