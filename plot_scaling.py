@@ -577,7 +577,7 @@ def plot_losses(curves, path, cfg):
                               label="held-out loss (lines: training)"))
     smooth = f"\n(moving average over {cfg.smooth} logged steps)" if cfg.smooth > 1 else ""
     fig.suptitle(f"Distillation loss curves: student mixers initialised from attention vs random{smooth}")
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2 * ncols))  # wraps, never clipped
     save_png(fig, path, cfg.dpi)
 
 
