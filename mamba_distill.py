@@ -32,8 +32,8 @@ Outputs, under --out_dir (read by sample.py and plot_scaling.py):
                                         one made with other settings stops and says which differ
   logs/<model>.jsonl                    one line per logged step: model, init, stage, step, loss, lr,
                                         tokens, time_s (wall seconds since that model's run began), and
-                                        every --val_every steps held_out_loss (the stage's loss on test
-                                        problems it never trains on)
+                                        every --held_out_every steps held_out_loss (the stage's loss
+                                        on test problems it never trains on)
   ckpt/<model>/                         the latest checkpoint (+ optimizer.safetensors, state.json)
   distill_summary.json                  greedy accuracy, parameters and stage wall times per model
   bench/distill.json                    --bench: tokens/s, MFU, peak memory per student
@@ -593,9 +593,9 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, hel
 def get_tokenizer(cfg, env, train_rows, want):
     """The project's own BPE: its teacher's, the one an earlier run with these settings trained, or one
     trained here."""
-    teacher, path = os.path.join(cfg.out_dir, "teacher"), os.path.join(cfg.out_dir, "tokenizer.model")
-    if os.path.isfile(os.path.join(teacher, "config.json")):
-        return Tokenizer(find_tokenizer(teacher))
+    teacher_dir, path = os.path.join(cfg.out_dir, "teacher"), os.path.join(cfg.out_dir, "tokenizer.model")
+    if os.path.isfile(os.path.join(teacher_dir, "config.json")):
+        return Tokenizer(find_tokenizer(teacher_dir))
     if env.main and not os.path.isfile(path):
         record_artifact(cfg.out_dir, "tokenizer.model", want["tokenizer.model"])
         # a few thousand problems hold every word the tokenizer will see; all of them only take longer
@@ -799,9 +799,9 @@ class Batches:
 def held_out_batch(tok, rows, cfg, env):
     """The fixed (x, y, m) micro-batch of the last test problems on which every stage's held-out loss
     is measured (a training loss that keeps falling while this one rises means memorised problems);
-    None when --val_every is 0."""
+    None when --held_out_every is 0."""
     n = min(len(rows), cfg.batch_size // (cfg.grad_accum * env.world))
-    if not cfg.val_every or n == 0:
+    if not cfg.held_out_every or n == 0:
         return None
     x, y, m, _ = Batches(tok, rows[-n:], cfg.seq_len, cfg.seed).get("held_out", 0, n)
     return x.to(env.device), y.to(env.device), m.to(env.device)
@@ -893,7 +893,7 @@ def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run
         tokens += real
         last = step + 1 == steps
         held_out = None
-        if run and run.held_out is not None and ((step + 1) % cfg.val_every == 0 or last):
+        if run and run.held_out is not None and ((step + 1) % cfg.held_out_every == 0 or last):
             with torch.no_grad(), env.autocast():  # every rank alike, outside DDP: no collective
                 s, n = stage_loss(*run.held_out)
             held_out = (s / n.clamp(min=1)).item()
@@ -956,8 +956,8 @@ class ModelRun:
             return
         t = time.time() - self.t0
         eta = (steps - step - 1) * (tokens / max(step + 1, 1)) / max(tok_s, 1e-9)
-        val = "" if held_out is None else f" held-out {held_out:.4f}"
-        print(f"{self.name:>12} {stage:>7} step {step + 1:5d}/{steps} loss {loss:.4f}{val} lr {lr:.2e} "
+        shown = "" if held_out is None else f" held-out {held_out:.4f}"
+        print(f"{self.name:>12} {stage:>7} step {step + 1:5d}/{steps} loss {loss:.4f}{shown} lr {lr:.2e} "
               f"{tok_s / 1e3:7.1f}k tok/s  eta {eta / 60:5.1f} min", flush=True)
         rec = {"model": self.name, "init": self.init, "stage": stage, "step": step + 1, "loss": round(loss, 6),
                "lr": lr, "tokens": tokens, "time_s": round(t, 3)}
@@ -2017,8 +2017,8 @@ class DistillConfig:
     fresh: bool = flag(False, "start over: first remove the data, tokenizer, models, checkpoints, logs and records "
                               "an earlier run left in out_dir")
     resume: bool = flag(False, "continue each unfinished model from its checkpoint, made with the same settings "
-                               "(log_every, val_every, ckpt_every, eval_n, max_new_tokens, students and random_baseline "
-                               "may differ: they change no model)")
+                               "(log_every, held_out_every, ckpt_every, eval_n, max_new_tokens, students and "
+                               "random_baseline may differ: they change no model)")
     teacher: str = flag("", "a local HF Llama directory; empty = train a small teacher on the data first")
     data: str = flag("", "a GSM8K-format jsonl to train on; empty = the synthetic task, written to out_dir/data")
     test_data: str = flag("", "a GSM8K-format jsonl for the greedy accuracy; empty = the synthetic test split")
@@ -2068,8 +2068,8 @@ class DistillConfig:
     weight_decay: float = flag(0.1, "AdamW weight decay (matrices only)", at_least=0)
     grad_clip: float = flag(1.0, "clip the gradient norm to this", above=0)
     log_every: int = flag(25, "steps between progress lines", at_least=1)
-    val_every: int = flag(250, "steps between held-out losses: each stage's loss on the last test problems (one "
-                               "micro-batch of them), which no stage trains on (0 = none)", at_least=0)
+    held_out_every: int = flag(250, "steps between held-out losses: each stage's loss on the last test problems "
+                                    "(one micro-batch of them), which no stage trains on (0 = none)", at_least=0)
     ckpt_every: int = flag(500, "steps between checkpoints (0 = only at the end of a stage)", at_least=0)
     eval_n: int = flag(200, "test problems for the greedy accuracy of each model (0 = skip)", at_least=0)
     max_new_tokens: int = flag(0, "generation limit when evaluating; 0 = the longest test solution + 25%", at_least=0)

@@ -1586,11 +1586,11 @@ def test_cli_flags(capsys):
 
 
 def test_held_out_loss_is_the_stage_loss_on_test_problems(tmp_path):
-    """Every --val_every steps and at a stage's end the log holds the stage's loss on the last test
+    """Every --held_out_every steps and at a stage's end the log holds the stage's loss on the last test
     problems; the teacher's last one is its final weights' cross-entropy there, recomputed here."""
     out = str(tmp_path / "out")
-    argv = ["--preset", "tiny", "--students", "", "--random_baseline", "", "--teacher_steps", "5", "--val_every", "2",
-            "--eval_n", "0", "--device", "cpu", "--out_dir", out]
+    argv = ["--preset", "tiny", "--students", "", "--random_baseline", "", "--teacher_steps", "5",
+            "--held_out_every", "2", "--eval_n", "0", "--device", "cpu", "--out_dir", out]
     md.main(argv)
     recs = md.read_jsonl(os.path.join(out, "logs", "teacher.jsonl"), {"step": int})
     assert [r["step"] for r in recs if "held_out_loss" in r] == [2, 4, 5]
