@@ -2032,7 +2032,7 @@ class DistillConfig:
     max_steps: int = flag(0, "difficulty: most turns (relay) or steps (short) per problem; 0 = the task's default "
                              "(relay 10, short 8)", at_least=0)
     digits: int = flag(4, "relay: digits of the starting amounts", at_least=2, at_most=len(COLUMNS) - 1)
-    n_train: int = flag(48000, "synthetic training problems (the default teacher sees each once)", at_least=1)
+    n_train: int = flag(20000, "synthetic training problems", at_least=1)
     n_test: int = flag(500, "synthetic test problems", at_least=1)
     vocab_size: int = flag(1024, "base BPE vocabulary of the project's tokenizer (256 specials come on top)",
                            at_least=256)
@@ -2050,9 +2050,9 @@ class DistillConfig:
     init: str = flag("attention", "attention (MambaInLlama transfer) or random mixers", choices=("attention", "random"))
     random_baseline: str = flag("pure", "also distil this student from random mixers (empty = no baseline)",
                                 choices=("", "hybrid", "pure"))
-    align_steps: int = flag(400, "stage 1: layer-wise mixer alignment steps (0 = skip)", at_least=0)
+    align_steps: int = flag(800, "stage 1: layer-wise mixer alignment steps (0 = skip)", at_least=0)
     align_lr: float = flag(2e-3, "stage 1: peak learning rate", above=0)
-    kl_steps: int = flag(2000, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
+    kl_steps: int = flag(1400, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
     kl_lr: float = flag(1e-3, "stage 2: peak learning rate", above=0)
     kl: str = flag("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)",
                    choices=("forward", "reverse"))
