@@ -451,34 +451,35 @@ def plot_decode(benches, path, cfg):
     for (bench, shape, rows), has_batch, ax_row in zip(panels, with_batch, axes):
         ax_l, ax_b = ax_row[0], (ax_row[1] if ncols == 2 else None)
         by_model = {m: [r for r in rows if r["model"] == m] for m in models if any(r["model"] == m for r in rows)}
-        # the length panel holds one way of measuring: the one most of this shape's rows used
-        method = max({r.get("method", "generate") for r in rows},
-                     key=lambda x: sum(r.get("method", "generate") == x for r in rows))
+        # the length panel holds one way of measuring: the one that measured the most (model, length) points
+        method = max(sorted({r.get("method", "generate") for r in rows}),
+                     key=lambda x: len({(r["model"], r["gen_len"]) for r in rows if r.get("method", "generate") == x}))
         lengths = {m: _length_sweep(same) for m, rs in by_model.items()
                    if (same := [r for r in rs if r.get("method", "generate") == method])}
         methods = _one_or_many(r.get("method", "generate") for rs in lengths.values() for r in rs)
-        for i, (model, rs) in enumerate(lengths.items()):
-            _plot_rates(ax_l, "gen_len", rs, colours[model], MARKERS[i % len(MARKERS)], model)
+        for model, rs in lengths.items():
+            _plot_rates(ax_l, "gen_len", rs, colours[model], MARKERS[models.index(model) % len(MARKERS)], model)
         batches = _one_or_many(r["batch"] for rs in lengths.values() for r in rs)
         notes = [f"{s}: faster than the teacher from {c:g} new tokens" for s, rs in lengths.items()
                  if s != "teacher" and "teacher" in lengths and (c := crossover(rs, lengths["teacher"]))]
         if notes:
             ax_l.text(0.02, 0.02, "\n".join(notes), transform=ax_l.transAxes, fontsize=8, va="bottom",
                       bbox=LABEL_BOX)
-        ax_l.set_title(f"{shape} on {bench.get('device', '?')}: against generation length\n"
-                       f"(batch {batches}; {methods})", fontsize=10)
+        step = {True: "compiled step", False: "eager step"}.get(bench.get("compile"), "step")
+        ax_l.set_title(f"{shape} on {bench.get('device', '?')}, {bench.get('date', '?')}: against generation length\n"
+                       f"(batch {batches}; {methods}; {step})", fontsize=10)
         ax_l.set_xlabel("generated tokens per sequence, gen_len (log2 scale)")
         ax_list = [ax_l]
         if ax_b is not None and has_batch:
-            for i, (model, rs) in enumerate(by_model.items()):
+            for model, rs in by_model.items():
                 sweep = _batch_sweep([r for r in rs if r.get("method", "generate") == "generate"] or rs)
-                _plot_rates(ax_b, "batch", sweep, colours[model], MARKERS[i % len(MARKERS)])
+                _plot_rates(ax_b, "batch", sweep, colours[model], MARKERS[models.index(model) % len(MARKERS)])
             first = _batch_sweep(next(iter(by_model.values())))[0]
             for hf in bench.get("hf_rows", []):
                 if hf["gen_len"] == first["gen_len"] and shape == "llama-3.2-1b":
                     ax_b.plot([hf["batch"]], [hf["tokens_per_s"]], "kX" if hf.get("cache") == "static" else "kP", ms=9,
                               label=f"HF generate, {hf.get('cache', '?')} cache")
-            ax_b.set_title(f"{shape}: against batch size (prompt {first['prompt_len']:g}, "
+            ax_b.set_title(f"{shape}: against batch size\n(prompt {first['prompt_len']:g}, "
                            f"{first['gen_len']:g} new tokens; whole generate calls)", fontsize=10)
             ax_b.set_xlabel("batch size b = sequences decoded together (log2 scale)")
             if bench.get("hf_rows"):
