@@ -914,14 +914,14 @@ class ModelRun:
             return True
         if s is None or stage != s["stage"] or s["step"] < self.steps[stage]:
             return False
-        load_checkpoint(model, None, self.ckpt)  # the checkpoint that ends this stage
+        self.restore(model)  # the checkpoint that ends this stage
         return True
 
     def start(self, stage, model, optimizer):
         """(first step, tokens so far); weights and optimizer restored when resuming inside the stage."""
         s = self.state
         if s is not None and s["stage"] == stage:
-            load_checkpoint(model, optimizer, self.ckpt)
+            self.restore(model, optimizer)
             self.stage_t0 = time.time() - self.times.get(stage, 0.0)
             if self.env.main:
                 print(f"{self.name}: resuming {stage} after step {s['step']}")
@@ -945,12 +945,36 @@ class ModelRun:
             fh.write(json.dumps(rec) + "\n")
 
     def checkpoint(self, stage, step, tokens, model, optimizer, tok):
+        """Model directory + optimizer moments + state.json, written into a temp dir and swapped in whole."""
         if self.env.main:
-            save_checkpoint(model, optimizer, tok, self.ckpt, {
+            tmp = self.ckpt + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model(model, tok, tmp)
+            flat = {f"{i}.{k}": v.detach().float().cpu().reshape(-1)  # i: the parameter's index in param_groups
+                    for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+            save_safetensors(flat, os.path.join(tmp, "optimizer.safetensors"))
+            write_json(os.path.join(tmp, "state.json"), {
                 "stage": stage, "step": step, "tokens": tokens, "time_s": round(time.time() - self.t0, 3),
                 "times": {**self.times, stage: round(time.time() - self.stage_t0, 1)},
                 "settings": self.settings, **run_conditions(self.cfg, self.env)})
+            replace_dir(tmp, self.ckpt)
         barrier(self.env)  # nobody reads a checkpoint that is still being written
+
+    def restore(self, model, optimizer=None):
+        """Load the checkpoint's weights, and its optimizer moments when an optimizer is given."""
+        path = checkpoint_dir(self.ckpt)
+        model.load_state_dict(load_model(path, dtype=next(model.parameters()).dtype).state_dict(), strict=True)
+        if optimizer is None:
+            return
+        flat = load_safetensors(os.path.join(path, "optimizer.safetensors"))
+        sd = optimizer.state_dict()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            if f"{i}.step" in flat:
+                sd["state"][i] = {"step": flat[f"{i}.step"].reshape(()),
+                                  "exp_avg": flat[f"{i}.exp_avg"].view_as(p).to(p),
+                                  "exp_avg_sq": flat[f"{i}.exp_avg_sq"].view_as(p).to(p)}
+        optimizer.load_state_dict(sd)
 
     def end_stage(self, stage):
         self.times[stage] = round(time.time() - self.stage_t0, 1)
@@ -970,20 +994,6 @@ def replace_dir(tmp, path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model, opt, tok, path, state):
-    """model dir + optimizer + state.json, written into a temp dir and swapped in whole."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tok, tmp)
-    flat = {}
-    for i, s in opt.state_dict()["state"].items():  # i: the parameter's index in opt.param_groups
-        for k, v in s.items():
-            flat[f"{i}.{k}"] = v.detach().float().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
-    save_safetensors(flat, os.path.join(tmp, "optimizer.safetensors"))
-    write_json(os.path.join(tmp, "state.json"), state)
-    replace_dir(tmp, path)
-
-
 def checkpoint_dir(ckpt):
     """The complete checkpoint under this name, if any (.old survives a crash between two renames)."""
     for p in (ckpt, ckpt + ".old"):
@@ -996,24 +1006,6 @@ def read_state(ckpt):
     """state.json of the checkpoint (stage, step, tokens, time_s, times, settings, device, compile), or None."""
     path = checkpoint_dir(ckpt)
     return None if path is None else read_json(os.path.join(path, "state.json"))
-
-
-def load_checkpoint(model, opt, ckpt):
-    """Restore the weights, and the optimizer's moments when opt is given, of save_checkpoint's files."""
-    path = checkpoint_dir(ckpt)
-    loaded = load_model(path, dtype=next(model.parameters()).dtype)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    if opt is None:
-        return
-    flat = load_safetensors(os.path.join(path, "optimizer.safetensors"))
-    sd = opt.state_dict()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        if f"{i}.step" in flat:
-            sd["state"][i] = {"step": flat[f"{i}.step"].reshape(()),
-                              "exp_avg": flat[f"{i}.exp_avg"].view_as(p).to(p),
-                              "exp_avg_sq": flat[f"{i}.exp_avg_sq"].view_as(p).to(p)}
-    opt.load_state_dict(sd)
 
 
 # The settings that decide each artifact; the others (paths, logging, evaluation) may differ between runs.
