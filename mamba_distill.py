@@ -117,8 +117,8 @@ class ModelConfig:
             raise InputError(f"{path}: expected a JSON object")
         cfg = cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
         sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings", "d_conv")
-        for name in sizes + ("head_dim",):
+                 "num_key_value_heads", "max_position_embeddings", "d_conv", "head_dim")
+        for name in sizes:
             if name == "head_dim" and d.get("head_dim") is None:  # older Llama configs leave it implicit
                 cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
             v = getattr(cfg, name)
@@ -344,28 +344,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def mix(self, h, rope, cache, ctx):
-        """The token mixer: attention (teacher layers) or the SSM (converted layers)."""
-        if hasattr(self, "mixer"):
-            return self.mixer(h, cache, ctx)
-        return self.self_attn(h, rope, cache, ctx)
-
     def forward(self, x, rope, cache=None, ctx=None, collect=None):
         h = self.input_layernorm(x)  # (b, l, d)
-        m = self.mix(h, rope, cache, ctx)  # (b, l, d)
+        # the token mixer: the SSM (converted layers) or attention (teacher layers)
+        m = self.mixer(h, cache, ctx) if hasattr(self, "mixer") else self.self_attn(h, rope, cache, ctx)  # (b, l, d)
         if collect is not None:  # stage-1 alignment needs each mixer's input and output
             collect.append((h, m))
         x = x + m
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        ssm = set(cfg.ssm_layers)
-        self.layers = nn.ModuleList(Block(cfg, i in ssm) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 @dataclass
@@ -385,7 +371,10 @@ class LM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.model = Decoder(cfg)
+        self.model = nn.Module()  # a container, for HF's names: model.embed_tokens, model.layers, model.norm
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg, i in cfg.ssm_layers) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -816,14 +805,6 @@ def lr_at(step, steps, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def make_optimizer(params, lr, weight_decay, device):
-    named = [(n, p) for n, p in params if p.requires_grad]
-    decay = [p for n, p in named if p.dim() >= 2]  # matrices; no decay on norms, biases, dt, A, D
-    other = [p for n, p in named if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
 class TrainingError(Exception):
     """A run that cannot go on (a NaN loss); the last good checkpoint is kept."""
 
@@ -848,13 +829,14 @@ def compiled(model, cfg, env):
 def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run=None):
     """The loop every stage shares: accumulate, clip, step, log, checkpoint. loss_fn(model, x, y, m) ->
     (loss summed over tokens, token count). run: the ModelRun that resumes, logs, checkpoints (None: bench)."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, peak_lr, cfg.weight_decay, env.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},  # matrices
+              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]  # norms, biases, dt, A, D
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.95), fused=env.device.type == "cuda")
     step0, tokens = run.start(stage, model, optimizer) if run else (0, 0)
     module = stage_loss = StageLoss(compiled(model, cfg, env), loss_fn)
     if env.world > 1:
         module = DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    trainable = [p for _, p in params]
     t_last, tok_last = time.time(), tokens
     for step in range(step0, steps):
         lr = lr_at(step, steps, peak_lr, cfg.warmup)
@@ -867,9 +849,8 @@ def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run
             *xym, n_real = batches.get(stage, step, cfg.batch_size, env.rank, env.world, micro, cfg.grad_accum)
             x, y, m = (t.to(env.device) for t in xym)
             real += n_real
-            last_micro = micro == cfg.grad_accum - 1
             # gradients are averaged across GPUs only once, on the last micro-batch
-            with (module.no_sync() if env.world > 1 and not last_micro else nullcontext()), env.autocast():
+            with (module.no_sync() if env.world > 1 and micro < cfg.grad_accum - 1 else nullcontext()), env.autocast():
                 s, n = module(x, y, m)
             s.backward()
             loss_sum += s.detach()
@@ -929,21 +910,18 @@ class ModelRun:
     def stage_done(self, stage, model):
         """Whether `stage` has nothing left to run (a checkpoint that ends it is loaded here)."""
         s = self.state
-        if self.steps[stage] == 0:
+        if self.steps[stage] == 0 or s is not None and STAGES.index(stage) < STAGES.index(s["stage"]):
             return True
-        if s is None or STAGES.index(stage) > STAGES.index(s["stage"]):
+        if s is None or stage != s["stage"] or s["step"] < self.steps[stage]:
             return False
-        if stage == s["stage"] and s["step"] < self.steps[stage]:
-            return False
-        if stage == s["stage"]:
-            load_checkpoint(model, None, self.ckpt)
+        self.restore(model)  # the checkpoint that ends this stage
         return True
 
     def start(self, stage, model, optimizer):
         """(first step, tokens so far); weights and optimizer restored when resuming inside the stage."""
         s = self.state
         if s is not None and s["stage"] == stage:
-            load_checkpoint(model, optimizer, self.ckpt)
+            self.restore(model, optimizer)
             self.stage_t0 = time.time() - self.times.get(stage, 0.0)
             if self.env.main:
                 print(f"{self.name}: resuming {stage} after step {s['step']}")
@@ -967,12 +945,36 @@ class ModelRun:
             fh.write(json.dumps(rec) + "\n")
 
     def checkpoint(self, stage, step, tokens, model, optimizer, tok):
+        """Model directory + optimizer moments + state.json, written into a temp dir and swapped in whole."""
         if self.env.main:
-            save_checkpoint(model, optimizer, tok, self.ckpt, {
+            tmp = self.ckpt + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model(model, tok, tmp)
+            flat = {f"{i}.{k}": v.detach().float().cpu().reshape(-1)  # i: the parameter's index in param_groups
+                    for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+            save_safetensors(flat, os.path.join(tmp, "optimizer.safetensors"))
+            write_json(os.path.join(tmp, "state.json"), {
                 "stage": stage, "step": step, "tokens": tokens, "time_s": round(time.time() - self.t0, 3),
                 "times": {**self.times, stage: round(time.time() - self.stage_t0, 1)},
                 "settings": self.settings, **run_conditions(self.cfg, self.env)})
+            replace_dir(tmp, self.ckpt)
         barrier(self.env)  # nobody reads a checkpoint that is still being written
+
+    def restore(self, model, optimizer=None):
+        """Load the checkpoint's weights, and its optimizer moments when an optimizer is given."""
+        path = checkpoint_dir(self.ckpt)
+        model.load_state_dict(load_model(path, dtype=next(model.parameters()).dtype).state_dict(), strict=True)
+        if optimizer is None:
+            return
+        flat = load_safetensors(os.path.join(path, "optimizer.safetensors"))
+        sd = optimizer.state_dict()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            if f"{i}.step" in flat:
+                sd["state"][i] = {"step": flat[f"{i}.step"].reshape(()),
+                                  "exp_avg": flat[f"{i}.exp_avg"].view_as(p).to(p),
+                                  "exp_avg_sq": flat[f"{i}.exp_avg_sq"].view_as(p).to(p)}
+        optimizer.load_state_dict(sd)
 
     def end_stage(self, stage):
         self.times[stage] = round(time.time() - self.stage_t0, 1)
@@ -992,20 +994,6 @@ def replace_dir(tmp, path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model, opt, tok, path, state):
-    """model dir + optimizer + state.json, written into a temp dir and swapped in whole."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tok, tmp)
-    flat = {}
-    for i, s in opt.state_dict()["state"].items():  # i: the parameter's index in opt.param_groups
-        for k, v in s.items():
-            flat[f"{i}.{k}"] = v.detach().float().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
-    save_safetensors(flat, os.path.join(tmp, "optimizer.safetensors"))
-    write_json(os.path.join(tmp, "state.json"), state)
-    replace_dir(tmp, path)
-
-
 def checkpoint_dir(ckpt):
     """The complete checkpoint under this name, if any (.old survives a crash between two renames)."""
     for p in (ckpt, ckpt + ".old"):
@@ -1018,24 +1006,6 @@ def read_state(ckpt):
     """state.json of the checkpoint (stage, step, tokens, time_s, times, settings, device, compile), or None."""
     path = checkpoint_dir(ckpt)
     return None if path is None else read_json(os.path.join(path, "state.json"))
-
-
-def load_checkpoint(model, opt, ckpt):
-    """Restore the weights, and the optimizer's moments when opt is given, of save_checkpoint's files."""
-    path = checkpoint_dir(ckpt)
-    loaded = load_model(path, dtype=next(model.parameters()).dtype)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    if opt is None:
-        return
-    flat = load_safetensors(os.path.join(path, "optimizer.safetensors"))
-    sd = opt.state_dict()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        if f"{i}.step" in flat:
-            sd["state"][i] = {"step": flat[f"{i}.step"].reshape(()),
-                              "exp_avg": flat[f"{i}.exp_avg"].view_as(p).to(p),
-                              "exp_avg_sq": flat[f"{i}.exp_avg_sq"].view_as(p).to(p)}
-    opt.load_state_dict(sd)
 
 
 # The settings that decide each artifact; the others (paths, logging, evaluation) may differ between runs.
@@ -1502,12 +1472,10 @@ def load_state_dict(directory) -> dict[str, torch.Tensor]:
         if not os.path.exists(single_path):
             raise InputError(f"{directory}: has neither model.safetensors nor model.safetensors.index.json")
         return load_safetensors(single_path)
-    try:
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise InputError(f"{index_path}: not a JSON object with a 'weight_map'") from None
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index_path}: not a JSON object with a 'weight_map'")
     state_dict = {}
     for file in dict.fromkeys(weight_map.values()):  # unique shard names, in order
         shard_path = os.path.join(directory, file)
@@ -1547,13 +1515,11 @@ def load_model(path, device="cpu", dtype=torch.float32) -> LM:
     if cfg.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # HF omits the tied copy
     want = model.state_dict()
-    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
-           if k in sd and sd[k].shape != v.shape]
-    if missing or extra or bad:
-        what = "; ".join(s for s in (f"missing {missing[:3]}" if missing else "",
-                                      f"unexpected {extra[:3]}" if extra else "",
-                                      f"shape {bad[:3]}" if bad else "") if s)
+    problems = {"missing": sorted(set(want) - set(sd)), "unexpected": sorted(set(sd) - set(want)),
+                "shape": [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
+                          if k in sd and sd[k].shape != v.shape]}
+    what = "; ".join(f"{kind} {names[:3]}" for kind, names in problems.items() if names)
+    if what:
         raise InputError(f"{path}/config.json does not match the weights: {what}")
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
@@ -1636,6 +1602,35 @@ OBJECTS = [
 ]
 
 
+# the short task's one-step events: op -> (question sentence, solution sentence) pairs, one picked at random
+SHORT_EVENTS = {
+    "+": [("Then {he} finds {b} more {obj}.",
+           "{He} had {x} {obj} and finds {b} more, so now {he} has {x} + {b} = {y} {obj}."),
+          ("{friend} gives {name} {b} {obj}.",
+           "{friend} gives {name} {b} {obj}, so {name} now has {x} + {b} = {y} {obj}."),
+          ("The next day {he} gets {b} more {obj} at the {place}.",
+           "After getting {b} more at the {place}, {he} has {x} + {b} = {y} {obj}."),
+          ("{He} wins {b} {obj} in a contest.",
+           "Winning {b} {obj} in the contest brings {his} total to {x} + {b} = {y} {obj}.")],
+    "-": [("{He} gives {b} {obj} to {friend}.",
+           "{He} gives {b} of {his} {x} {obj} to {friend}, so {he} has {x} - {b} = {y} {obj} left."),
+          ("{He} loses {b} {obj} on the way home.",
+           "Losing {b} of the {x} {obj} on the way home leaves {x} - {b} = {y} {obj}."),
+          ("{He} uses {b} {obj} for {use}.",
+           "{He} uses {b} {obj} for {use}, so {x} - {b} = {y} {obj} are left.")],
+    "*": [("By the end of the month {he} has {times} as many {obj} as before.",
+           "At the end of the month {he} has {times} as many as the {x} {obj} {he} had, "
+           "which is {x} * {b} = {y} {obj}."),
+          ("{friend} gives {name} enough {obj} to make {his} collection {times} as big.",
+           "A collection {times} as big as {x} {obj} holds {x} * {b} = {y} {obj}.")],
+    "/": [("{He} splits the {obj} into {b} equal groups and keeps one group.",
+           "{He} splits {his} {x} {obj} into {b} equal groups of {x} / {b} = {y} {obj} and keeps one group."),
+          ("{He} shares the {obj} equally with {others} friends and keeps {his} share.",
+           "With {b} people sharing, each one gets {x} / {b} = {y} {obj}, and that is what {he} keeps.")],
+}
+TIMES = {2: "twice", 3: "three times", 4: "four times"}
+
+
 def make_problem(rng: random.Random, n_steps: int) -> dict:
     """A word problem of n_steps GSM8K-style arithmetic steps: {"question", "answer", "ops"}, ops the steps
     as [op, *numbers] for a test to redo: ["start", a] or ["pack", a, b] (a * b), then "+", "-", "*", "/"
@@ -1644,7 +1639,7 @@ def make_problem(rng: random.Random, n_steps: int) -> dict:
     name, he, his = rng.choice(NAMES)
     friend = rng.choice([n for n in NAMES if n[0] != name])[0]
     obj, box, place, use = rng.choice(OBJECTS)
-    He = he.capitalize()
+    words = dict(name=name, he=he, He=he.capitalize(), his=his, friend=friend, obj=obj, place=place, use=use)
     q, s, ops = [], [], []  # question sentences, solution lines, steps taken
     steps_left = n_steps
 
@@ -1678,58 +1673,21 @@ def make_problem(rng: random.Random, n_steps: int) -> dict:
             s.append(f"Adding them to the {x} {obj} {he} already had gives {x} + {a * b} = {y} {obj}.")
             ops.append([op, a, b])
             steps_left -= 2
-            x = y
-            continue
-        # each event: (question sentence, solution sentence), picked at random for variety
-        if op == "+":
-            b = rng.randint(2, 40)
-            y = x + b
-            events = [
-                (f"Then {he} finds {b} more {obj}.",
-                 f"{He} had {x} {obj} and finds {b} more, so now {he} has {x} + {b} = {y} {obj}."),
-                (f"{friend} gives {name} {b} {obj}.",
-                 f"{friend} gives {name} {b} {obj}, so {name} now has {x} + {b} = {y} {obj}."),
-                (f"The next day {he} gets {b} more {obj} at the {place}.",
-                 f"After getting {b} more at the {place}, {he} has {x} + {b} = {y} {obj}."),
-                (f"{He} wins {b} {obj} in a contest.",
-                 f"Winning {b} {obj} in the contest brings {his} total to {x} + {b} = {y} {obj}."),
-            ]
-        elif op == "-":
-            b = rng.randint(1, min(x - 2, 40))
-            y = x - b
-            events = [
-                (f"{He} gives {b} {obj} to {friend}.",
-                 f"{He} gives {b} of {his} {x} {obj} to {friend}, so {he} has {x} - {b} = {y} {obj} left."),
-                (f"{He} loses {b} {obj} on the way home.",
-                 f"Losing {b} of the {x} {obj} on the way home leaves {x} - {b} = {y} {obj}."),
-                (f"{He} uses {b} {obj} for {use}.",
-                 f"{He} uses {b} {obj} for {use}, so {x} - {b} = {y} {obj} are left."),
-            ]
-        elif op == "*":
-            b = rng.randint(2, 4)
-            y = x * b
-            times = {2: "twice", 3: "three times", 4: "four times"}[b]
-            events = [
-                (f"By the end of the month {he} has {times} as many {obj} as before.",
-                 f"At the end of the month {he} has {times} as many as the {x} {obj} {he} had, "
-                 f"which is {x} * {b} = {y} {obj}."),
-                (f"{friend} gives {name} enough {obj} to make {his} collection {times} as big.",
-                 f"A collection {times} as big as {x} {obj} holds {x} * {b} = {y} {obj}."),
-            ]
-        else:  # "/"
-            b = rng.choice(divisors)
-            y = x // b
-            events = [
-                (f"{He} splits the {obj} into {b} equal groups and keeps one group.",
-                 f"{He} splits {his} {x} {obj} into {b} equal groups of {x} / {b} = {y} {obj} and keeps one group."),
-                (f"{He} shares the {obj} equally with {b - 1} friends and keeps {his} share.",
-                 f"With {b} people sharing, each one gets {x} / {b} = {y} {obj}, and that is what {he} keeps."),
-            ]
-        question, solution = rng.choice(events)
-        q.append(question)
-        s.append(solution)
-        ops.append([op, b])
-        steps_left -= 1
+        else:
+            if op == "+":
+                b = rng.randint(2, 40)
+            elif op == "-":
+                b = rng.randint(1, min(x - 2, 40))
+            elif op == "*":
+                b = rng.randint(2, 4)
+            else:
+                b = rng.choice(divisors)
+            y = {"+": x + b, "-": x - b, "*": x * b, "/": x // b}[op]
+            numbers = dict(x=x, b=b, y=y, times=TIMES.get(b), others=b - 1)
+            for out, text in zip((q, s), rng.choice(SHORT_EVENTS[op])):
+                out.append(text.format(**words, **numbers))
+            ops.append([op, b])
+            steps_left -= 1
         x = y
 
     if ending_with_friend:
@@ -2197,8 +2155,6 @@ def bench(cfg, env, warmup=2, steps=8):
     for kind in filter(None, cfg.students.split(",")):
         ssm = student_layers(kind, mcfg.num_hidden_layers, 0.25)
         student = transfer_attention_to_mamba(teacher, ssm).float().to(env.device).train()
-        n_t = teacher.num_params() - teacher.model.embed_tokens.weight.numel() * (not mcfg.tie_word_embeddings)
-        n_s = student.num_params() - student.model.embed_tokens.weight.numel() * (not mcfg.tie_word_embeddings)
         loss_fn = kl_loss_fn(compiled(teacher, cfg, env), "forward", 1.0)
         torch.cuda.reset_peak_memory_stats(env.device)
         run_stage("kl", student, loss_fn, warmup, 1e-5, cfg, env, batches, None)
@@ -2208,7 +2164,9 @@ def bench(cfg, env, warmup=2, steps=8):
         torch.cuda.synchronize(env.device)
         dt = time.time() - t0
         tok_s = steps * cfg.batch_size * cfg.seq_len / dt  # all GPUs together
-        mfu = (6 * n_s + 2 * n_t) * tok_s / env.world / peak if peak else float("nan")
+        # FLOPs per token; the embeddings are tied, so every parameter is in one matmul (lm_head's included)
+        flops = 6 * student.num_params() + 2 * teacher.num_params()
+        mfu = flops * tok_s / env.world / peak if peak else float("nan")
         mem = torch.cuda.max_memory_allocated(env.device) / 2**30
         results.append({"student": kind, "tokens_per_s": tok_s, "mfu": mfu, "peak_mem_GiB": mem, "compile": cfg.compile,
                         "gpus": env.world, "batch": cfg.batch_size, "seq_len": cfg.seq_len})
