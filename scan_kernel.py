@@ -61,9 +61,7 @@ The teacher's decode attention (decode_attention) is one token of grouped-query 
 the KV cache, memory-bound. "Flash-decoding": each program takes one (row, kv head), so the r query
 heads of a group share each key they read (an (r, e) x (e, block) tl.dot), and one fixed range of
 SPLIT slots, so a row's result never depends on the batch (samples are the same at any batch size)
-and a long cache is read by several programs per row. Each keeps an online softmax (running max m,
-sum l, weighted values acc) and a second kernel merges the splits. t and pad are read from device
-memory: one captured CUDA graph serves every step.
+and a long cache is read by several programs per row; a second kernel merges the splits' softmaxes.
 
 The conv step (conv_step) is the mixer's causal depthwise conv for one decode token: out =
 silu(bias + sum_j weight_j * input_{t-w+1+j}), over a ring of the last w-1 inputs (slot s in row s % (w-1)).
@@ -71,9 +69,9 @@ silu(bias + sum_j weight_j * input_{t-w+1+j}), over a ring of the last w-1 input
 The fused KL loss (fused_kl_div) is stage 2 of distillation: per row of student and teacher logits,
 KL(p_t || p_s) (forward) or KL(p_s || p_t) (reverse) at temperature T. PyTorch materialises several
 fp32 (N, V) tensors; the kernel streams each row's logits in blocks, in fp32 registers: pass 1 finds
-both log-sum-exps online, pass 2 sums the KL (and writes the forward KL's gradient (p_s - p_t) / T),
-pass 3 the reverse KL's gradient p_s ((log p_s - log p_t) - KL) / T, which needs the finished KL. The
-gradient goes into one (N, V) buffer of the logits' dtype, which the backward scales in place.
+both log-sum-exps online, pass 2 sums the KL (and writes the forward KL's gradient), pass 3 writes the
+reverse KL's gradient, which needs the finished KL. The gradient goes into one (N, V) buffer of the
+logits' dtype, which the backward scales in place.
 """
 import argparse
 import dataclasses
@@ -298,9 +296,9 @@ CHUNK_OPTS = dict(num_warps=4, num_stages=1)
 PASS_STEP, PASS_BLOCK = 16, 256  # passing kernel: chunks per step (tl.dot needs >= 16), state entries per program
 
 
-def _blocks(p, n):
-    # tl.dot needs every dimension >= 16; smaller or odd p, n are padded by masks
-    return max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(n))
+def _blocks(*dims):
+    # tl.dot needs every dimension >= 16; smaller or odd sizes are padded by masks
+    return tuple(max(16, triton.next_power_of_2(d)) for d in dims)
 
 
 def _default_chunk(p, n):
@@ -452,7 +450,6 @@ class _SSDScanFn(torch.autograd.Function):
         dB = torch.empty(b, l, g, n, device=dev, dtype=B.dtype)
         dC = torch.empty(b, l, g, n, device=dev, dtype=C.dtype)
         dA_part, dD_part = torch.empty(2, b, h, nchunks, device=dev, dtype=torch.float32)  # (b, h, k) each
-        # num_warps=8 only for the large tiles of groups of several heads (see CHUNK_OPTS)
         opts = dict(CHUNK_OPTS, num_warps=8) if h > g and min(BLOCK_P, BLOCK_N) >= 64 and not INTERPRET else CHUNK_OPTS
         _chunk_bwd_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, dstates, dy,
                                             dx, ddt, dB, dC, dA_part, dD_part, l, h, p, n, nchunks,
@@ -650,7 +647,7 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("scan_kernel.py: decode_attention needs the head dim e contiguous")
     r = h // g
-    BLOCK_R, BLOCK_E = max(16, triton.next_power_of_2(r)), max(16, triton.next_power_of_2(e))  # tl.dot needs >= 16
+    BLOCK_R, BLOCK_E = _blocks(r, e)
     nsplit = triton.next_power_of_2(triton.cdiv(s, ATTN_SPLIT))  # depends on the cache length alone
     acc = torch.empty(b * g, nsplit, BLOCK_R, BLOCK_E, device=q.device, dtype=torch.float32)
     m = torch.empty(b * g, nsplit, BLOCK_R, device=q.device, dtype=torch.float32)
@@ -1005,9 +1002,7 @@ def bench(cfg):
         raise InputError("--bench needs a CUDA GPU")
     dev = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    peer_scan = peer_step = None
-    if cfg.mamba_path:
-        peer_scan, peer_step = load_mamba(cfg.mamba_path)
+    peer_scan, peer_step = load_mamba(cfg.mamba_path) if cfg.mamba_path else (None, None)
     print(f"scan (ms, median of do_bench; ours chunk {cfg.chunk_size or 'auto'}, mamba_ssm chunk {cfg.peer_chunk_size}; "
           "torch = the chunked PyTorch path in fp32; ratio = ours / other)")
     for shape in cfg.shapes.split(";"):
@@ -1030,10 +1025,9 @@ def bench(cfg):
             print(f"  b={b} l={l} h={h} p={p} n={n} g={g}  {name:9s} fwd {fwd:7.3f}  fwd+bwd {fwdbwd:7.3f}"
                   f"  (host time to launch fwd+bwd {host_ms(lambda: torch.autograd.grad(f(*ins), ins, dy)):.3f})"
                   f"   rel diff of y vs ours {err:.1e}")
-        for name in times:
-            if name != "ours":
-                print(f"  ratio ours/{name}: fwd {times['ours'][0] / times[name][0]:.2f}  "
-                      f"fwd+bwd {times['ours'][1] / times[name][1]:.2f}")
+        for name in list(times)[1:]:  # the paths after ours
+            print(f"  ratio ours/{name}: fwd {times['ours'][0] / times[name][0]:.2f}  "
+                  f"fwd+bwd {times['ours'][1] / times[name][1]:.2f}")
         if cfg.breakdown:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 torch.autograd.grad(paths["ours"](*ins), ins, dy)
@@ -1110,11 +1104,8 @@ def parse_config(cls, argv=None, description=None):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = type(default) if default is not None else str
         text = f.metadata.get("help", " ").replace("%", "%%")  # argparse formats help with %
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="{true,false}",
-                                nargs="?", const=True, help=text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=default, help=text)
+        how = dict(type=_parse_bool, metavar="{true,false}", nargs="?", const=True) if kind is bool else dict(type=kind)
+        parser.add_argument(f"--{f.name}", default=default, help=text, **how)
     cfg = cls(**vars(parser.parse_args(argv)))
     check_bounds(cfg)
     return cfg
