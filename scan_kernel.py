@@ -301,10 +301,6 @@ def _blocks(*dims):
     return tuple(max(16, triton.next_power_of_2(d)) for d in dims)
 
 
-def _default_chunk(p, n):
-    return 16 if INTERPRET else (64 if max(_blocks(p, n)) <= 64 else 32)  # small chunks keep the interpreter fast
-
-
 def _expect_shapes(want, of):
     """want: {name: (tensor or None, expected shape)}; a wrong shape would read out of bounds."""
     for name, (t, shape) in want.items():
@@ -424,9 +420,9 @@ class _SSDScanFn(torch.autograd.Function):
         states, final = _pass_states(x, B, dt, A, logdecay, initial_state, chunk, reverse=False)
         y = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
         _chunk_out_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, y, l, h, p, n, nchunks,
-                                            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), HPG=h // g,
-                                            HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-                                            **CHUNK_OPTS)
+                                            *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
+                                            HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P,
+                                            BLOCK_N=BLOCK_N, **CHUNK_OPTS)
         ctx.save_for_backward(x, dt, A, B, C, D, states, logdecay)
         ctx.chunk = chunk
         ctx.init_dtype = None if initial_state is None else initial_state.dtype
@@ -466,7 +462,7 @@ def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, return_final_state=Fals
     (default 64 on GPU, 32 when p or n > 64, 16 under the interpreter)."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    chunk = chunk_size or _default_chunk(p, n)
+    chunk = chunk_size or (16 if INTERPRET else (64 if max(_blocks(p, n)) <= 64 else 32))  # 16: the interpreter is slow
     _expect_shapes({"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "C": (C, (b, l, g, n)),
                     "D": (D, (h,)), "initial_state": (initial_state, (b, h, p, n))}, f"x {tuple(x.shape)}")
     _check_groups(h, g, p, n)
