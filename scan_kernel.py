@@ -61,9 +61,7 @@ The teacher's decode attention (decode_attention) is one token of grouped-query 
 the KV cache, memory-bound. "Flash-decoding": each program takes one (row, kv head), so the r query
 heads of a group share each key they read (an (r, e) x (e, block) tl.dot), and one fixed range of
 SPLIT slots, so a row's result never depends on the batch (samples are the same at any batch size)
-and a long cache is read by several programs per row. Each keeps an online softmax (running max m,
-sum l, weighted values acc) and a second kernel merges the splits. t and pad are read from device
-memory: one captured CUDA graph serves every step.
+and a long cache is read by several programs per row; a second kernel merges the splits' softmaxes.
 
 The conv step (conv_step) is the mixer's causal depthwise conv for one decode token: out =
 silu(bias + sum_j weight_j * input_{t-w+1+j}), over a ring of the last w-1 inputs (slot s in row s % (w-1)).
@@ -71,9 +69,9 @@ silu(bias + sum_j weight_j * input_{t-w+1+j}), over a ring of the last w-1 input
 The fused KL loss (fused_kl_div) is stage 2 of distillation: per row of student and teacher logits,
 KL(p_t || p_s) (forward) or KL(p_s || p_t) (reverse) at temperature T. PyTorch materialises several
 fp32 (N, V) tensors; the kernel streams each row's logits in blocks, in fp32 registers: pass 1 finds
-both log-sum-exps online, pass 2 sums the KL (and writes the forward KL's gradient (p_s - p_t) / T),
-pass 3 the reverse KL's gradient p_s ((log p_s - log p_t) - KL) / T, which needs the finished KL. The
-gradient goes into one (N, V) buffer of the logits' dtype, which the backward scales in place.
+both log-sum-exps online, pass 2 sums the KL (and writes the forward KL's gradient), pass 3 writes the
+reverse KL's gradient, which needs the finished KL. The gradient goes into one (N, V) buffer of the
+logits' dtype, which the backward scales in place.
 """
 import argparse
 import dataclasses
@@ -95,23 +93,27 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # -----------------------------------------------------------------------------
 # References: the recurrence as written, and the chunked algorithm in plain PyTorch
 
+def _ssd_update(state, x, dt, A, B, C, D):
+    """One token of the recurrence, fp32, out of place: the new state (b, h, p, n) and y (b, h, p). x (b, gx, p),
+    B (b, gb, n), C (b, gc, n) may be shared by groups of heads: head i reads group i // (h / g)."""
+    h = state.shape[1]
+    xh, Bh, Ch = (v.float().repeat_interleave(h // v.shape[1], dim=1) for v in (x, B, C))  # (b, h, p), (b, h, n) x2
+    decay = torch.exp(dt.float() * A.float())  # (b, h)
+    new = decay[..., None, None] * state + (dt.float()[..., None] * xh)[..., None] * Bh[:, :, None, :]  # (b, h, p, n)
+    y = (new @ Ch[..., None]).squeeze(-1)  # (b, h, p)
+    if D is not None:
+        y = y + D.float()[:, None] * xh
+    return new, y
+
+
 def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False):
     """Sequential definition, one token at a time, fp32 math; y in x's dtype."""
     b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    rep = h // g
-    xf, dtf, Af = x.float(), dt.float(), A.float()
-    Bh = B.float().repeat_interleave(rep, dim=2)  # (b, l, h, n)
-    Ch = C.float().repeat_interleave(rep, dim=2)  # (b, l, h, n)
-    state = (torch.zeros(b, h, p, n, device=x.device, dtype=torch.float32) if initial_state is None
+    state = (torch.zeros(b, h, p, B.shape[3], device=x.device, dtype=torch.float32) if initial_state is None
              else initial_state.float())  # (b, h, p, n)
     ys = []
     for t in range(l):
-        decay = torch.exp(dtf[:, t] * Af)  # (b, h)
-        state = decay[..., None, None] * state + (dtf[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]  # (b, h, p, n)
-        y = (state @ Ch[:, t, :, :, None]).squeeze(-1)  # (b, h, p)
-        if D is not None:
-            y = y + D.float()[:, None] * xf[:, t]
+        state, y = _ssd_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)  # (b, h, p, n), (b, h, p)
         ys.append(y)
     y = torch.stack(ys, dim=1).to(x.dtype)  # (b, l, h, p)
     return (y, state) if return_final_state else y
@@ -152,16 +154,9 @@ def ssd_scan_chunked_torch(x, dt, A, B, C, D=None, initial_state=None, return_fi
 
 
 def ssd_step_ref(state, x, dt, A, B, C, D=None):
-    """One decode step in place on state (b, h, p, n) (fp32 math); y (b, h, p) in x's dtype. x (b, gx, p),
-    B (b, gb, n), C (b, gc, n) may be shared by groups of heads: head i reads group i // (h / g)."""
-    h = state.shape[1]
-    xh, Bh, Ch = (v.float().repeat_interleave(h // v.shape[1], dim=1) for v in (x, B, C))  # (b, h, p), (b, h, n) x2
-    decay = torch.exp(dt.float() * A.float())  # (b, h)
-    new = decay[..., None, None] * state.float() + (dt.float()[..., None] * xh)[..., None] * Bh[:, :, None, :]  # (b, h, p, n)
+    """One decode step in place on state (b, h, p, n), _ssd_update's inputs; y (b, h, p) in x's dtype."""
+    new, y = _ssd_update(state.float(), x, dt, A, B, C, D)
     state.copy_(new)
-    y = (new @ Ch[..., None]).squeeze(-1)  # (b, h, p)
-    if D is not None:
-        y = y + D.float()[:, None] * xh
     return y.to(x.dtype)
 
 
@@ -301,17 +296,9 @@ CHUNK_OPTS = dict(num_warps=4, num_stages=1)
 PASS_STEP, PASS_BLOCK = 16, 256  # passing kernel: chunks per step (tl.dot needs >= 16), state entries per program
 
 
-def _bwd_opts(hpg, block_p, block_n):
-    return dict(CHUNK_OPTS, num_warps=8) if hpg > 1 and min(block_p, block_n) >= 64 and not INTERPRET else CHUNK_OPTS
-
-
-def _blocks(p, n):
-    # tl.dot needs every dimension >= 16; smaller or odd p, n are padded by masks
-    return max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(n))
-
-
-def _default_chunk(p, n):
-    return 16 if INTERPRET else (64 if max(_blocks(p, n)) <= 64 else 32)  # small chunks keep the interpreter fast
+def _blocks(*dims):
+    # tl.dot needs every dimension >= 16; smaller or odd sizes are padded by masks
+    return tuple(max(16, triton.next_power_of_2(d)) for d in dims)
 
 
 def _expect_shapes(want, of):
@@ -328,37 +315,23 @@ def _check_groups(h, g, p, n):
         raise ValueError(f"scan_kernel.py: p={p} and n={n} must be at most 128 (one tile per head)")
 
 
-def _check_scan_args(x, dt, A, B, C, D, initial_state, chunk):
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    _expect_shapes({"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "C": (C, (b, l, g, n)),
-                    "D": (D, (h,)), "initial_state": (initial_state, (b, h, p, n))}, f"x {tuple(x.shape)}")
-    _check_groups(h, g, p, n)
-    if chunk < 16 or chunk & (chunk - 1):
-        raise ValueError(f"scan_kernel.py: chunk_size={chunk} must be a power of two >= 16")
-
-
-def _scan_fwd(x, dt, A, B, C, D, initial_state, chunk):
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    nchunks = triton.cdiv(l, chunk)
+def _pass_states(u, v, dt, A, logdecay, init, chunk, reverse):
+    """The chunk-state kernel, then the passing kernel. Forward (u = x, v = B; fills logdecay): the states
+    entering the chunks and the final state. Reverse (u = dy, v = C, init = the final state's gradient):
+    the gradients of the states leaving the chunks and of the initial state."""
+    b, l, h, p = u.shape
+    g, n = v.shape[2], v.shape[3]
+    nchunks = logdecay.shape[2]
     BLOCK_P, BLOCK_N = _blocks(p, n)
-    dev = x.device
-    states = torch.empty(b, h, nchunks, p, n, device=dev, dtype=torch.float32)  # own contributions, then entering states
-    logdecay = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)  # s_last of every chunk
-    _chunk_state_kernel[(nchunks, b * h)](x, B, dt, A, states, logdecay, l, h, h // g, p, n, nchunks,
-                                          *x.stride(), *B.stride(), *dt.stride(),
-                                          BACKWARD=False, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
-    final = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
-    init = states if initial_state is None else initial_state.to(torch.float32).contiguous()
+    states = torch.empty(b, h, nchunks, p, n, device=u.device, dtype=torch.float32)  # own contributions first
+    _chunk_state_kernel[(nchunks, b * h)](u, v, dt, A, states, logdecay, l, h, h // g, p, n, nchunks,
+                                          *u.stride(), *v.stride(), *dt.stride(),
+                                          BACKWARD=reverse, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
+    last = torch.empty(b, h, p, n, device=u.device, dtype=torch.float32)
     _state_passing_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
-        states, logdecay, init, final, nchunks, p * n,
-        HAS_INIT=initial_state is not None, REVERSE=False, STEP=PASS_STEP, BLOCK=PASS_BLOCK)
-    y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
-    _chunk_out_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, y, l, h, p, n, nchunks,
-                                        *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
-                                 HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
-    return y, final, states, logdecay
+        states, logdecay, states if init is None else init.to(torch.float32).contiguous(), last, nchunks, p * n,
+        HAS_INIT=init is not None, REVERSE=reverse, STEP=PASS_STEP, BLOCK=PASS_BLOCK)
+    return states, last
 
 
 # -----------------------------------------------------------------------------
@@ -433,39 +406,23 @@ def _chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dst
     tl.store(dC_ptr + dbc_offs, dC.to(dC_ptr.dtype.element_ty), mask=tn_mask)
 
 
-def _scan_bwd(x, dt, A, B, C, D, states, logdecay, dy, dfinal, chunk):
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    nchunks = states.shape[2]
-    BLOCK_P, BLOCK_N = _blocks(p, n)
-    dev = x.device
-    dstates = torch.empty_like(states)  # dloss/dS_k from chunk k's outputs, then dloss/dS_{k+1}
-    _chunk_state_kernel[(nchunks, b * h)](dy, C, dt, A, dstates, logdecay, l, h, h // g, p, n, nchunks,
-                                          *dy.stride(), *C.stride(), *dt.stride(),
-                                          BACKWARD=True, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
-    dinit = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
-    _state_passing_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
-        dstates, logdecay, dstates if dfinal is None else dfinal.to(torch.float32).contiguous(), dinit, nchunks, p * n,
-        HAS_INIT=dfinal is not None, REVERSE=True, STEP=PASS_STEP, BLOCK=PASS_BLOCK)
-    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
-    ddt = torch.empty(b, l, h, device=dev, dtype=torch.float32)
-    dB = torch.empty(b, l, g, n, device=dev, dtype=B.dtype)
-    dC = torch.empty(b, l, g, n, device=dev, dtype=C.dtype)
-    dA_part = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)
-    dD_part = torch.empty(b, h, nchunks, device=dev, dtype=torch.float32)
-    _chunk_bwd_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, dstates, dy,
-                                        dx, ddt, dB, dC, dA_part, dD_part, l, h, p, n, nchunks,
-                                        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
-                                        HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-                                        **_bwd_opts(h // g, BLOCK_P, BLOCK_N))
-    dD = None if D is None else dD_part.sum((0, 2)).to(D.dtype)  # (h,)
-    return dx, ddt.to(dt.dtype), dA_part.sum((0, 2)).to(A.dtype), dB, dC, dD, dinit
-
-
 class _SSDScanFn(torch.autograd.Function):
+    """Forward: the chunks' own states, their passing, the outputs. Backward: the same two state passes in
+    reverse, then one kernel for every other gradient."""
+
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_state, chunk):
-        y, final, states, logdecay = _scan_fwd(x, dt, A, B, C, D, initial_state, chunk)
+        b, l, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        nchunks = triton.cdiv(l, chunk)
+        BLOCK_P, BLOCK_N = _blocks(p, n)
+        logdecay = torch.empty(b, h, nchunks, device=x.device, dtype=torch.float32)  # s_last of every chunk
+        states, final = _pass_states(x, B, dt, A, logdecay, initial_state, chunk, reverse=False)
+        y = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
+        _chunk_out_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, y, l, h, p, n, nchunks,
+                                            *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
+                                            HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P,
+                                            BLOCK_N=BLOCK_N, **CHUNK_OPTS)
         ctx.save_for_backward(x, dt, A, B, C, D, states, logdecay)
         ctx.chunk = chunk
         ctx.init_dtype = None if initial_state is None else initial_state.dtype
@@ -477,16 +434,40 @@ class _SSDScanFn(torch.autograd.Function):
         x, dt, A, B, C, D, states, logdecay = ctx.saved_tensors
         if dy is None:  # only the final state was used
             dy = torch.zeros_like(x)
-        dx, ddt, dA, dB, dC, dD, dinit = _scan_bwd(x, dt, A, B, C, D, states, logdecay, dy, dfinal, ctx.chunk)
+        b, l, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        nchunks = states.shape[2]
+        BLOCK_P, BLOCK_N = _blocks(p, n)
+        dev = x.device
+        # dloss/dS_k from chunk k's outputs, then dloss/dS_{k+1}
+        dstates, dinit = _pass_states(dy, C, dt, A, logdecay, dfinal, ctx.chunk, reverse=True)
+        dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+        ddt = torch.empty(b, l, h, device=dev, dtype=torch.float32)
+        dB = torch.empty(b, l, g, n, device=dev, dtype=B.dtype)
+        dC = torch.empty(b, l, g, n, device=dev, dtype=C.dtype)
+        dA_part, dD_part = torch.empty(2, b, h, nchunks, device=dev, dtype=torch.float32)  # (b, h, k) each
+        opts = dict(CHUNK_OPTS, num_warps=8) if h > g and min(BLOCK_P, BLOCK_N) >= 64 and not INTERPRET else CHUNK_OPTS
+        _chunk_bwd_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, dstates, dy,
+                                            dx, ddt, dB, dC, dA_part, dD_part, l, h, p, n, nchunks,
+                                            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
+                                            HPG=h // g, HAS_D=D is not None, CHUNK=ctx.chunk, BLOCK_P=BLOCK_P,
+                                            BLOCK_N=BLOCK_N, **opts)
+        dD = None if D is None else dD_part.sum((0, 2)).to(D.dtype)  # (h,)
         dinit = None if ctx.init_dtype is None else dinit.to(ctx.init_dtype)
-        return dx, ddt, dA, dB, dC, dD, dinit, None
+        return dx, ddt.to(dt.dtype), dA_part.sum((0, 2)).to(A.dtype), dB, dC, dD, dinit, None
 
 
 def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, *, chunk_size=None):
     """Chunked Triton scan; same semantics as ssd_scan_ref. chunk_size: power of two >= 16
     (default 64 on GPU, 32 when p or n > 64, 16 under the interpreter)."""
-    chunk = chunk_size or _default_chunk(x.shape[3], B.shape[3])
-    _check_scan_args(x, dt, A, B, C, D, initial_state, chunk)
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    chunk = chunk_size or (16 if INTERPRET else (64 if max(_blocks(p, n)) <= 64 else 32))  # 16: the interpreter is slow
+    _expect_shapes({"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "C": (C, (b, l, g, n)),
+                    "D": (D, (h,)), "initial_state": (initial_state, (b, h, p, n))}, f"x {tuple(x.shape)}")
+    _check_groups(h, g, p, n)
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"scan_kernel.py: chunk_size={chunk} must be a power of two >= 16")
     # the kernels index A and D as plain (h,) arrays: any other stride would read the wrong heads
     A, D = A.contiguous(), (None if D is None else D.contiguous())
     y, final = _SSDScanFn.apply(x, dt, A, B, C, D, initial_state, chunk)
@@ -662,7 +643,7 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("scan_kernel.py: decode_attention needs the head dim e contiguous")
     r = h // g
-    BLOCK_R, BLOCK_E = max(16, triton.next_power_of_2(r)), max(16, triton.next_power_of_2(e))  # tl.dot needs >= 16
+    BLOCK_R, BLOCK_E = _blocks(r, e)
     nsplit = triton.next_power_of_2(triton.cdiv(s, ATTN_SPLIT))  # depends on the cache length alone
     acc = torch.empty(b * g, nsplit, BLOCK_R, BLOCK_E, device=q.device, dtype=torch.float32)
     m = torch.empty(b * g, nsplit, BLOCK_R, device=q.device, dtype=torch.float32)
@@ -1017,9 +998,7 @@ def bench(cfg):
         raise InputError("--bench needs a CUDA GPU")
     dev = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    peer_scan = peer_step = None
-    if cfg.mamba_path:
-        peer_scan, peer_step = load_mamba(cfg.mamba_path)
+    peer_scan, peer_step = load_mamba(cfg.mamba_path) if cfg.mamba_path else (None, None)
     print(f"scan (ms, median of do_bench; ours chunk {cfg.chunk_size or 'auto'}, mamba_ssm chunk {cfg.peer_chunk_size}; "
           "torch = the chunked PyTorch path in fp32; ratio = ours / other)")
     for shape in cfg.shapes.split(";"):
@@ -1042,10 +1021,9 @@ def bench(cfg):
             print(f"  b={b} l={l} h={h} p={p} n={n} g={g}  {name:9s} fwd {fwd:7.3f}  fwd+bwd {fwdbwd:7.3f}"
                   f"  (host time to launch fwd+bwd {host_ms(lambda: torch.autograd.grad(f(*ins), ins, dy)):.3f})"
                   f"   rel diff of y vs ours {err:.1e}")
-        for name in times:
-            if name != "ours":
-                print(f"  ratio ours/{name}: fwd {times['ours'][0] / times[name][0]:.2f}  "
-                      f"fwd+bwd {times['ours'][1] / times[name][1]:.2f}")
+        for name in list(times)[1:]:  # the paths after ours
+            print(f"  ratio ours/{name}: fwd {times['ours'][0] / times[name][0]:.2f}  "
+                  f"fwd+bwd {times['ours'][1] / times[name][1]:.2f}")
         if cfg.breakdown:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 torch.autograd.grad(paths["ours"](*ins), ins, dy)
@@ -1122,11 +1100,8 @@ def parse_config(cls, argv=None, description=None):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = type(default) if default is not None else str
         text = f.metadata.get("help", " ").replace("%", "%%")  # argparse formats help with %
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="{true,false}",
-                                nargs="?", const=True, help=text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=default, help=text)
+        how = dict(type=_parse_bool, metavar="{true,false}", nargs="?", const=True) if kind is bool else dict(type=kind)
+        parser.add_argument(f"--{f.name}", default=default, help=text, **how)
     cfg = cls(**vars(parser.parse_args(argv)))
     check_bounds(cfg)
     return cfg
