@@ -416,6 +416,14 @@ def _batch_sweep(rows):
     return sorted(best, key=lambda r: r["batch"])
 
 
+def length_method(rows):
+    """The one way of measuring that a length panel draws: the one that measured the most (model,
+    gen_len) points, so that a batch sweep of whole generate calls at one length does not win."""
+    def points(method):
+        return len({(r["model"], r["gen_len"]) for r in rows if r.get("method", "generate") == method})
+    return max(sorted({r.get("method", "generate") for r in rows}), key=points)
+
+
 def _length_sweep(rows):
     """For each gen_len of one model/shape, the row with the largest batch (the paper's 'largest batch
     that fits'); prompt_len fixed to the most common one."""
@@ -451,9 +459,7 @@ def plot_decode(benches, path, cfg):
     for (bench, shape, rows), has_batch, ax_row in zip(panels, with_batch, axes):
         ax_l, ax_b = ax_row[0], (ax_row[1] if ncols == 2 else None)
         by_model = {m: [r for r in rows if r["model"] == m] for m in models if any(r["model"] == m for r in rows)}
-        # the length panel holds one way of measuring: the one that measured the most (model, length) points
-        method = max(sorted({r.get("method", "generate") for r in rows}),
-                     key=lambda x: len({(r["model"], r["gen_len"]) for r in rows if r.get("method", "generate") == x}))
+        method = length_method(rows)
         lengths = {m: _length_sweep(same) for m, rs in by_model.items()
                    if (same := [r for r in rs if r.get("method", "generate") == method])}
         methods = _one_or_many(r.get("method", "generate") for rs in lengths.values() for r in rs)

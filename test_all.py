@@ -2111,6 +2111,17 @@ def plot_fake_out(root, eval_=True, bench=True, logs=True):
             plot_write_jsonl(os.path.join(root, "logs", f"{name}.jsonl"), records)
 
 
+def test_plot_length_panel_keeps_the_method_that_measured_most_lengths():
+    # as sample.py --bench writes them: a batch sweep of whole generate calls at 512 new tokens (more
+    # rows), and the length sweep timed step by step (more lengths)
+    rows = [{"model": m, "batch": b, "gen_len": 512, "method": "generate"}
+            for m in ("teacher", "hybrid", "pure") for b in (64, 256, 4096)]
+    rows += [{"model": m, "batch": 4096, "gen_len": g, "method": "step times at 8 slots"}
+             for m in ("teacher", "pure") for g in (2048, 4096, 8192)]
+    assert ps.length_method(rows) == "step times at 8 slots"
+    assert ps.length_method([r for r in rows if r["gen_len"] == 512]) == "generate"
+
+
 def plot_run(out_dir, capsys, *flags):
     rc = ps.main(["--out_dir", str(out_dir), "--dpi", "40", *flags])
     captured = capsys.readouterr()
