@@ -37,7 +37,7 @@ import math
 import os
 import sys
 import textwrap
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import matplotlib
 
@@ -67,12 +67,6 @@ class PlotConfig:
 # Reading and checking the input files
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, as every other bad input
-        print(f"plot_scaling.py: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _bool(s):
     if s.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
@@ -81,70 +75,65 @@ def _bool(s):
 
 def parse_config(cls, argv=None, description=None):
     """--field value for every field of the dataclass (scan_kernel.py's parse_config needs torch)."""
-    parser = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # a bad flag: one line and exit status 2, as every other bad input
+    parser.error = lambda message: parser.exit(2, f"plot_scaling.py: error: {message} (see --help)\n")
     for f in fields(cls):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        parser.add_argument(f"--{f.name}", type=_bool if isinstance(default, bool) else type(default), default=default,
-                            help=f.metadata.get("help", " "))
+        parser.add_argument(f"--{f.name}", type=_bool if isinstance(f.default, bool) else type(f.default),
+                            default=f.default, help=f.metadata.get("help", " "))
     return cls(**vars(parser.parse_args(argv)))
 
 
-def read_json(path):
+def _read_text(path):
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            return fh.read()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read ({e})") from None
+
+
+def read_json(path, text=None, lineno=1):
+    """The JSON object in file path, or in text: line lineno of path (errors name path:line)."""
+    try:
+        obj = json.loads(_read_text(path) if text is None else text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{lineno + e.lineno - 1}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def read_jsonl(path):
     """[(line number, dict)] for every non-blank line."""
-    records = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                records.append((lineno, rec))
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read ({e})") from None
-    return records
+    lines = _read_text(path).split("\n")
+    return [(lineno, read_json(path, line, lineno)) for lineno, line in enumerate(lines, 1) if line.strip()]
 
 
-def _number(rec, key, where):
-    if key not in rec:
-        raise InputError(f"{where}: missing key '{key}'")
-    value = rec[key]
+def _number(value, key, where):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"{where}: '{key}' must be a number, got {value!r}")
     return float(value)
 
 
-def _number_list(rec, key, where):
-    if key not in rec:
-        raise InputError(f"{where}: missing key '{key}'")
-    values = rec[key]
-    if not isinstance(values, list) or not values:
-        raise InputError(f"{where}: '{key}' must be a non-empty list of numbers")
-    return [_number({key: v}, key, where) for v in values]
+def _checked(rec, where, numbers=(), lists=(), present=()):
+    """{key: float} for rec's numbers and {key: [float]} for its lists (non-empty); every key named must be there."""
+    for key in (*present, *numbers, *lists):
+        if key not in rec:
+            raise InputError(f"{where}: missing key '{key}'")
+    for key in lists:
+        if not isinstance(rec[key], list) or not rec[key]:
+            raise InputError(f"{where}: '{key}' must be a non-empty list of numbers")
+    return ({key: _number(rec[key], key, where) for key in numbers}
+            | {key: [_number(v, key, where) for v in rec[key]] for key in lists})
 
 
-def read_eval_summaries(out_dir):
-    """One checked dict per out_dir/eval/<model>/summary.json (times positive: they go on a log axis)."""
+def read_eval_summaries(pattern):
+    """One checked dict per eval summary.json (times positive: they go on a log axis)."""
     runs = []
-    for path in sorted(glob.glob(os.path.join(out_dir, "eval", "*", "summary.json"))):
+    for path in sorted(glob.glob(pattern)):
         s = read_json(path)
-        if not isinstance(s, dict):
-            raise InputError(f"{path}: expected a JSON object")
-        run = {key: _number_list(s, key, path) for key in ("k", "coverage", "majority", "time_s")}
+        run = _checked(s, path, lists=("k", "coverage", "majority", "time_s"))
         if len({len(v) for v in run.values()}) != 1:
             raise InputError(f"{path}: 'k', 'coverage', 'majority' and 'time_s' must have the same length")
         for key in ("coverage", "majority"):
@@ -164,44 +153,34 @@ def read_eval_summaries(out_dir):
 
 
 def read_decode_bench(path):
-    """decode.json checked; returns (dict with device/copy_GBps/date, results rows, hf rows)."""
+    """decode.json checked: its dict with 'results', 'hf_rows' (the HF runs that did not fail) and 'path'."""
     bench = read_json(path)
-    if not isinstance(bench, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    rows, hf = bench.get("results", []), bench.get("hf", [])
-    if not isinstance(rows, list) or not isinstance(hf, list):
-        raise InputError(f"{path}: 'results' and 'hf' must be lists")
-    for i, r in enumerate(rows):
-        where = f"{path}: results[{i}]"
-        if not isinstance(r, dict) or "model" not in r or "shape" not in r:
-            raise InputError(f"{where}: needs 'model' and 'shape'")
-        for key in ("batch", "prompt_len", "gen_len", "tokens_per_s", "roofline_tokens_per_s"):
-            _number(r, key, where)
-    for i, r in enumerate(hf):
-        where = f"{path}: hf[{i}]"
-        if not isinstance(r, dict):
-            raise InputError(f"{where}: expected a JSON object")
-        if "error" in r:  # sample.py records a failed HF run this way: nothing to draw for it
-            note(f"{where}: HF transformers' run failed ({str(r['error'])[:80]}); not drawn")
-            continue
-        for key in ("batch", "prompt_len", "gen_len", "tokens_per_s"):
-            _number(r, key, where)
-    return bench, rows, [r for r in hf if "error" not in r]
+    rows = {}
+    for part, numbers in (("results", ("batch", "prompt_len", "gen_len", "tokens_per_s", "roofline_tokens_per_s")),
+                          ("hf", ("batch", "prompt_len", "gen_len", "tokens_per_s"))):
+        rows[part] = bench.get(part, [])
+        if not isinstance(rows[part], list):
+            raise InputError(f"{path}: '{part}' must be a list")
+        for i, r in enumerate(rows[part]):
+            where = f"{path}: {part}[{i}]"
+            if not isinstance(r, dict):
+                raise InputError(f"{where}: expected a JSON object")
+            if part == "hf" and "error" in r:  # sample.py records a failed HF run this way: nothing to draw for it
+                note(f"{where}: HF transformers' run failed ({str(r['error'])[:80]}); not drawn")
+            else:
+                _checked(r, where, numbers, present=("model", "shape") if part == "results" else ())
+    return dict(bench, results=rows["results"], hf_rows=[r for r in rows["hf"] if "error" not in r], path=path)
 
 
-def read_logs(out_dir):
-    """{(model, init, stage): [(time_s, loss, step, tokens, held-out loss or None)]} from every
-    out_dir/logs/*.jsonl."""
+def read_logs(pattern):
+    """{(model, init, stage): [(time_s, loss, step, tokens, held-out loss or None)]} from every log .jsonl."""
     curves = {}
-    for path in sorted(glob.glob(os.path.join(out_dir, "logs", "*.jsonl"))):
+    for path in sorted(glob.glob(pattern)):
         for lineno, rec in read_jsonl(path):
             where = f"{path}:{lineno}"
-            for key in ("model", "init", "stage"):
-                if key not in rec:
-                    raise InputError(f"{where}: missing key '{key}'")
-            held_out = _number(rec, "held_out_loss", where) if "held_out_loss" in rec else None
-            point = (_number(rec, "time_s", where), _number(rec, "loss", where),
-                     int(_number(rec, "step", where)), rec.get("tokens"), held_out)
+            v = _checked(rec, where, ("time_s", "loss", "step"), present=("model", "init", "stage"))
+            held_out = _number(rec["held_out_loss"], "held_out_loss", where) if "held_out_loss" in rec else None
+            point = (v["time_s"], v["loss"], int(v["step"]), rec.get("tokens"), held_out)
             curves.setdefault((str(rec["model"]), str(rec["init"]), str(rec["stage"])), []).append(point)
     return {key: sorted(points) for key, points in curves.items()}
 
@@ -232,24 +211,29 @@ def _one_or_many(values):
     return values[0] if len(values) == 1 else " / ".join(values)
 
 
-def _plain(v):
-    return f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e4 else f"{v:g}"
-
-
 class PlainLogFormatter(LogFormatterSciNotation):
     """matplotlib's choice of which log-axis ticks get a label, written 0.5, 200, 30k instead of 5x10^-1."""
 
     def __call__(self, x, pos=None):
-        return _plain(x) if super().__call__(x, pos) else ""
+        if not super().__call__(x, pos):
+            return ""
+        return f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x >= 1e4 else f"{x:g}"
 
 
-def plain_log_ticks(axis):
-    """Label a log axis in plain numbers (axis: ax.xaxis or ax.yaxis, already set to log scale)."""
-    if axis.get_scale() == "log" and axis.get_transform().base == 2:
-        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4 ... 4096, not 2^12
-    else:
-        axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
-        axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+def style_axes(ax, title, xlabel, ylabel, xbase=None, ybase=None, grid="major", **title_kw):
+    """A panel's title, labels and grid; an axis given a base (10 or 2) gets a log scale in plain numbers."""
+    for set_scale, axis, base in ((ax.set_xscale, ax.xaxis, xbase), (ax.set_yscale, ax.yaxis, ybase)):
+        if base:
+            set_scale("log", base=base)
+        if base == 2:
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4 ... 4096, not 2^12
+        elif base:
+            axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+            axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+    ax.set_title(title, **title_kw)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which=grid, alpha=0.3)
 
 
 LABEL_BOX = dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.75)
@@ -274,39 +258,39 @@ def save_png(fig, path, dpi):
 # Figures 1 and 2: coverage and majority-vote accuracy against time and against k
 
 
+def metric_panels(height):
+    """The figure and its [(panel, metric)]: coverage left, majority vote right, one y axis labelled on both."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, height), sharey=True, layout="constrained")
+    axes[1].yaxis.set_tick_params(labelleft=True)
+    return fig, list(zip(axes, ("coverage", "majority")))
+
+
 def plot_accuracy(runs, x_key, path, cfg):
     """Coverage and majority vote against time (x_key "time_s", the headline figure) or against k."""
     colours = model_colours(r["name"] for r in runs)
     several_devices = len({r["device"] for r in runs}) > 1  # then each line names its own card
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.8), sharey=True, layout="constrained")
-    for ax, metric, ylabel in ((axes[0], "coverage", "coverage@k = pass@k (% of problems)"),
-                               (axes[1], "majority", "majority-vote accuracy@k (% of problems)")):
+    fig, panels = metric_panels(5.8)
+    for ax, metric in panels:
         for i, run in enumerate(runs):
             xs, ys = run[x_key], [100 * v for v in run[metric]]
             label = f"{run['name']} ({run['device']})" if several_devices else run["name"]
             # distinct markers and dashes, drawn in model order: a line under another still shows
             ax.plot(xs, ys, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
-                    color=colours[run["name"]], label=label if ax is axes[0] else None, lw=1.6, ms=6,
+                    color=colours[run["name"]], label=label if metric == "coverage" else None, lw=1.6, ms=6,
                     alpha=0.9, zorder=3 + i)
             if x_key == "time_s" and cfg.label_k:  # k only at both ends, each model at its own height
                 for j, ha, dx in ((0, "right", -7), (len(xs) - 1, "left", 7)):
                     ax.annotate(f"k={run['k'][j]}", (xs[j], ys[j]), textcoords="offset points",
                                 xytext=(dx, 12 * (i - (len(runs) - 1) / 2)), ha=ha, va="center", fontsize=7.5,
                                 color=colours[run["name"]], bbox=LABEL_BOX, zorder=10)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="major", alpha=0.3)
+        ylabel = {"coverage": "coverage@k = pass@k (% of problems)",
+                  "majority": "majority-vote accuracy@k (% of problems)"}[metric]
         if x_key == "time_s":
-            ax.set_xscale("log")
+            style_axes(ax, METRIC_TITLES[metric], TIME_LABEL, ylabel, xbase=10)
             ax.margins(x=0.18)  # room for the k labels at both ends
-            plain_log_ticks(ax.xaxis)
-            ax.set_xlabel(TIME_LABEL)
         else:
-            ax.set_xscale("log", base=2)
+            style_axes(ax, METRIC_TITLES[metric], "k = samples per problem (log2 scale)", ylabel, xbase=2)
             ax.set_xticks(sorted({k for r in runs for k in r["k"]}))
-            plain_log_ticks(ax.xaxis)
-            ax.set_xlabel("k = samples per problem (log2 scale)")
-        ax.set_title(METRIC_TITLES[metric])
-    axes[1].yaxis.set_tick_params(labelleft=True)
     counts = [r["n_problems"] for r in runs if r["n_problems"] is not None]
     details = [f"{_one_or_many(counts)} problems"] if counts else []
     details += [] if several_devices else [runs[0]["device"]]
@@ -329,12 +313,9 @@ def accuracy_at(run, metric, t):
 def share_above(student, teacher, metric, points=400):
     """The share of the teacher's time range (log scale) in which the student's accuracy is above its."""
     lo, hi = math.log(teacher["time_s"][0]), math.log(teacher["time_s"][-1])
-    above = 0
-    for i in range(points):
-        t = math.exp(lo + (hi - lo) * (i + 0.5) / points)
-        s, tc = accuracy_at(student, metric, t), accuracy_at(teacher, metric, t)
-        above += s is not None and tc is not None and s > tc
-    return above / points
+    times = [math.exp(lo + (hi - lo) * (i + 0.5) / points) for i in range(points)]
+    accuracies = [(accuracy_at(student, metric, t), accuracy_at(teacher, metric, t)) for t in times]
+    return sum(s is not None and tc is not None and s > tc for s, tc in accuracies) / points
 
 
 def equal_time_table(runs):
@@ -363,19 +344,14 @@ def headline(runs):
 def plot_gpus(pairs, path, cfg):
     """Each model drawn on 1 GPU and on N GPUs (torchrun): the same accuracies, sooner."""
     colours = model_colours(one["name"] for one, _ in pairs)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True, layout="constrained")
-    for ax, metric in zip(axes, ("coverage", "majority")):
+    fig, panels = metric_panels(5.5)
+    for ax, metric in panels:
         for one, many in pairs:
             for run, style in ((one, "-o"), (many, "--s")):
                 ax.plot(run["time_s"], [100 * v for v in run[metric]], style, color=colours[one["name"]],
-                        label=f"{one['name']}, {run['gpus']} GPU{'s' * (run['gpus'] > 1)}" if ax is axes[0] else None)
-        ax.set_xscale("log")
-        plain_log_ticks(ax.xaxis)
-        ax.set_xlabel(TIME_LABEL)
-        ax.set_ylabel(f"{metric}@k (% of problems)")
-        ax.set_title(METRIC_TITLES[metric])
-        ax.grid(True, which="major", alpha=0.3)
-    axes[1].yaxis.set_tick_params(labelleft=True)
+                        label=f"{one['name']}, {run['gpus']} GPU{'s' * (run['gpus'] > 1)}"
+                        if metric == "coverage" else None)
+        style_axes(ax, METRIC_TITLES[metric], TIME_LABEL, f"{metric}@k (% of problems)", xbase=10)
     fig.suptitle("The same draw on 1 GPU (solid) and on several GPUs of one host (dashed, torchrun): "
                  f"{', '.join(f'{o[0]} {o[1]:.2f}x' for o in gpu_speedups(pairs))} at the largest k\n"
                  f"({_one_or_many(r['device'] for pair in pairs for r in pair)})")
@@ -385,12 +361,8 @@ def plot_gpus(pairs, path, cfg):
 
 def gpu_pairs(runs):
     """[(1-GPU run, N-GPU run)] of the same checkpoint and sampling settings."""
-    pairs = []
-    for one in (r for r in runs if r["gpus"] == 1):
-        for many in (r for r in runs if r["gpus"] > 1):
-            if many["checkpoint"] == one["checkpoint"] and many["k"] == one["k"]:
-                pairs.append((one, many))
-    return pairs
+    return [(one, many) for one in runs if one["gpus"] == 1 for many in runs
+            if many["gpus"] > 1 and many["checkpoint"] == one["checkpoint"] and many["k"] == one["k"]]
 
 
 def gpu_speedups(pairs):
@@ -416,12 +388,17 @@ def _batch_sweep(rows):
     return sorted(best, key=lambda r: r["batch"])
 
 
+def _method(row):
+    """How sample.py --bench measured a row; rows without a 'method' timed whole generate calls."""
+    return row.get("method", "generate")
+
+
 def length_method(rows):
     """The one way of measuring that a length panel draws: the one that measured the most (model,
     gen_len) points, so that a batch sweep of whole generate calls at one length does not win."""
     def points(method):
-        return len({(r["model"], r["gen_len"]) for r in rows if r.get("method", "generate") == method})
-    return max(sorted({r.get("method", "generate") for r in rows}), key=points)
+        return len({(r["model"], r["gen_len"]) for r in rows if _method(r) == method})
+    return max(sorted({_method(r) for r in rows}), key=points)
 
 
 def _length_sweep(rows):
@@ -445,63 +422,58 @@ def crossover(student, teacher):
 def plot_decode(benches, path, cfg):
     """A row of panels per (card, model shape): tokens/s against generation length at the largest batch,
     and against batch size where a batch sweep was measured."""
-    panels = []  # (bench, shape, rows of that shape)
-    for bench in benches:
-        for shape in sorted({r["shape"] for r in bench["results"]}):
-            panels.append((bench, shape, [r for r in bench["results"] if r["shape"] == shape]))
+    panels = [(bench, shape, [r for r in bench["results"] if r["shape"] == shape])  # (bench, shape, its rows)
+              for bench in benches for shape in sorted({r["shape"] for r in bench["results"]})]
     models = sorted({r["model"] for _, _, rows in panels for r in rows}, key=model_order)
     colours = model_colours(models)
+    markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
     with_batch = [len({r["batch"] for r in rows if r["gen_len"] == _batch_sweep(rows)[0]["gen_len"]}) > 1
                   for _, _, rows in panels]
     ncols = 2 if any(with_batch) else 1
     fig, axes = plt.subplots(len(panels), ncols, figsize=(6.5 * ncols, 4.6 * len(panels) + 1.2),
                              layout="constrained", squeeze=False)
+    ylabel = "generated tokens/s (log scale)"
     for (bench, shape, rows), has_batch, ax_row in zip(panels, with_batch, axes):
-        ax_l, ax_b = ax_row[0], (ax_row[1] if ncols == 2 else None)
+        ax_l = ax_row[0]
         by_model = {m: [r for r in rows if r["model"] == m] for m in models if any(r["model"] == m for r in rows)}
         method = length_method(rows)
         lengths = {m: _length_sweep(same) for m, rs in by_model.items()
-                   if (same := [r for r in rs if r.get("method", "generate") == method])}
-        methods = _one_or_many(r.get("method", "generate") for rs in lengths.values() for r in rs)
+                   if (same := [r for r in rs if _method(r) == method])}
         for model, rs in lengths.items():
-            _plot_rates(ax_l, "gen_len", rs, colours[model], MARKERS[models.index(model) % len(MARKERS)], model)
-        batches = _one_or_many(r["batch"] for rs in lengths.values() for r in rs)
+            _plot_rates(ax_l, "gen_len", rs, colours[model], markers[model], model)
         notes = [f"{s}: faster than the teacher from {c:g} new tokens" for s, rs in lengths.items()
                  if s != "teacher" and "teacher" in lengths and (c := crossover(rs, lengths["teacher"]))]
         if notes:
             ax_l.text(0.02, 0.02, "\n".join(notes), transform=ax_l.transAxes, fontsize=8, va="bottom",
                       bbox=LABEL_BOX)
+        batches = _one_or_many(r["batch"] for rs in lengths.values() for r in rs)
+        methods = _one_or_many(_method(r) for rs in lengths.values() for r in rs)
         step = {True: "compiled step", False: "eager step"}.get(bench.get("compile"), "step")
-        ax_l.set_title(f"{shape} on {bench.get('device', '?')}, {bench.get('date', '?')}: against generation length\n"
-                       f"(batch {batches}; {methods}; {step})", fontsize=10)
-        ax_l.set_xlabel("generated tokens per sequence, gen_len (log2 scale)")
-        ax_list = [ax_l]
-        if ax_b is not None and has_batch:
-            for model, rs in by_model.items():
-                sweep = _batch_sweep([r for r in rs if r.get("method", "generate") == "generate"] or rs)
-                _plot_rates(ax_b, "batch", sweep, colours[model], MARKERS[models.index(model) % len(MARKERS)])
-            first = _batch_sweep(next(iter(by_model.values())))[0]
-            for hf in bench.get("hf_rows", []):
-                if hf["gen_len"] == first["gen_len"] and shape == "llama-3.2-1b":
-                    ax_b.plot([hf["batch"]], [hf["tokens_per_s"]], "kX" if hf.get("cache") == "static" else "kP", ms=9,
-                              label=f"HF generate, {hf.get('cache', '?')} cache")
-            ax_b.set_title(f"{shape}: against batch size\n(prompt {first['prompt_len']:g}, "
-                           f"{first['gen_len']:g} new tokens; whole generate calls)", fontsize=10)
-            ax_b.set_xlabel("batch size b = sequences decoded together (log2 scale)")
-            if bench.get("hf_rows"):
-                ax_b.legend(fontsize=8, loc="upper left")
-            ax_list.append(ax_b)
-        elif ax_b is not None:
+        style_axes(ax_l, f"{shape} on {bench.get('device', '?')}, {bench.get('date', '?')}: against generation "
+                   f"length\n(batch {batches}; {methods}; {step})",
+                   "generated tokens per sequence, gen_len (log2 scale)", ylabel, xbase=2, ybase=10, fontsize=10)
+        ax_l.margins(x=0.06, y=0.08)
+        if ncols == 1:
+            continue
+        ax_b = ax_row[1]
+        if not has_batch:
             ax_b.set_visible(False)
-        for ax in ax_list:
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.margins(x=0.06, y=0.08)
-            plain_log_ticks(ax.xaxis)
-            plain_log_ticks(ax.yaxis)
-            ax.set_ylabel("generated tokens/s (log scale)")
-            ax.grid(True, which="major", alpha=0.3)
-    handles = [Line2D([], [], color=colours[m], marker=MARKERS[i % len(MARKERS)], label=m) for i, m in enumerate(models)]
+            continue
+        for model, rs in by_model.items():
+            sweep = _batch_sweep([r for r in rs if _method(r) == "generate"] or rs)
+            _plot_rates(ax_b, "batch", sweep, colours[model], markers[model])
+        first = _batch_sweep(next(iter(by_model.values())))[0]
+        for hf in bench.get("hf_rows", []):
+            if hf["gen_len"] == first["gen_len"] and shape == "llama-3.2-1b":
+                ax_b.plot([hf["batch"]], [hf["tokens_per_s"]], "kX" if hf.get("cache") == "static" else "kP", ms=9,
+                          label=f"HF generate, {hf.get('cache', '?')} cache")
+        if bench.get("hf_rows"):
+            ax_b.legend(fontsize=8, loc="upper left")
+        style_axes(ax_b, f"{shape}: against batch size\n(prompt {first['prompt_len']:g}, {first['gen_len']:g} new "
+                   "tokens; whole generate calls)", "batch size b = sequences decoded together (log2 scale)", ylabel,
+                   xbase=2, ybase=10, fontsize=10)
+        ax_b.margins(x=0.06, y=0.08)
+    handles = [Line2D([], [], color=colours[m], marker=markers[m], label=m) for m in models]
     handles.append(Line2D([], [], color="grey", linestyle="--", label="roofline: bytes a step must move / measured "
                                                                       "copy bandwidth"))
     fig.suptitle("Decode throughput: whole batches, prefill and decode, random weights, bf16")
@@ -570,13 +542,8 @@ def plot_losses(curves, path, cfg):
                     color=colours[model], lw=1.5)
             if held:  # the held-out loss as open markers on the training curve's colour
                 ax.plot(*zip(*held), "o", color=colours[model], mfc="white", ms=5, zorder=3)
-        if positive:
-            ax.set_yscale("log")
-            plain_log_ticks(ax.yaxis)
-        ax.set_title(STAGES.get(stage, f"stage '{stage}'"))
-        ax.set_xlabel("wall-clock time since the model's run started (s)")
-        ax.set_ylabel("loss" + (" (log scale)" if positive else ""))
-        ax.grid(True, which="both", alpha=0.3)
+        style_axes(ax, STAGES.get(stage, f"stage '{stage}'"), "wall-clock time since the model's run started (s)",
+                   "loss (log scale)" if positive else "loss", ybase=10 if positive else None, grid="both")
     handles = [Line2D([], [], color=colours[m], lw=2, label=m) for m in models]
     handles += [Line2D([], [], color="black", linestyle=dashes[i], label=f"student mixer: {i} init") for i in inits]
     if any(p[4] is not None for points in curves.values() for p in points):
@@ -621,12 +588,9 @@ def make_plots(cfg):
     summaries = os.path.join(cfg.out_dir, "eval", "*", "summary.json")
     bench_paths = os.path.join(cfg.out_dir, "bench", "decode*.json")
     logs = os.path.join(cfg.out_dir, "logs", "*.jsonl")
-    runs = read_eval_summaries(cfg.out_dir)
-    benches = []
-    for path in sorted(glob.glob(bench_paths)):
-        bench, rows, hf = read_decode_bench(path)
-        benches.append(dict(bench, results=rows, hf_rows=hf, path=path))
-    curves = read_logs(cfg.out_dir)
+    runs = read_eval_summaries(summaries)
+    benches = [read_decode_bench(path) for path in sorted(glob.glob(bench_paths))]
+    curves = read_logs(logs)
 
     plots_dir = cfg.plots_dir or os.path.join(cfg.out_dir, "plots")
     written = []
@@ -638,34 +602,33 @@ def make_plots(cfg):
 
     one_gpu = [r for r in runs if r["gpus"] == 1]  # the headline compares models on one GPU each
     if one_gpu:
-        print(f"== accuracy per k ({summaries}; {_one_or_many(r['device'] for r in runs)}) ==")
-        print(accuracy_table(runs), end="\n\n")
+        print(f"== accuracy per k ({summaries}; {_one_or_many(r['device'] for r in runs)}) ==\n"
+              f"{accuracy_table(runs)}", end="\n\n")
         table = equal_time_table(one_gpu)
         if table:
-            print("== at equal time: each student against the teacher (one GPU each) ==")
-            print(format_table(("model", "samples drawn x faster", "coverage above teacher", "majority above teacher"),
-                               [(n, "-" if s is None else f"{s:.2f}", f"{100 * c:.0f}% of the time range",
-                                 f"{100 * m:.0f}%") for n, s, c, m in table]), end="\n\n")
+            print("== at equal time: each student against the teacher (one GPU each) ==\n" + format_table(
+                ("model", "samples drawn x faster", "coverage above teacher", "majority above teacher"),
+                [(n, "-" if s is None else f"{s:.2f}", f"{100 * c:.0f}% of the time range", f"{100 * m:.0f}%")
+                 for n, s, c, m in table]), end="\n\n")
         plot_accuracy(one_gpu, "time_s", target("accuracy_vs_time.png"), cfg)
         plot_accuracy(one_gpu, "k", target("accuracy_vs_k.png"), cfg)
     else:
         note(f"skipped accuracy_vs_time.png and accuracy_vs_k.png: no one-GPU {summaries} found (run sample.py)")
     pairs = gpu_pairs(runs)
     if pairs:
-        print("== 1 GPU against several (same checkpoint, same samples) ==")
-        print(format_table(("model", "GPUs", "speed-up at the largest k"),
-                           [(n, g, f"{s:.2f}x") for n, s, g in gpu_speedups(pairs)]), end="\n\n")
+        print("== 1 GPU against several (same checkpoint, same samples) ==\n" + format_table(
+            ("model", "GPUs", "speed-up at the largest k"), [(n, g, f"{s:.2f}x") for n, s, g in gpu_speedups(pairs)]),
+            end="\n\n")
         plot_gpus(pairs, target("accuracy_vs_time_gpus.png"), cfg)
     rows = [r for b in benches for r in b["results"]]
     if rows:
-        print(f"== decode throughput ({bench_paths}) ==")
-        print(decode_table(rows, [h for b in benches for h in b["hf_rows"]]), end="\n\n")
+        print(f"== decode throughput ({bench_paths}) ==\n"
+              f"{decode_table(rows, [h for b in benches for h in b['hf_rows']])}", end="\n\n")
         plot_decode([b for b in benches if b["results"]], target("decode_throughput.png"), cfg)
     else:
         note(f"skipped decode_throughput.png: no rows in {bench_paths} (run sample.py --bench)")
     if curves:
-        print(f"== distillation losses ({logs}) ==")
-        print(loss_table(curves), end="\n\n")
+        print(f"== distillation losses ({logs}) ==\n{loss_table(curves)}", end="\n\n")
         plot_losses(curves, target("distill_loss.png"), cfg)
     else:
         note(f"skipped distill_loss.png: no log lines in {logs} (run mamba_distill.py)")
