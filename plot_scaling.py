@@ -146,14 +146,14 @@ def read_eval_summaries(pattern):
         if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
             raise InputError(f"{path}: 'gpus' must be a positive whole number, got {gpus!r}")
         run.update(name=str(s.get("model", os.path.basename(os.path.dirname(path)))),
-                   device=str(s.get("device", "unknown device")), n_problems=s.get("n_problems"), path=path,
-                   gpus=gpus, checkpoint=os.path.normpath(str(s.get("checkpoint", path))))
+                   device=str(s.get("device", "unknown device")), n_problems=s.get("n_problems"), gpus=gpus,
+                   checkpoint=os.path.normpath(str(s.get("checkpoint", path))))
         runs.append(run)
     return sorted(runs, key=lambda r: model_order(r["name"]))
 
 
 def read_decode_bench(path):
-    """decode.json checked: its dict with 'results', 'hf_rows' (the HF runs that did not fail) and 'path'."""
+    """decode.json checked: its dict with 'results' and 'hf_rows' (the HF runs that did not fail)."""
     bench = read_json(path)
     rows = {}
     for part, numbers in (("results", ("batch", "prompt_len", "gen_len", "tokens_per_s", "roofline_tokens_per_s")),
@@ -169,7 +169,7 @@ def read_decode_bench(path):
                 note(f"{where}: HF transformers' run failed ({str(r['error'])[:80]}); not drawn")
             else:
                 _checked(r, where, numbers, present=("model", "shape") if part == "results" else ())
-    return dict(bench, results=rows["results"], hf_rows=[r for r in rows["hf"] if "error" not in r], path=path)
+    return dict(bench, results=rows["results"], hf_rows=[r for r in rows["hf"] if "error" not in r])
 
 
 def read_logs(pattern):
@@ -405,11 +405,8 @@ def _length_sweep(rows):
     """For each gen_len of one model/shape, the row with the largest batch (the paper's 'largest batch
     that fits'); prompt_len fixed to the most common one."""
     prompt = max({r["prompt_len"] for r in rows}, key=lambda p: sum(r["prompt_len"] == p for r in rows))
-    best = {}
-    for r in rows:
-        if r["prompt_len"] == prompt and r["batch"] >= best.get(r["gen_len"], {"batch": -1})["batch"]:
-            best[r["gen_len"]] = r
-    return [best[g] for g in sorted(best)]
+    largest = {r["gen_len"]: r for r in sorted(rows, key=lambda r: r["batch"]) if r["prompt_len"] == prompt}
+    return [largest[g] for g in sorted(largest)]
 
 
 def crossover(student, teacher):
@@ -440,7 +437,7 @@ def plot_decode(benches, path, cfg):
         lengths = {m: _length_sweep(same) for m, rs in by_model.items()
                    if (same := [r for r in rs if _method(r) == method])}
         for model, rs in lengths.items():
-            _plot_rates(ax_l, "gen_len", rs, colours[model], markers[model], model)
+            _plot_rates(ax_l, "gen_len", rs, colours[model], markers[model])
         notes = [f"{s}: faster than the teacher from {c:g} new tokens" for s, rs in lengths.items()
                  if s != "teacher" and "teacher" in lengths and (c := crossover(rs, lengths["teacher"]))]
         if notes:
@@ -481,10 +478,10 @@ def plot_decode(benches, path, cfg):
     save_png(fig, path, cfg.dpi)
 
 
-def _plot_rates(ax, x_key, rows, colour, marker, label=None):
+def _plot_rates(ax, x_key, rows, colour, marker):
     """tokens/s (solid) and its roofline (dashed) against rows' x_key."""
     xs = [r[x_key] for r in rows]
-    ax.plot(xs, [r["tokens_per_s"] for r in rows], marker=marker, color=colour, label=label, lw=1.6)
+    ax.plot(xs, [r["tokens_per_s"] for r in rows], marker=marker, color=colour, lw=1.6)
     ax.plot(xs, [r["roofline_tokens_per_s"] for r in rows], "--", color=colour, alpha=0.5, lw=1)
 
 
@@ -645,11 +642,10 @@ def main(argv=None):
     try:
         written = make_plots(cfg)
     except InputError as e:
-        print(f"plot_scaling.py: error: {e}", file=sys.stderr)
+        note(f"error: {e}")
         return 2
     if not written:
-        print(f"plot_scaling.py: error: nothing to plot: no usable input under {cfg.out_dir}/ (see the notes above)",
-              file=sys.stderr)
+        note(f"error: nothing to plot: no usable input under {cfg.out_dir}/ (see the notes above)")
         return 1
     for path in written:
         print(f"wrote {path}")
