@@ -161,16 +161,14 @@ def sample_next(logits, temperature, top_k, top_p, seeds=None, step=0):
 
 
 def resolve_state_dtype(name, dtype):
-    """--state_dtype: "model" -> the sampling dtype, "float32" -> fp32."""
-    if name not in ("model", "float32"):
-        raise InputError(f"--state_dtype: expected model or float32, got {name!r}")
+    """--state_dtype (its flag checks the choices): "model" -> the sampling dtype, "float32" -> fp32."""
     return dtype if name == "model" else torch.float32
 
 
-def cache_bytes_per_row(model, max_len, dtype, state_dtype):
-    """Bytes of cache one row needs: KV slots for attention layers, conv + SSM state for Mamba ones."""
-    cache = model.allocate_cache(1, max_len, dtype, "meta", state_dtype)
-    return sum(t.numel() * t.element_size() for layer in cache for t in layer)
+def cache_bytes(model, batch, max_len, dtype, state_dtype):
+    """Bytes of each layer's cache: KV slots for attention layers, conv + SSM state for Mamba ones."""
+    cache = model.allocate_cache(batch, max_len, dtype, "meta", state_dtype)
+    return [sum(t.numel() * t.element_size() for t in layer) for layer in cache]
 
 
 def largest_batch(model, max_len, dtype, device, cap, prefill_tokens, state_dtype=torch.float32):
@@ -180,7 +178,7 @@ def largest_batch(model, max_len, dtype, device, cap, prefill_tokens, state_dtyp
         return min(cap or 64, 64)
     c = model.cfg
     # per row: the cache, the output tokens, logits (bf16 + fp32 copies, top-k), the step's activations
-    per_row = (cache_bytes_per_row(model, max_len, dtype, state_dtype) + 8 * max_len + 12 * c.vocab_size
+    per_row = (sum(cache_bytes(model, 1, max_len, dtype, state_dtype)) + 8 * max_len + 12 * c.vocab_size
                + 64 * (c.hidden_size + c.intermediate_size))
     # prefill works on `prefill_tokens` tokens at a time: activations of one layer plus a scan's chunk states
     m = next((blk.mixer for blk in model.model.layers if hasattr(blk, "mixer")), None)
@@ -256,8 +254,8 @@ class Sampler:
     def _step(self, n):
         """One decode step on the first n rows: feed self.tok at slot self.t, sample, advance."""
         with self.autocast:
-            logits = self.forward(self.tok[:n], self._rows(slice(0, n)), start=self.t, pad=self.pad[:n])[:, -1]  # (n, v)
-        nxt = sample_next(logits, *self.sampling, seeds=self.seeds[:n], step=self.col)  # (n,)
+            logits = self.forward(self.tok[:n], self._rows(slice(0, n)), start=self.t, pad=self.pad[:n])  # (n, 1, v)
+        nxt = sample_next(logits[:, -1], *self.sampling, seeds=self.seeds[:n], step=self.col)  # (n,)
         self.tok[:n, 0] = nxt
         self.out[:n].index_copy_(1, self.col.view(1), nxt[:, None])
         if self.stop.active:
@@ -315,9 +313,8 @@ class Sampler:
                 for x in c:
                     x[:n].zero_()
         self.col.fill_(0)
-        self.done[:n] = False
-        self.end[:n] = 0
-        self.phase[:n] = 0
+        for x in (self.done, self.end, self.phase):  # the stop rule's per-row state
+            x[:n] = 0
         step = max(1, self.prefill_tokens // l)
         for i in range(0, n, step):
             rows = slice(i, min(i + step, n))
@@ -375,8 +372,7 @@ class Sampler:
             rows = [r if d else r[:md.answer_end(r, tokenizer)] for r, d in zip(rows, done)]
         sync()
         t2 = time.perf_counter()
-        stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "prompt_len": l}
-        return rows, stats
+        return rows, {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "prompt_len": l}
 
 
 # -----------------------------------------------------------------------------
@@ -503,8 +499,7 @@ def evaluate(cfg: SampleConfig):
 def _evaluate(cfg, env, group):
     device = env.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = md.read_jsonl(cfg.data)
-    rows = rows[:cfg.n_problems] if cfg.n_problems > 0 else rows
+    rows = md.read_jsonl(cfg.data)[:cfg.n_problems or None]  # --n_problems 0: all
     name = cfg.name or os.path.basename(os.path.normpath(cfg.checkpoint))
     out_dir = os.path.join(cfg.out_dir, "eval", name)
     model = md.load_model(cfg.checkpoint, device, dtype).eval()
@@ -569,8 +564,7 @@ def _evaluate(cfg, env, group):
     print(f"{name}: {len(rows)} problems x {cfg.k} samples{where}, up to {fit} rows a batch (batches of {sizes} "
           f"rows), cache {max_len} slots, decode step: {mode} (set up in {setup_s:.1f}s)", flush=True)
     my_path = path if group.world == 1 else os.path.join(out_dir, f"samples.rank{group.rank}.jsonl")
-    t_start, n_new, n_tokens = time.perf_counter(), 0, 0
-    left = sum(map(len, mine.values()))
+    t_start, n_new, n_tokens, n_mine = time.perf_counter(), 0, 0, sum(map(len, mine.values()))
     with open(my_path, "a") as fh:
         for k, plan in plans.items():
             group.barrier()  # rounds start together, so a round lasts as long as its slowest process
@@ -589,11 +583,10 @@ def _evaluate(cfg, env, group):
                     n_tokens += len(ids)
                 fh.flush()  # a crash loses at most the batch being generated
                 n_new += len(chunk)
-                left -= len(chunk)
                 el = time.perf_counter() - t_start
                 print(f"{'' if group.world == 1 else f'[rank {group.rank}] '}k={k} +{len(chunk)} samples, "
                       f"{n_tokens / el:.0f} new tok/s, {stats['steps']} steps in {stats['decode_s']:.1f}s, "
-                      f"ETA {left * el / n_new:.0f}s", flush=True)
+                      f"ETA {(n_mine - n_new) * el / n_new:.0f}s", flush=True)
     group.barrier()
     if group.rank != 0:
         return None
@@ -629,15 +622,8 @@ def random_model(cfg, device, dtype):
 def step_bytes(model, batch, kv_len, state_dtype):
     """Bytes a decode step must move: every weight once, the KV cache of kv_len tokens, each state twice."""
     w = sum(p.numel() * p.element_size() for p in model.parameters())
-    cache = model.allocate_cache(batch, max(kv_len, 1), next(model.parameters()).dtype, "meta", state_dtype)
-    kv = ssm = 0
-    for c, blk in zip(cache, model.model.layers):
-        nbytes = sum(t.numel() * t.element_size() for t in c)
-        if hasattr(blk, "mixer"):
-            ssm += 2 * nbytes
-        else:
-            kv += nbytes
-    return w + kv + ssm
+    cache = cache_bytes(model, batch, max(kv_len, 1), next(model.parameters()).dtype, state_dtype)
+    return w + sum(2 * nbytes if hasattr(blk, "mixer") else nbytes for nbytes, blk in zip(cache, model.model.layers))
 
 
 def bench_sampler(model, batch, max_len, cfg, cuda_graph):
