@@ -298,15 +298,13 @@ class Sampler:
             self._step(n)
 
     @torch.no_grad()
-    def prefill(self, prompts, seeds, prompt_len=0):
-        """Left-pad the prompts to their longest (or prompt_len, so that a row never depends on its batch),
-        run the parallel forward into the cache and sample each row's first token. Returns the length l."""
+    def prefill(self, prompts, seeds, l):
+        """Left-pad the prompts to length l, run the parallel forward into the cache, sample each first token."""
         n = len(prompts)
-        l = max(prompt_len, max(len(r) for r in prompts))
-        pad = torch.tensor([l - len(r) for r in prompts], dtype=torch.long)  # (n,)
+        dev = dict(dtype=torch.long, device=self.device)
+        pad = torch.tensor([l - len(r) for r in prompts], **dev)  # (n,)
         # the pad id does not matter: padding reaches neither attention nor the SSM state
-        idx = torch.tensor([[0] * (l - len(r)) + list(r) for r in prompts], dtype=torch.long)  # (n, l)
-        idx, pad = idx.to(self.device), pad.to(self.device)
+        idx = torch.tensor([[0] * (l - len(r)) + list(r) for r in prompts], **dev)  # (n, l)
         self.seeds[:n] = torch.tensor(seeds, dtype=torch.long)
         for c, ssm in zip(self.cache, self.is_ssm):
             if ssm:  # a prefill continues from the state in the cache, so start from zero
@@ -329,7 +327,6 @@ class Sampler:
             self.stop.update(self.tok[:n, 0], self.col, self.phase[:n], self.done[:n], self.end[:n])
         self.t.fill_(l)
         self.col.fill_(1)
-        return l
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, seed=0, stop_ids=None, tokenizer=None, check_every=16,
@@ -337,7 +334,7 @@ class Sampler:
         """prompts: lists of token ids (at most self.batch) -> (new token lists, stats). seeds: one per
         prompt (default: seed * 1_000_003 + index). Rows stop as the StopRule says (with a tokenizer,
         answer_end() cuts what it missed); the host checks every `check_every` steps whether all have.
-        stop_ids: stop at these tokens without building a StopRule."""
+        stop_ids: replace the sampler's StopRule by one stopping at these tokens."""
         n = len(prompts)
         if not 0 < n <= self.batch:
             raise ValueError(f"got {n} prompts for a batch of {self.batch}")
@@ -347,15 +344,16 @@ class Sampler:
         if stop_ids:
             self.stop = md.StopRule(self.model.cfg.vocab_size, stop_ids, tokenizer, self.device)
             self.graphs, self.pool = {}, None  # graphs read the rule's tables: capture again
-        l0 = max(prompt_len, max(len(p) for p in prompts))
-        if l0 + max_new_tokens > self.max_len:
-            raise InputError(f"prompt {l0} + --max_new_tokens {max_new_tokens} > cache length {self.max_len}")
+        # padded to the longest prompt, or to prompt_len: then a row never depends on its batch
+        l = max(prompt_len, max(len(p) for p in prompts))
+        if l + max_new_tokens > self.max_len:
+            raise InputError(f"prompt {l} + --max_new_tokens {max_new_tokens} > cache length {self.max_len}")
         seeds = list(seeds) if seeds is not None else [seed * 1_000_003 + i for i in range(n)]
         self.prepare(n)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        l = self.prefill(prompts, seeds, prompt_len)
+        self.prefill(prompts, seeds, l)
         sync()
         t1 = time.perf_counter()
         steps = 1
@@ -517,7 +515,7 @@ def _evaluate(cfg, env, group):
             "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract,
             "state_dtype": str(state_dtype) if model.cfg.ssm_layers else None}  # a teacher has no SSM state
     path, meta_path = os.path.join(out_dir, "samples.jsonl"), os.path.join(out_dir, "meta.json")
-    error = None
+    error = done = None
     if group.rank == 0:  # settings checked and finished samples gathered once, before any work
         try:
             os.makedirs(out_dir, exist_ok=True)
@@ -534,16 +532,15 @@ def _evaluate(cfg, env, group):
             md.write_json(meta_path, meta)
             # keep what an interrupted run wrote, less a torn line and samples this run does not ask for
             kept = merge_samples(out_dir, lambda s: s["problem"] < len(rows) and s["sample"] < cfg.k)
+            done = {(s["problem"], s["sample"]) for s in kept}
             if kept:
                 print(f"resuming: {len(kept)} samples already in {path}")
         except InputError as e:
             error = str(e)
-    error = group.from_rank0(error)
+    # run: rank 0's clock, which tells this run's samples from a resumed run's
+    error, done, run = group.from_rank0((error, done, time.time_ns()))
     if error:
         raise InputError(error)
-    samples = md.read_jsonl(path, SAMPLE_KEYS, lenient=True)
-    done = {(s["problem"], s["sample"]) for s in samples}
-    run = group.from_rank0(time.time_ns())  # tells this run's samples from a resumed run's
     # round k takes every problem from k/2 samples to k (so time@k is measured); each process every world-th
     rounds = {k: [(p, j) for j in range(k // 2 if k > 1 else 0, k) for p in range(len(rows)) if (p, j) not in done]
               for k in ks_up_to(cfg.k)}
@@ -720,7 +717,8 @@ def _bench(cfg, device):
     state_dtype = resolve_state_dtype(cfg.state_dtype, dtype)
     bw = copy_bandwidth(device)
     result = {"device": device_name(device), "copy_GBps": bw, "date": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "state_dtype": str(state_dtype), "compile": cfg.compile, "results": [], "hf": []}
+              "torch": torch.__version__, "state_dtype": str(state_dtype), "compile": cfg.compile,
+              "results": [], "hf": []}
     print(f"{result['device']}: copy bandwidth {bw:.0f} GB/s", flush=True)
     prompt_len = 128
     for shape in cfg.bench_shapes.split(","):
@@ -764,13 +762,15 @@ def _bench(cfg, device):
             del model
             torch.cuda.empty_cache()
     ratios = {}
+    hf = result["hf"][0].get("tokens_per_s") if result["hf"] else None  # HF static cache (None: off or failed)
     for r in result["results"]:  # the two ratios results/README.md reports
-        if r["model"] == "teacher" and (r["batch"], r["gen_len"]) == (256, 512) and result["hf"] and "tokens_per_s" in result["hf"][0]:
-            ratios[f"{r['shape']} teacher / HF static, batch 256, 512 new"] = r["tokens_per_s"] / result["hf"][0]["tokens_per_s"]
+        if r["model"] == "teacher" and (r["batch"], r["gen_len"]) == (256, 512) and hf:
+            ratios[f"{r['shape']} teacher / HF static, batch 256, 512 new"] = r["tokens_per_s"] / hf
         if r["model"] == "pure" and r["gen_len"] == 4096:
-            t = [x for x in result["results"] if (x["shape"], x["model"], x["gen_len"]) == (r["shape"], "teacher", 4096)]
-            if t:
-                ratios[f"{r['shape']} pure / teacher, 4096 new, largest batches"] = r["tokens_per_s"] / t[0]["tokens_per_s"]
+            teacher = [x["tokens_per_s"] for x in result["results"]
+                       if (x["shape"], x["model"], x["gen_len"]) == (r["shape"], "teacher", 4096)]
+            if teacher:
+                ratios[f"{r['shape']} pure / teacher, 4096 new, largest batches"] = r["tokens_per_s"] / teacher[0]
     result["ratios"] = ratios
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
@@ -793,8 +793,9 @@ def main(argv=None):
         raise InputError(f"--data {cfg.data}: no such file")
     if cfg.bench:
         for name in ("bench_batches", "bench_gen_lens"):
-            if not all(x.isdigit() and int(x) > 0 for x in filter(None, getattr(cfg, name).split(","))):
-                raise InputError(f"--{name}: expected positive whole numbers separated by commas, got {getattr(cfg, name)!r}")
+            value = getattr(cfg, name)
+            if not all(x.isdigit() and int(x) > 0 for x in filter(None, value.split(","))):
+                raise InputError(f"--{name}: expected positive whole numbers separated by commas, got {value!r}")
         for shape in cfg.bench_shapes.split(","):
             for kind in cfg.bench_models.split(","):
                 md.shape_config(shape, kind)  # unknown names fail here, before any work
