@@ -393,7 +393,7 @@ def majority_answer(answers):
 
 
 def ks_up_to(k):
-    return [2 ** i for i in range(int(math.log2(k)) + 1)]
+    return [2 ** i for i in range(k.bit_length())]  # 1, 2, 4, ..., k
 
 
 def round_of(j):
