@@ -161,16 +161,14 @@ def sample_next(logits, temperature, top_k, top_p, seeds=None, step=0):
 
 
 def resolve_state_dtype(name, dtype):
-    """--state_dtype: "model" -> the sampling dtype, "float32" -> fp32."""
-    if name not in ("model", "float32"):
-        raise InputError(f"--state_dtype: expected model or float32, got {name!r}")
+    """--state_dtype (its flag checks the choices): "model" -> the sampling dtype, "float32" -> fp32."""
     return dtype if name == "model" else torch.float32
 
 
-def cache_bytes_per_row(model, max_len, dtype, state_dtype):
-    """Bytes of cache one row needs: KV slots for attention layers, conv + SSM state for Mamba ones."""
-    cache = model.allocate_cache(1, max_len, dtype, "meta", state_dtype)
-    return sum(t.numel() * t.element_size() for layer in cache for t in layer)
+def cache_bytes(model, batch, max_len, dtype, state_dtype):
+    """Bytes of each layer's cache: KV slots for attention layers, conv + SSM state for Mamba ones."""
+    cache = model.allocate_cache(batch, max_len, dtype, "meta", state_dtype)
+    return [sum(t.numel() * t.element_size() for t in layer) for layer in cache]
 
 
 def largest_batch(model, max_len, dtype, device, cap, prefill_tokens, state_dtype=torch.float32):
@@ -180,7 +178,7 @@ def largest_batch(model, max_len, dtype, device, cap, prefill_tokens, state_dtyp
         return min(cap or 64, 64)
     c = model.cfg
     # per row: the cache, the output tokens, logits (bf16 + fp32 copies, top-k), the step's activations
-    per_row = (cache_bytes_per_row(model, max_len, dtype, state_dtype) + 8 * max_len + 12 * c.vocab_size
+    per_row = (sum(cache_bytes(model, 1, max_len, dtype, state_dtype)) + 8 * max_len + 12 * c.vocab_size
                + 64 * (c.hidden_size + c.intermediate_size))
     # prefill works on `prefill_tokens` tokens at a time: activations of one layer plus a scan's chunk states
     m = next((blk.mixer for blk in model.model.layers if hasattr(blk, "mixer")), None)
@@ -256,8 +254,8 @@ class Sampler:
     def _step(self, n):
         """One decode step on the first n rows: feed self.tok at slot self.t, sample, advance."""
         with self.autocast:
-            logits = self.forward(self.tok[:n], self._rows(slice(0, n)), start=self.t, pad=self.pad[:n])[:, -1]  # (n, v)
-        nxt = sample_next(logits, *self.sampling, seeds=self.seeds[:n], step=self.col)  # (n,)
+            logits = self.forward(self.tok[:n], self._rows(slice(0, n)), start=self.t, pad=self.pad[:n])  # (n, 1, v)
+        nxt = sample_next(logits[:, -1], *self.sampling, seeds=self.seeds[:n], step=self.col)  # (n,)
         self.tok[:n, 0] = nxt
         self.out[:n].index_copy_(1, self.col.view(1), nxt[:, None])
         if self.stop.active:
@@ -300,24 +298,21 @@ class Sampler:
             self._step(n)
 
     @torch.no_grad()
-    def prefill(self, prompts, seeds, prompt_len=0):
-        """Left-pad the prompts to their longest (or prompt_len, so that a row never depends on its batch),
-        run the parallel forward into the cache and sample each row's first token. Returns the length l."""
+    def prefill(self, prompts, seeds, l):
+        """Left-pad the prompts to length l, run the parallel forward into the cache, sample each first token."""
         n = len(prompts)
-        l = max(prompt_len, max(len(r) for r in prompts))
-        pad = torch.tensor([l - len(r) for r in prompts], dtype=torch.long)  # (n,)
+        dev = dict(dtype=torch.long, device=self.device)
+        pad = torch.tensor([l - len(r) for r in prompts], **dev)  # (n,)
         # the pad id does not matter: padding reaches neither attention nor the SSM state
-        idx = torch.tensor([[0] * (l - len(r)) + list(r) for r in prompts], dtype=torch.long)  # (n, l)
-        idx, pad = idx.to(self.device), pad.to(self.device)
+        idx = torch.tensor([[0] * (l - len(r)) + list(r) for r in prompts], **dev)  # (n, l)
         self.seeds[:n] = torch.tensor(seeds, dtype=torch.long)
         for c, ssm in zip(self.cache, self.is_ssm):
             if ssm:  # a prefill continues from the state in the cache, so start from zero
                 for x in c:
                     x[:n].zero_()
         self.col.fill_(0)
-        self.done[:n] = False
-        self.end[:n] = 0
-        self.phase[:n] = 0
+        for x in (self.done, self.end, self.phase):  # the stop rule's per-row state
+            x[:n] = 0
         step = max(1, self.prefill_tokens // l)
         for i in range(0, n, step):
             rows = slice(i, min(i + step, n))
@@ -332,7 +327,6 @@ class Sampler:
             self.stop.update(self.tok[:n, 0], self.col, self.phase[:n], self.done[:n], self.end[:n])
         self.t.fill_(l)
         self.col.fill_(1)
-        return l
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, seed=0, stop_ids=None, tokenizer=None, check_every=16,
@@ -340,7 +334,7 @@ class Sampler:
         """prompts: lists of token ids (at most self.batch) -> (new token lists, stats). seeds: one per
         prompt (default: seed * 1_000_003 + index). Rows stop as the StopRule says (with a tokenizer,
         answer_end() cuts what it missed); the host checks every `check_every` steps whether all have.
-        stop_ids: stop at these tokens without building a StopRule."""
+        stop_ids: replace the sampler's StopRule by one stopping at these tokens."""
         n = len(prompts)
         if not 0 < n <= self.batch:
             raise ValueError(f"got {n} prompts for a batch of {self.batch}")
@@ -350,15 +344,16 @@ class Sampler:
         if stop_ids:
             self.stop = md.StopRule(self.model.cfg.vocab_size, stop_ids, tokenizer, self.device)
             self.graphs, self.pool = {}, None  # graphs read the rule's tables: capture again
-        l0 = max(prompt_len, max(len(p) for p in prompts))
-        if l0 + max_new_tokens > self.max_len:
-            raise InputError(f"prompt {l0} + --max_new_tokens {max_new_tokens} > cache length {self.max_len}")
+        # padded to the longest prompt, or to prompt_len: then a row never depends on its batch
+        l = max(prompt_len, max(len(p) for p in prompts))
+        if l + max_new_tokens > self.max_len:
+            raise InputError(f"prompt {l} + --max_new_tokens {max_new_tokens} > cache length {self.max_len}")
         seeds = list(seeds) if seeds is not None else [seed * 1_000_003 + i for i in range(n)]
         self.prepare(n)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        l = self.prefill(prompts, seeds, prompt_len)
+        self.prefill(prompts, seeds, l)
         sync()
         t1 = time.perf_counter()
         steps = 1
@@ -375,8 +370,7 @@ class Sampler:
             rows = [r if d else r[:md.answer_end(r, tokenizer)] for r, d in zip(rows, done)]
         sync()
         t2 = time.perf_counter()
-        stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "prompt_len": l}
-        return rows, stats
+        return rows, {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "prompt_len": l}
 
 
 # -----------------------------------------------------------------------------
@@ -399,7 +393,7 @@ def majority_answer(answers):
 
 
 def ks_up_to(k):
-    return [2 ** i for i in range(int(math.log2(k)) + 1)]
+    return [2 ** i for i in range(k.bit_length())]  # 1, 2, 4, ..., k
 
 
 def round_of(j):
@@ -503,8 +497,7 @@ def evaluate(cfg: SampleConfig):
 def _evaluate(cfg, env, group):
     device = env.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = md.read_jsonl(cfg.data)
-    rows = rows[:cfg.n_problems] if cfg.n_problems > 0 else rows
+    rows = md.read_jsonl(cfg.data)[:cfg.n_problems or None]  # --n_problems 0: all
     name = cfg.name or os.path.basename(os.path.normpath(cfg.checkpoint))
     out_dir = os.path.join(cfg.out_dir, "eval", name)
     model = md.load_model(cfg.checkpoint, device, dtype).eval()
@@ -522,7 +515,7 @@ def _evaluate(cfg, env, group):
             "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract,
             "state_dtype": str(state_dtype) if model.cfg.ssm_layers else None}  # a teacher has no SSM state
     path, meta_path = os.path.join(out_dir, "samples.jsonl"), os.path.join(out_dir, "meta.json")
-    error = None
+    error = done = None
     if group.rank == 0:  # settings checked and finished samples gathered once, before any work
         try:
             os.makedirs(out_dir, exist_ok=True)
@@ -539,16 +532,15 @@ def _evaluate(cfg, env, group):
             md.write_json(meta_path, meta)
             # keep what an interrupted run wrote, less a torn line and samples this run does not ask for
             kept = merge_samples(out_dir, lambda s: s["problem"] < len(rows) and s["sample"] < cfg.k)
+            done = {(s["problem"], s["sample"]) for s in kept}
             if kept:
                 print(f"resuming: {len(kept)} samples already in {path}")
         except InputError as e:
             error = str(e)
-    error = group.from_rank0(error)
+    # run: rank 0's clock, which tells this run's samples from a resumed run's
+    error, done, run = group.from_rank0((error, done, time.time_ns()))
     if error:
         raise InputError(error)
-    samples = md.read_jsonl(path, SAMPLE_KEYS, lenient=True)
-    done = {(s["problem"], s["sample"]) for s in samples}
-    run = group.from_rank0(time.time_ns())  # tells this run's samples from a resumed run's
     # round k takes every problem from k/2 samples to k (so time@k is measured); each process every world-th
     rounds = {k: [(p, j) for j in range(k // 2 if k > 1 else 0, k) for p in range(len(rows)) if (p, j) not in done]
               for k in ks_up_to(cfg.k)}
@@ -569,8 +561,7 @@ def _evaluate(cfg, env, group):
     print(f"{name}: {len(rows)} problems x {cfg.k} samples{where}, up to {fit} rows a batch (batches of {sizes} "
           f"rows), cache {max_len} slots, decode step: {mode} (set up in {setup_s:.1f}s)", flush=True)
     my_path = path if group.world == 1 else os.path.join(out_dir, f"samples.rank{group.rank}.jsonl")
-    t_start, n_new, n_tokens = time.perf_counter(), 0, 0
-    left = sum(map(len, mine.values()))
+    t_start, n_new, n_tokens, n_mine = time.perf_counter(), 0, 0, sum(map(len, mine.values()))
     with open(my_path, "a") as fh:
         for k, plan in plans.items():
             group.barrier()  # rounds start together, so a round lasts as long as its slowest process
@@ -589,11 +580,10 @@ def _evaluate(cfg, env, group):
                     n_tokens += len(ids)
                 fh.flush()  # a crash loses at most the batch being generated
                 n_new += len(chunk)
-                left -= len(chunk)
                 el = time.perf_counter() - t_start
                 print(f"{'' if group.world == 1 else f'[rank {group.rank}] '}k={k} +{len(chunk)} samples, "
                       f"{n_tokens / el:.0f} new tok/s, {stats['steps']} steps in {stats['decode_s']:.1f}s, "
-                      f"ETA {left * el / n_new:.0f}s", flush=True)
+                      f"ETA {(n_mine - n_new) * el / n_new:.0f}s", flush=True)
     group.barrier()
     if group.rank != 0:
         return None
@@ -629,15 +619,8 @@ def random_model(cfg, device, dtype):
 def step_bytes(model, batch, kv_len, state_dtype):
     """Bytes a decode step must move: every weight once, the KV cache of kv_len tokens, each state twice."""
     w = sum(p.numel() * p.element_size() for p in model.parameters())
-    cache = model.allocate_cache(batch, max(kv_len, 1), next(model.parameters()).dtype, "meta", state_dtype)
-    kv = ssm = 0
-    for c, blk in zip(cache, model.model.layers):
-        nbytes = sum(t.numel() * t.element_size() for t in c)
-        if hasattr(blk, "mixer"):
-            ssm += 2 * nbytes
-        else:
-            kv += nbytes
-    return w + kv + ssm
+    cache = cache_bytes(model, batch, max(kv_len, 1), next(model.parameters()).dtype, state_dtype)
+    return w + sum(2 * nbytes if hasattr(blk, "mixer") else nbytes for nbytes, blk in zip(cache, model.model.layers))
 
 
 def bench_sampler(model, batch, max_len, cfg, cuda_graph):
@@ -734,7 +717,8 @@ def _bench(cfg, device):
     state_dtype = resolve_state_dtype(cfg.state_dtype, dtype)
     bw = copy_bandwidth(device)
     result = {"device": device_name(device), "copy_GBps": bw, "date": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "state_dtype": str(state_dtype), "compile": cfg.compile, "results": [], "hf": []}
+              "torch": torch.__version__, "state_dtype": str(state_dtype), "compile": cfg.compile,
+              "results": [], "hf": []}
     print(f"{result['device']}: copy bandwidth {bw:.0f} GB/s", flush=True)
     prompt_len = 128
     for shape in cfg.bench_shapes.split(","):
@@ -778,13 +762,15 @@ def _bench(cfg, device):
             del model
             torch.cuda.empty_cache()
     ratios = {}
+    hf = result["hf"][0].get("tokens_per_s") if result["hf"] else None  # HF static cache (None: off or failed)
     for r in result["results"]:  # the two ratios results/README.md reports
-        if r["model"] == "teacher" and (r["batch"], r["gen_len"]) == (256, 512) and result["hf"] and "tokens_per_s" in result["hf"][0]:
-            ratios[f"{r['shape']} teacher / HF static, batch 256, 512 new"] = r["tokens_per_s"] / result["hf"][0]["tokens_per_s"]
+        if r["model"] == "teacher" and (r["batch"], r["gen_len"]) == (256, 512) and hf:
+            ratios[f"{r['shape']} teacher / HF static, batch 256, 512 new"] = r["tokens_per_s"] / hf
         if r["model"] == "pure" and r["gen_len"] == 4096:
-            t = [x for x in result["results"] if (x["shape"], x["model"], x["gen_len"]) == (r["shape"], "teacher", 4096)]
-            if t:
-                ratios[f"{r['shape']} pure / teacher, 4096 new, largest batches"] = r["tokens_per_s"] / t[0]["tokens_per_s"]
+            teacher = [x["tokens_per_s"] for x in result["results"]
+                       if (x["shape"], x["model"], x["gen_len"]) == (r["shape"], "teacher", 4096)]
+            if teacher:
+                ratios[f"{r['shape']} pure / teacher, 4096 new, largest batches"] = r["tokens_per_s"] / teacher[0]
     result["ratios"] = ratios
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
@@ -807,8 +793,9 @@ def main(argv=None):
         raise InputError(f"--data {cfg.data}: no such file")
     if cfg.bench:
         for name in ("bench_batches", "bench_gen_lens"):
-            if not all(x.isdigit() and int(x) > 0 for x in filter(None, getattr(cfg, name).split(","))):
-                raise InputError(f"--{name}: expected positive whole numbers separated by commas, got {getattr(cfg, name)!r}")
+            value = getattr(cfg, name)
+            if not all(x.isdigit() and int(x) > 0 for x in filter(None, value.split(","))):
+                raise InputError(f"--{name}: expected positive whole numbers separated by commas, got {value!r}")
         for shape in cfg.bench_shapes.split(","):
             for kind in cfg.bench_models.split(","):
                 md.shape_config(shape, kind)  # unknown names fail here, before any work
