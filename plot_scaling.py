@@ -278,11 +278,6 @@ def plot_accuracy(runs, x_key, path, cfg):
             ax.plot(xs, ys, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
                     color=colours[run["name"]], label=label if metric == "coverage" else None, lw=1.6, ms=6,
                     alpha=0.9, zorder=3 + i)
-            if x_key == "time_s" and cfg.label_k:  # k only at both ends, each model at its own height
-                for j, ha, dx in ((0, "right", -7), (len(xs) - 1, "left", 7)):
-                    ax.annotate(f"k={run['k'][j]}", (xs[j], ys[j]), textcoords="offset points",
-                                xytext=(dx, 12 * (i - (len(runs) - 1) / 2)), ha=ha, va="center", fontsize=7.5,
-                                color=colours[run["name"]], bbox=LABEL_BOX, zorder=10)
         ylabel = {"coverage": "coverage@k = pass@k (% of problems)",
                   "majority": "majority-vote accuracy@k (% of problems)"}[metric]
         if x_key == "time_s":
@@ -301,7 +296,38 @@ def plot_accuracy(runs, x_key, path, cfg):
         title, sub = "Accuracy against samples per problem k", "what each model's samples are worth, whatever they cost"
     fig.suptitle("\n".join(textwrap.wrap(title, 120)) + f"\n{sub} ({', '.join(details)})", fontsize=11)
     fig.legend(loc="outside lower center", ncol=min(len(runs), 6), title="model")
+    if x_key == "time_s" and cfg.label_k:  # k only at both ends of each line
+        fig.canvas.draw()  # the final layout: labels are placed in points
+        for ax, metric in panels:
+            for j, side in ((0, "left"), (-1, "right")):
+                place_labels(ax, [(r["time_s"][j], 100 * r[metric][j], f"k={r['k'][j]}", colours[r["name"]])
+                                  for r in runs], side,
+                             [(t, 100 * v) for r in runs for t, v in zip(r["time_s"], r[metric])])
     save_png(fig, path, cfg.dpi)
+
+
+def place_labels(ax, labels, side, markers=(), size=(34, 11)):
+    """Write each (x, y, text, colour) beside its point, on the given side, moved up just enough that it
+    covers no label written before it and no other marker (markers: (x, y) of every point drawn); the
+    lowest point's label goes first. A label is about `size` points (width, height)."""
+    to_points = 72 / ax.figure.dpi
+    w, h = size
+
+    def pts(x, y):
+        return ax.transData.transform((x, y)) * to_points  # (2,) in points
+
+    boxes = [(mx - 4, mx + 4, my - 4, my + 4) for mx, my in (pts(x, y) for x, y in markers)]  # x0, x1, y0, y1
+    for px, py, x, y, text, colour in sorted(((*pts(x, y), x, y, t, c) for x, y, t, c in labels), key=lambda r: r[1]):
+        x0 = px + 5 if side == "right" else px - 5 - w
+        mine = (px - 4, px + 4, py - 4, py + 4)
+        ly = py
+        while any(b != mine and x0 < b[1] and b[0] < x0 + w and ly - h / 2 < b[3] and b[2] < ly + h / 2
+                  for b in boxes) and ly < py + 20 * h:
+            ly += 1
+        boxes.append((x0, x0 + w, ly - h / 2, ly + h / 2))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(7 if side == "right" else -7, ly - py),
+                    ha="left" if side == "right" else "right", va="center", fontsize=7.5, color=colour,
+                    bbox=LABEL_BOX, zorder=10)
 
 
 def accuracy_at(run, metric, t):

@@ -2122,6 +2122,29 @@ def test_plot_length_panel_keeps_the_method_that_measured_most_lengths():
     assert ps.length_method([r for r in rows if r["gen_len"] == 512]) == "generate"
 
 
+@pytest.mark.parametrize("spread", [0.0, 0.004, 0.01, 0.03])
+def test_plot_k_labels_never_overlap(spread, monkeypatch):
+    # six models whose first and last points crowd together (spread: the gap between their accuracies)
+    runs = [{"name": f"model{i}", "device": "FakeGPU", "n_problems": 200, "gpus": 1, "k": PLOT_KS,
+             "coverage": [0.02 + spread * i + 0.1 * j for j in range(7)],
+             "majority": [0.02 + spread * (5 - i) + 0.01 * j for j in range(7)],
+             "time_s": [(1 + 0.03 * i) * 2 ** j for j in range(7)]} for i in range(6)]
+    boxes = []
+
+    def keep(fig, path, dpi):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            boxes.append([t.get_window_extent() for t in ax.texts if t.get_text().startswith("k=")])
+        ps.plt.close(fig)
+
+    monkeypatch.setattr(ps, "save_png", keep)
+    ps.plot_accuracy(runs, "time_s", "unused.png", ps.PlotConfig())
+    assert [len(b) for b in boxes] == [12, 12], "a k label per model at each end of each panel"
+    for panel in boxes:
+        for i, a in enumerate(panel):
+            assert not any(a.overlaps(b) for b in panel[:i]), f"k labels overlap: {a.bounds}"
+
+
 def plot_run(out_dir, capsys, *flags):
     rc = ps.main(["--out_dir", str(out_dir), "--dpi", "40", *flags])
     captured = capsys.readouterr()
