@@ -405,13 +405,11 @@ def accuracy_table(runs):
 # Figure 3: decode throughput against batch size and generation length
 
 
-def _batch_sweep(rows):
-    """The rows of one model/shape at the (prompt_len, gen_len) with the most batch sizes measured."""
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["prompt_len"], r["gen_len"]), []).append(r)
-    best = max(groups.values(), key=lambda g: (len({r["batch"] for r in g}), -g[0]["gen_len"]))
-    return sorted(best, key=lambda r: r["batch"])
+def _sweep_key(rows):
+    """The (prompt_len, gen_len) of `rows` with the most batch sizes measured (the shortest on a tie)."""
+    keys = {(r["prompt_len"], r["gen_len"]) for r in rows}
+    return min(keys, key=lambda k: (-len({r["batch"] for r in rows if (r["prompt_len"], r["gen_len"]) == k}),
+                                     k[1])) if keys else None
 
 
 def _method(row):
@@ -450,13 +448,15 @@ def plot_decode(benches, path, cfg):
     models = sorted({r["model"] for _, _, rows in panels for r in rows}, key=model_order)
     colours = model_colours(models)
     markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
-    with_batch = [len({r["batch"] for r in rows if r["gen_len"] == _batch_sweep(rows)[0]["gen_len"]}) > 1
-                  for _, _, rows in panels]
+    # a batch panel: the (prompt_len, gen_len) at which whole generate calls measured the most batch sizes
+    sweeps = [[r for r in rows if _method(r) == "generate"] for _, _, rows in panels]
+    sweeps = [[r for r in rs if (r["prompt_len"], r["gen_len"]) == _sweep_key(rs)] for rs in sweeps]
+    with_batch = [len({r["batch"] for r in rs}) > 1 for rs in sweeps]
     ncols = 2 if any(with_batch) else 1
     fig, axes = plt.subplots(len(panels), ncols, figsize=(6.5 * ncols, 4.6 * len(panels) + 1.2),
                              layout="constrained", squeeze=False)
     ylabel = "generated tokens/s (log scale)"
-    for (bench, shape, rows), has_batch, ax_row in zip(panels, with_batch, axes):
+    for (bench, shape, rows), sweep, has_batch, ax_row in zip(panels, sweeps, with_batch, axes):
         ax_l = ax_row[0]
         by_model = {m: [r for r in rows if r["model"] == m] for m in models if any(r["model"] == m for r in rows)}
         method = length_method(rows)
@@ -466,9 +466,9 @@ def plot_decode(benches, path, cfg):
             _plot_rates(ax_l, "gen_len", rs, colours[model], markers[model])
         notes = [f"{s}: faster than the teacher from {c:g} new tokens" for s, rs in lengths.items()
                  if s != "teacher" and "teacher" in lengths and (c := crossover(rs, lengths["teacher"]))]
-        if notes:
-            ax_l.text(0.02, 0.02, "\n".join(notes), transform=ax_l.transAxes, fontsize=8, va="bottom",
-                      bbox=LABEL_BOX)
+        if notes:  # as a legend without handles: "best" keeps it off the points and lines
+            ax_l.legend([Line2D([], [], linestyle="none")] * len(notes), notes, loc="best", fontsize=8,
+                        handlelength=0, handletextpad=0, framealpha=0.75)
         batches = _one_or_many(r["batch"] for rs in lengths.values() for r in rs)
         methods = _one_or_many(_method(r) for rs in lengths.values() for r in rs)
         step = {True: "compiled step", False: "eager step"}.get(bench.get("compile"), "step")
@@ -482,10 +482,10 @@ def plot_decode(benches, path, cfg):
         if not has_batch:
             ax_b.set_visible(False)
             continue
-        for model, rs in by_model.items():
-            sweep = _batch_sweep([r for r in rs if _method(r) == "generate"] or rs)
-            _plot_rates(ax_b, "batch", sweep, colours[model], markers[model])
-        first = _batch_sweep(next(iter(by_model.values())))[0]
+        for model in by_model:
+            if mine := sorted((r for r in sweep if r["model"] == model), key=lambda r: r["batch"]):
+                _plot_rates(ax_b, "batch", mine, colours[model], markers[model])
+        first = sweep[0]
         for hf in bench.get("hf_rows", []):
             if hf["gen_len"] == first["gen_len"] and shape == "llama-3.2-1b":
                 ax_b.plot([hf["batch"]], [hf["tokens_per_s"]], "kX" if hf.get("cache") == "static" else "kP", ms=9,

@@ -2145,6 +2145,25 @@ def test_plot_k_labels_never_overlap(spread, monkeypatch):
             assert not any(a.overlaps(b) for b in panel[:i]), f"k labels overlap: {a.bounds}"
 
 
+def test_plot_decode_batch_panel_holds_one_length_and_one_method(monkeypatch):
+    # the teacher swept batches with whole generate calls at 512 new tokens; the students were measured
+    # only at 4,096 new tokens, step by step: they belong in the length panel, not the batch panel
+    row = dict(shape="llama-3.2-1b", prompt_len=128, roofline_tokens_per_s=1e6)
+    rows = [dict(row, model="teacher", batch=b, gen_len=512, tokens_per_s=1e3 * b, method="generate")
+            for b in (64, 256, 1024)]
+    rows += [dict(row, model=m, batch=b, gen_len=4096, tokens_per_s=9e4, method="step times at 8 slots")
+             for m, b in (("teacher", 432), ("hybrid", 1592), ("pure", 4096))]
+    drawn = []
+
+    def keep(fig, path, dpi):
+        drawn.extend([sorted({x for line in ax.get_lines() for x in line.get_xdata()}) for ax in fig.axes[:2]])
+        ps.plt.close(fig)
+
+    monkeypatch.setattr(ps, "save_png", keep)
+    ps.plot_decode([{"device": "FakeGPU", "results": rows, "hf_rows": []}], "unused.png", ps.PlotConfig())
+    assert drawn == [[4096], [64, 256, 1024]], drawn  # x values: generation lengths, then batch sizes
+
+
 def plot_run(out_dir, capsys, *flags):
     rc = ps.main(["--out_dir", str(out_dir), "--dpi", "40", *flags])
     captured = capsys.readouterr()
