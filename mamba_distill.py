@@ -456,8 +456,8 @@ class LM(nn.Module):
 
 ATTENTION_TO_SSM = [
     ("self_attn.q_proj.weight", "mixer.in_proj.weight", "C"),  # (h*e, d): the query reads the state
-    ("self_attn.k_proj.weight", "mixer.in_proj.weight", "B"),  # (k*e, d): the key writes it
-    ("self_attn.v_proj.weight", "mixer.in_proj.weight", "x"),  # (k*e, d): the value is written
+    ("self_attn.k_proj.weight", "mixer.in_proj.weight", "B"),  # (g*e, d): the key writes it
+    ("self_attn.v_proj.weight", "mixer.in_proj.weight", "x"),  # (g*e, d): the value is written
     ("self_attn.o_proj.weight", "mixer.out_proj.weight", None),  # (d, h*e)
 ]
 
@@ -669,7 +669,7 @@ def main(argv=None):
                                                           want[name])
         finish_model(models[name], tok, cfg, env, name, want[name], stage_times)
     record = read_provenance(cfg.out_dir)
-    summary = {"device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+    summary = {"device": device_name(env.device),
                "preset": cfg.preset, "config": asdict(cfg), "models": {}}
     if env.main:
         t0 = time.time()
@@ -732,6 +732,10 @@ def setup_env(device: str) -> Env:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     return Env(dev, torch.bfloat16 if device == "cuda" else None, rank, world)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def barrier(env):
@@ -2148,12 +2152,12 @@ def bench(cfg, env, warmup=2, steps=8):
     mcfg = shape_config("llama-3.2-1b")
     torch.manual_seed(0)
     teacher = LM(mcfg).to(env.device, torch.bfloat16).eval().requires_grad_(False)
-    name = torch.cuda.get_device_name(env.device)
+    name = device_name(env.device)
     peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
     batches = RandomBatches(mcfg.vocab_size, cfg.seq_len)
     results = []
     for kind in filter(None, cfg.students.split(",")):
-        ssm = student_layers(kind, mcfg.num_hidden_layers, 0.25)
+        ssm = student_layers(kind, mcfg.num_hidden_layers, cfg.attn_fraction)
         student = transfer_attention_to_mamba(teacher, ssm).float().to(env.device).train()
         loss_fn = kl_loss_fn(compiled(teacher, cfg, env), "forward", 1.0)
         torch.cuda.reset_peak_memory_stats(env.device)
@@ -2169,7 +2173,7 @@ def bench(cfg, env, warmup=2, steps=8):
         mfu = flops * tok_s / env.world / peak if peak else float("nan")
         mem = torch.cuda.max_memory_allocated(env.device) / 2**30
         results.append({"student": kind, "tokens_per_s": tok_s, "mfu": mfu, "peak_mem_GiB": mem, "compile": cfg.compile,
-                        "gpus": env.world, "batch": cfg.batch_size, "seq_len": cfg.seq_len})
+                        "gpus": env.world, "batch": cfg.batch_size, "seq_len": cfg.seq_len, "ssm_layers": ssm})
         if env.main:
             print(f"{name} x{env.world}: {kind:>6} student ({'compiled' if cfg.compile else 'eager'}), "
                   f"batch {cfg.batch_size}x{cfg.seq_len} in {cfg.grad_accum} micro-batches: "

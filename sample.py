@@ -590,7 +590,7 @@ def _evaluate(cfg, env, group):
     samples = merge_samples(out_dir, lambda s: True)
     ks, coverage, majority, time_s = summarize(samples, len(rows), cfg.k)
     summary = {"model": name, "checkpoint": cfg.checkpoint, "weights": meta["weights"], "data": meta["data"],
-               "data_file": meta["data_file"], "device": device_name(device), "gpus": group.world,
+               "data_file": meta["data_file"], "device": md.device_name(device), "gpus": group.world,
                "state_dtype": meta["state_dtype"], "n_problems": len(rows), "k": ks, "coverage": coverage,
                "majority": majority, "time_s": time_s, "temperature": cfg.temperature, "top_p": cfg.top_p,
                "top_k": cfg.top_k, "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract,
@@ -600,10 +600,6 @@ def _evaluate(cfg, env, group):
     for k, c, m, t in zip(ks, coverage, majority, time_s):
         print(f"k={k:5d} coverage {c:.3f} majority {m:.3f} time {t:.1f}s")
     return summary
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 # -----------------------------------------------------------------------------
@@ -716,7 +712,7 @@ def _bench(cfg, device):
     dtype = torch.bfloat16
     state_dtype = resolve_state_dtype(cfg.state_dtype, dtype)
     bw = copy_bandwidth(device)
-    result = {"device": device_name(device), "copy_GBps": bw, "date": time.strftime("%Y-%m-%d"),
+    result = {"device": md.device_name(device), "copy_GBps": bw, "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__, "state_dtype": str(state_dtype), "compile": cfg.compile,
               "results": [], "hf": []}
     print(f"{result['device']}: copy bandwidth {bw:.0f} GB/s", flush=True)
