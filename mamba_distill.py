@@ -1736,8 +1736,12 @@ def column_lines(a: int, b: int, sign: str) -> list[str]:
 
 def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digits: int = 4) -> dict:
     """A long-reasoning problem: n_people pass a tenth (rounded down) of what they hold round a circle for
-    n_turns turns; what does one hold at the end? The solution does every sum column by column, so it is
-    long because the reasoning is, and one wrong digit gives a wrong answer.
+    n_turns turns; what does the last one to receive hold at the end? The solution does every sum column
+    by column, so it is long because the reasoning is, and one wrong digit gives a wrong answer.
+    Every line needs only what the few lines above it say (within about 150 tokens): each result line
+    repeats the turn count, so the next turn's line copies it from close by instead of recalling the
+    question from hundreds of tokens back, and the answer repeats the last result line, so it needs no
+    lookup of one name's count among several.
     Returns {"question", "answer", "ops"}; ops = ["relay", [start amounts], n_turns, asked index]."""
     assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and 2 <= digits <= len(COLUMNS) - 1
     people = rng.sample(NAMES, n_people)
@@ -1745,7 +1749,7 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
     hers = {name: "hers" if his == "her" else "his" for name, _, his in people}
     obj, box, _, _ = rng.choice(OBJECTS)
     start = [rng.randint(10 ** (digits - 1), 10 ** digits - 1) for _ in names]
-    asked = names[rng.randrange(n_people)]
+    asked = n_turns % n_people  # the last to receive
 
     def listing(amounts, unit=""):
         parts = [f"{n} has {a}{unit}" for n, a in zip(names, amounts)]
@@ -1755,23 +1759,22 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
                            for i in range(n_people))
     q = (f"{', '.join(names[:-1])} and {names[-1]} keep {obj} in {box}. {listing(start, f' {obj}')}. "
          f"They take turns passing {obj} on: {order}, and so on in that order. A tenth is rounded down to a "
-         f"whole number. After {n_turns} turns, how many {obj} does {asked} have?")
+         f"whole number. After {n_turns} turns, how many {obj} does {names[asked]} have?")
     x = list(start)
     s = [f"At the start {listing(x)}."]
     for t in range(n_turns):
         g, r = t % n_people, (t + 1) % n_people
         give = x[g] // 10
-        s.append(f"Turn {t + 1} of {n_turns}, for {asked}: {names[g]} gives {names[r]} a tenth of {x[g]}, "
-                 f"which is {give}.")
+        s.append(f"Turn {t + 1} of {n_turns}: {names[g]} gives {names[r]} a tenth of {x[g]}, which is {give}.")
         for who, sign in ((g, "-"), (r, "+")):
             s.append(f"{names[who]}: {x[who]} {sign} {give}")
             s += column_lines(x[who], give, sign)
             x[who] = x[who] - give if sign == "-" else x[who] + give
-            s.append(f"{names[who]} has {x[who]}.")
+            s.append(f"{names[who]} has {x[who]} after turn {t + 1} of {n_turns}.")
         s.append(f"Now {listing(x)}.")
-    s.append(f"After {n_turns} turns {asked} has {x[names.index(asked)]}.")
-    s.append(f"#### {x[names.index(asked)]}")
-    return {"question": q, "answer": "\n".join(s), "ops": ["relay", start, n_turns, names.index(asked)]}
+    s.append(f"After {n_turns} turns {names[asked]} has {x[asked]}.")
+    s.append(f"#### {x[asked]}")
+    return {"question": q, "answer": "\n".join(s), "ops": ["relay", start, n_turns, asked]}
 
 
 TASKS = {"relay": (make_relay_problem, 2, 10), "short": (make_problem, 2, 8)}

@@ -479,11 +479,13 @@ def check_relay_solution(question, answer):
     """Redo every line of a relay solution from the text alone, independently of the generator: the
     starting counts, each turn's giver, receiver and tenth, every column of every subtraction and
     addition (its name, its digits, the borrow or carry it takes and passes on, its sum, the result so
-    far), each result, each "Now" line and the final answer. Returns the number of lines checked (all)."""
+    far), each result, each "Now" line and the final answer, which asks about the last to receive.
+    Returns the number of lines checked (all)."""
     people = regex.findall(r"(\w+) has (\d+) ", question)
     names, state = [n for n, _ in people], {n: int(a) for n, a in people}
     n_turns, asked = regex.search(r"After (\d+) turns, how many \w+(?: \w+)? does (\w+) have\?$", question).groups()
     n_turns = int(n_turns)
+    assert asked == names[n_turns % len(names)], question
     lines = answer.split("\n")
     i = 0
 
@@ -524,8 +526,7 @@ def check_relay_solution(question, answer):
     i += 1
     for t in range(1, n_turns + 1):
         g, r = names[(t - 1) % len(names)], names[t % len(names)]
-        m = regex.fullmatch(rf"Turn {t} of {n_turns}, for {asked}: {g} gives {r} a tenth of (\d+), which is (\d+)\.",
-                            lines[i])
+        m = regex.fullmatch(rf"Turn {t} of {n_turns}: {g} gives {r} a tenth of (\d+), which is (\d+)\.", lines[i])
         assert m and int(m[1]) == state[g] and int(m[2]) == state[g] // 10, lines[i]
         give = int(m[2])
         i += 1
@@ -533,7 +534,7 @@ def check_relay_solution(question, answer):
             assert lines[i] == f"{who}: {state[who]} {sign} {give}", lines[i]
             i += 1
             state[who] = column_work(sign, state[who], give)
-            assert lines[i] == f"{who} has {state[who]}.", lines[i]
+            assert lines[i] == f"{who} has {state[who]} after turn {t} of {n_turns}.", lines[i]
             i += 1
         assert counts(lines[i], "Now ") == state
         i += 1
