@@ -35,6 +35,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 from dataclasses import dataclass, field, fields
@@ -147,7 +148,8 @@ def read_eval_summaries(pattern):
             raise InputError(f"{path}: 'gpus' must be a positive whole number, got {gpus!r}")
         run.update(name=str(s.get("model", os.path.basename(os.path.dirname(path)))),
                    device=str(s.get("device", "unknown device")), n_problems=s.get("n_problems"), gpus=gpus,
-                   checkpoint=os.path.normpath(str(s.get("checkpoint", path))))
+                   checkpoint=os.path.normpath(str(s.get("checkpoint", path))), data=s.get("data"),
+                   samples=os.path.join(os.path.dirname(path), "samples.jsonl"))
         runs.append(run)
     return sorted(runs, key=lambda r: model_order(r["name"]))
 
@@ -401,6 +403,50 @@ def accuracy_table(runs):
     return format_table(("model", "GPUs", "k", "coverage %", "majority %", "time s"), rows)
 
 
+def line_kind(line, names):
+    """A solution line's kind: its first four words, with numbers as # and names as X."""
+    words = [w.rstrip(":,.") for w in line.split()[:4]]
+    return " ".join("X" if w in names else re.sub(r"\d+", "#", w) for w in words)
+
+
+def chain_breaks(run):
+    """Where a model's wrong samples first leave the gold worked solution (meaningful when the gold is in
+    the model's own format, as in the synthetic tasks): the count of wrong samples, the share whose first
+    differing line lies in each tenth of the gold solution, and the commonest kinds of that line. Names
+    are the question's capitalised words seen at least twice. None when the samples or data are absent."""
+    if not (run["data"] and os.path.isfile(run["data"]) and os.path.isfile(run["samples"])):
+        return None
+    gold = [row for _, row in read_jsonl(run["data"])]
+    tenths, kinds, wrong = [0] * 10, {}, 0
+    for lineno, s in read_jsonl(run["samples"]):
+        if not isinstance(s.get("problem"), int) or not 0 <= s["problem"] < len(gold) or "text" not in s:
+            raise InputError(f"{run['samples']}:{lineno}: needs 'problem' (a row of {run['data']}) and 'text'")
+        if s.get("correct"):
+            continue
+        question, lines = gold[s["problem"]]["question"], gold[s["problem"]]["answer"].split("\n")
+        words = [w.strip(",.?!") for w in question.split()]
+        names = {w for w in words if w[:1].isupper() and words.count(w) >= 2}
+        text = s["text"].split("\n")
+        i = next((i for i, (g, t) in enumerate(zip(lines, text)) if g != t), min(len(lines), len(text)))
+        wrong += 1
+        tenths[min(9, 10 * i // len(lines))] += 1
+        kind = line_kind(lines[i], names) if i < len(lines) else "(after the end)"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {"wrong": wrong, "tenths": [t / max(wrong, 1) for t in tenths],
+            "kinds": sorted(kinds.items(), key=lambda kv: -kv[1])}
+
+
+def breaks_table(runs):
+    rows = []
+    for r in runs:
+        b = chain_breaks(r)
+        if b and b["wrong"]:
+            top = ", ".join(f"'{kind}' {100 * n / b['wrong']:.0f}%" for kind, n in b["kinds"][:3])
+            rows.append((r["name"], b["wrong"], " ".join(f"{100 * t:.0f}" for t in b["tenths"]), top))
+    return format_table(("model", "wrong samples", "% in each tenth of the solution", "commonest first wrong lines"),
+                        rows) if rows else ""
+
+
 # -----------------------------------------------------------------------------
 # Figure 3: decode throughput against batch size and generation length
 
@@ -633,6 +679,9 @@ def make_plots(cfg):
                 ("model", "samples drawn x faster", "coverage above teacher", "majority above teacher"),
                 [(n, "-" if s is None else f"{s:.2f}", f"{100 * c:.0f}% of the time range", f"{100 * m:.0f}%")
                  for n, s, c, m in table]), end="\n\n")
+        breaks = breaks_table(one_gpu)
+        if breaks:
+            print("== where the wrong samples first leave the gold solution ==\n" + breaks, end="\n\n")
         plot_accuracy(one_gpu, "time_s", target("accuracy_vs_time.png"), cfg)
         plot_accuracy(one_gpu, "k", target("accuracy_vs_k.png"), cfg)
     else:

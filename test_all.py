@@ -2198,6 +2198,35 @@ def test_plot_every_figure_and_table(tmp_path, capsys):
     assert "pure: faster than the teacher" not in out  # (notes go into the figure, not the tables)
 
 
+def test_plot_reports_where_wrong_samples_leave_the_gold_solution(tmp_path, capsys):
+    """Samples that go wrong at a known line of a relay solution are counted at that line's tenth and
+    kind (names as X, numbers as #); right samples and a run without samples.jsonl are left out."""
+    plot_fake_out(tmp_path, bench=False, logs=False)
+    rows = synthetic_split("test", 2, seed=3)
+    write_jsonl(rows, tmp_path / "test.jsonl")
+    summary_path = tmp_path / "eval" / "pure" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "data": str(tmp_path / "test.jsonl")}))
+    gold = [r["answer"].split("\n") for r in rows]
+    turn2 = next(i for i, line in enumerate(gold[0]) if line.startswith("Turn 2 of"))
+    last = len(gold[1]) - 2  # "After N turns X has Y."
+    samples = [(0, gold[0][:turn2] + ["Turn 2 of 99: nonsense"], False), (1, gold[1][:last] + ["After 1 turn"], False),
+               (1, gold[1][:last] + ["After 2 turns"], False), (0, gold[0], True)]
+    (tmp_path / "eval" / "pure" / "samples.jsonl").write_text("".join(
+        json.dumps({"problem": p, "sample": j, "text": "\n".join(text), "correct": ok}) + "\n"
+        for j, (p, text, ok) in enumerate(samples)))
+    rc, out, err = plot_run(tmp_path, capsys)
+    assert rc == 0, err
+    table = out.split("== where the wrong samples first leave the gold solution ==")[1].split("\n\n")[0]
+    pure = next(line for line in table.splitlines() if line.startswith("pure "))
+    tenths = [0] * 10
+    tenths[10 * turn2 // len(gold[0])] += 1
+    tenths[9] += 2
+    assert regex.search(r"pure\s+3\s+" + " ".join(str(round(100 * t / 3)) for t in tenths), pure), pure
+    assert "'After # turns X' 67%, 'Turn # of #' 33%" in pure, pure
+    assert "teacher" not in table  # its eval directory has no samples.jsonl
+
+
 def test_plot_missing_inputs(tmp_path, capsys):
     rc, out, err = plot_run(tmp_path / "nothing", capsys)
     assert rc == 1
