@@ -24,6 +24,9 @@ Figures (a figure whose input files are absent is skipped with a one-line note n
   distill_loss.png       training loss against wall time, a panel per stage, colour by model, dashed =
                          random mixer init, open markers = held-out loss. Input: <out_dir>/logs/*.jsonl.
 
+Tables on stdout: the same numbers, the equal-time comparison, and, where a model's samples.jsonl and
+the data file its summary names are present, where its wrong samples first leave the gold solution.
+
 Bad input (a malformed json/jsonl line, a missing key, a bad flag) stops with one line naming file:line
 or the flag, exit status 2; if no figure at all could be drawn the script exits with status 1.
 
