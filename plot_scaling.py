@@ -420,20 +420,23 @@ def chain_breaks(run):
     if not (run["data"] and os.path.isfile(run["data"]) and os.path.isfile(run["samples"])):
         return None
     gold = [row for _, row in read_jsonl(run["data"])]
+    names = {}  # problem -> its names
     tenths, kinds, wrong = [0] * 10, {}, 0
     for lineno, s in read_jsonl(run["samples"]):
         if not isinstance(s.get("problem"), int) or not 0 <= s["problem"] < len(gold) or "text" not in s:
             raise InputError(f"{run['samples']}:{lineno}: needs 'problem' (a row of {run['data']}) and 'text'")
         if s.get("correct"):
             continue
-        question, lines = gold[s["problem"]]["question"], gold[s["problem"]]["answer"].split("\n")
-        words = [w.strip(",.?!") for w in question.split()]
-        names = {w for w in words if w[:1].isupper() and words.count(w) >= 2}
+        p = s["problem"]
+        if p not in names:
+            words = [w.strip(",.?!") for w in gold[p]["question"].split()]
+            names[p] = {w for w in words if w[:1].isupper() and words.count(w) >= 2}
+        lines = gold[p]["answer"].split("\n")
         text = s["text"].split("\n")
         i = next((i for i, (g, t) in enumerate(zip(lines, text)) if g != t), min(len(lines), len(text)))
         wrong += 1
         tenths[min(9, 10 * i // len(lines))] += 1
-        kind = line_kind(lines[i], names) if i < len(lines) else "(after the end)"
+        kind = line_kind(lines[i], names[p]) if i < len(lines) else "(after the end)"
         kinds[kind] = kinds.get(kind, 0) + 1
     return {"wrong": wrong, "tenths": [t / max(wrong, 1) for t in tenths],
             "kinds": sorted(kinds.items(), key=lambda kv: -kv[1])}
