@@ -1023,10 +1023,11 @@ def wanted_artifacts(cfg, runs):
     """{artifact: the settings that make it} for data, tokenizer, teacher and each student (runs: (name,
     ssm_layers, init)). A student's settings hold its teacher's: a new teacher makes every student stale."""
     pick = lambda names: {k: getattr(cfg, k) for k in names if k != "digits" or cfg.task == "relay"}
-    train = {"data": file_fingerprint(cfg.data)} if cfg.data else pick(DATA_SETTINGS)
+    synthetic = {**pick(DATA_SETTINGS), "generator": generator_fingerprint(cfg)}
+    train = {"data": file_fingerprint(cfg.data)} if cfg.data else synthetic
     want = {}
     if not (cfg.data and cfg.test_data):
-        want["data"] = {**pick(DATA_SETTINGS), "n_test": cfg.n_test}
+        want["data"] = {**synthetic, "n_test": cfg.n_test}
     if cfg.teacher:
         teacher = {"teacher": weights_fingerprint(cfg.teacher)}
     else:
@@ -1106,8 +1107,7 @@ def load_data(cfg, env, want):
     for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
         if split in rows:
             continue
-        knobs = {"digits": cfg.digits} if cfg.task == "relay" else {}
-        rows[split] = synthetic_split(split, n, cfg.seed, cfg.task, cfg.min_steps, cfg.max_steps, **knobs)
+        rows[split] = synthetic_rows(cfg, split, n)
         target = os.path.join(cfg.out_dir, "data", f"{split}.jsonl")
         if env.main and not os.path.exists(target):
             record_artifact(cfg.out_dir, "data", want["data"])
@@ -1800,6 +1800,18 @@ def synthetic_split(split: str, n: int, seed: int = 0, task: str = "relay", min_
             seen.add(p["question"])
             rows.append(p)
     return rows
+
+
+def synthetic_rows(cfg, split: str, n: int) -> list[dict]:
+    """n problems of a split of the synthetic task the settings name."""
+    knobs = {"digits": cfg.digits} if cfg.task == "relay" else {}
+    return synthetic_split(split, n, cfg.seed, cfg.task, cfg.min_steps, cfg.max_steps, **knobs)
+
+
+def generator_fingerprint(cfg) -> str:
+    """A hash of the first few problems the generator makes with these settings: when its code changes,
+    so does the hash, and data (with the models trained on it) made by an older generator is not reused."""
+    return hashlib.sha256(json.dumps(synthetic_rows(cfg, "train", 4)).encode()).hexdigest()[:16]
 
 
 def gold_answer(answer_text: str) -> str:

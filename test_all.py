@@ -1605,6 +1605,25 @@ def test_held_out_loss_is_the_stage_loss_on_test_problems(tmp_path):
     assert_close(torch.tensor(recs[-1]["held_out_loss"]), s / n, atol=2e-6, what="held-out loss")
 
 
+def test_a_changed_generator_makes_its_data_and_models_stale(tmp_path, monkeypatch):
+    """Data made by another version of the synthetic generator, with the same settings, is not reused:
+    the run stops naming the generator, and the teacher and students trained on it are stale too."""
+    argv = ["--preset", "tiny", "--out_dir", str(tmp_path)]
+    cfg = md.apply_preset(md.parse_config(md.DistillConfig, argv), argv)
+    runs = [("pure", list(range(cfg.n_layers)), "attention")]
+    old = md.wanted_artifacts(cfg, runs)
+    md.record_artifact(str(tmp_path), "data", old["data"])
+    md.write_jsonl(md.synthetic_rows(cfg, "train", 3), tmp_path / "data" / "train.jsonl")
+    md.check_artifacts(cfg, None, old)  # the same generator: nothing to say
+    make, lo, hi = md.TASKS[cfg.task]
+    reworded = lambda rng, n, **kw: {**make(rng, n, **kw), "answer": make(rng, n, **kw)["answer"] + "."}
+    monkeypatch.setitem(md.TASKS, cfg.task, (reworded, lo, hi))
+    new = md.wanted_artifacts(cfg, runs)
+    assert all(new[name] != old[name] for name in ("data", "tokenizer.model", "teacher", "pure"))
+    with pytest.raises(InputError, match=r"train.jsonl was made with other settings \(generator "):
+        md.check_artifacts(cfg, None, new)
+
+
 def test_pipeline_tiny(tmp_path):
     out = str(tmp_path / "out")
     summary = md.main(["--preset", "tiny", "--out_dir", out])
