@@ -1739,9 +1739,9 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
     n_turns turns; what does the last one to receive hold at the end? The solution does every sum column
     by column, so it is long because the reasoning is, and one wrong digit gives a wrong answer.
     Every line needs only what the few lines above it say (within about 150 tokens): each result line
-    repeats the turn count, so the next turn's line copies it from close by instead of recalling the
-    question from hundreds of tokens back, and the answer repeats the last result line, so it needs no
-    lookup of one name's count among several.
+    repeats the turn count, so the next turn's line copies it from close by instead of recalling it from
+    the previous turn's line, hundreds of tokens back; and the answer repeats the last result line, so it
+    needs no lookup of one name's count among several.
     Returns {"question", "answer", "ops"}; ops = ["relay", [start amounts], n_turns, asked index]."""
     assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and 2 <= digits <= len(COLUMNS) - 1
     people = rng.sample(NAMES, n_people)
