@@ -41,6 +41,7 @@ import os
 import re
 import sys
 import textwrap
+from collections import Counter
 from dataclasses import dataclass, field, fields
 
 import matplotlib
@@ -421,7 +422,7 @@ def chain_breaks(run):
         return None
     gold = [row for _, row in read_jsonl(run["data"])]
     names = {}  # problem -> its names
-    tenths, kinds, wrong = [0] * 10, {}, 0
+    tenths, kinds, wrong = [0] * 10, Counter(), 0
     for lineno, s in read_jsonl(run["samples"]):
         if not isinstance(s.get("problem"), int) or not 0 <= s["problem"] < len(gold) or "text" not in s:
             raise InputError(f"{run['samples']}:{lineno}: needs 'problem' (a row of {run['data']}) and 'text'")
@@ -437,9 +438,9 @@ def chain_breaks(run):
         wrong += 1
         tenths[min(9, 10 * i // len(lines))] += 1
         kind = line_kind(lines[i], names[p]) if i < len(lines) else "(after the end)"
-        kinds[kind] = kinds.get(kind, 0) + 1
+        kinds[kind] += 1
     return {"wrong": wrong, "tenths": [t / max(wrong, 1) for t in tenths],
-            "kinds": sorted(kinds.items(), key=lambda kv: -kv[1])}
+            "kinds": kinds.most_common()}
 
 
 def breaks_table(runs):

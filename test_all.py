@@ -1616,7 +1616,11 @@ def test_a_changed_generator_makes_its_data_and_models_stale(tmp_path, monkeypat
     md.write_jsonl(md.synthetic_rows(cfg, "train", 3), tmp_path / "data" / "train.jsonl")
     md.check_artifacts(cfg, None, old)  # the same generator: nothing to say
     make, lo, hi = md.TASKS[cfg.task]
-    reworded = lambda rng, n, **kw: {**make(rng, n, **kw), "answer": make(rng, n, **kw)["answer"] + "."}
+
+    def reworded(rng, n, **knobs):  # the same problems, the solutions ending in one more full stop
+        p = make(rng, n, **knobs)
+        return {**p, "answer": p["answer"] + "."}
+
     monkeypatch.setitem(md.TASKS, cfg.task, (reworded, lo, hi))
     new = md.wanted_artifacts(cfg, runs)
     assert all(new[name] != old[name] for name in ("data", "tokenizer.model", "teacher", "pure"))
