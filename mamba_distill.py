@@ -9,7 +9,8 @@ students (sample.py) -> accuracy against wall-clock time (plot_scaling.py).
 Reading path, in the paper's order (the appendices after `main` hold everything that is not the paper):
   LM, MambaMixer                 the model: a Llama decoder whose layers in cfg.ssm_layers hold a mixer
   transfer_attention_to_mamba    attention -> SSM weight transfer, an explicit table with shape asserts
-  align_loss_fn, kl_loss_fn      the stage losses: 1 layer alignment, 2 KL to the teacher (3 is ce_loss)
+  align_loss_fn, kl_loss_fn      the stage losses: 1 layer alignment, 2 KL to the teacher (3 is ce_loss;
+                                 orient_loss_fn, an optional stage 0, matches whole mixing matrices)
   distill_student                the stage plan
   main                           data -> teacher -> students -> greedy accuracy
   Appendix A training loop, checkpoints, resume, provenance; B tokenizer; C files (safetensors, HF
@@ -233,6 +234,17 @@ class Attention(nn.Module):
                                                    attn_mask=ctx.mask, enable_gqa=True)  # (b, h, l, e)
         return self.o_proj(y.transpose(1, 2).reshape(b, l, self.h * self.e))  # (b, l, d)
 
+    def matrix(self, x, rope):
+        """The causal attention matrix softmax(q k^T / sqrt(e)) (b, h, l, l) in fp32: y = M v per head."""
+        b, l, _ = x.shape
+        q, k, _ = self.qkv(x)
+        q = apply_rope(q.view(b, l, self.h, self.e).transpose(1, 2), *rope)  # (b, h, l, e)
+        k = apply_rope(k.view(b, l, self.g, self.e).transpose(1, 2), *rope)  # (b, g, l, e)
+        k = k.repeat_interleave(self.h // self.g, dim=1)  # (b, h, l, e) shared in a group
+        scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(self.e)  # (b, h, l, l)
+        causal = torch.ones(l, l, dtype=torch.bool, device=x.device).tril()  # (l, l)
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
 
 class MambaMixer(nn.Module):
     """Mamba-2 mixer in MambaInLlama's layout, shaped so that the teacher's attention weights fit:
@@ -304,6 +316,20 @@ class MambaMixer(nn.Module):
             if cache is not None:  # y (b, l, h, p), final (b, h, p, n)
                 cache[1].copy_(final)
         return self.out_proj(self.norm(y.reshape(b, l, -1), gate=z).to(self.out_proj.weight.dtype))  # (b, l, d)
+
+    def matrix(self, u):
+        """The mixer as a matrix (b, h, l, l) in fp32, Mamba-2's SSD form: y = M x + D x per head (before the
+        gated norm), M_ij = (C_i . B_j) exp(s_i - s_j) dt_j for j <= i, s the running sum of dt A."""
+        b, l, _ = u.shape
+        _, xBC, dt = self.in_proj(u).split([self.sizes["z"], self.conv_dim, self.h], dim=-1)  # (b, l, conv_dim), (b, l, h)
+        _, B, C = self.conv(xBC).split([self.g * self.p, self.g * self.n, self.h * self.n], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(1, 2)  # (b, h, l)
+        s = torch.cumsum(dt * -torch.exp(self.A_log.float())[:, None], dim=-1)  # (b, h, l)
+        B = B.view(b, l, self.g, self.n).repeat_interleave(self.h // self.g, dim=2).transpose(1, 2).float()  # (b, h, l, n)
+        C = C.reshape(b, l, self.h, self.n).transpose(1, 2).float()  # (b, h, l, n)
+        causal = torch.ones(l, l, dtype=torch.bool, device=u.device).tril()  # (l, l)
+        decay = (s[..., :, None] - s[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (b, h, l, l), 0 above
+        return (C @ B.transpose(-1, -2)) * decay * dt[:, :, None, :]
 
     def conv(self, xBC, cache=None, ctx=None):
         """The causal depthwise conv of (b, l, conv_dim), then silu. A cache holds a ring of the last w-1
@@ -507,7 +533,28 @@ def student_layers(kind, n_layers, attn_fraction):
 
 
 # -----------------------------------------------------------------------------
-# 3. The three stage losses; each returns (the loss summed over a micro-batch's tokens, their count)
+# 3. The stage losses; each returns (the loss summed over a micro-batch's tokens, their count)
+
+def orient_loss_fn(teacher, ssm_layers, pad_id, max_len):
+    """Stage 0 (MOHAWK's matrix orientation): each mixer's matrix, on the teacher's input to that layer,
+    must match the attention matrix of the layer it replaces (squared distance per query row, summed over
+    heads), on the first max_len tokens: the matrices grow as l^2."""
+    def loss_fn(student, x, y, m):
+        x = x[:, :max_len]  # (b, l)
+        collect = []
+        with torch.no_grad():
+            teacher(x, collect=collect)
+            pos = torch.arange(x.shape[1], device=x.device).expand_as(x)  # (b, l)
+            rope = teacher.rope(pos, collect[0][0].dtype)
+            target = {i: teacher.model.layers[i].self_attn.matrix(collect[i][0], rope) for i in ssm_layers}  # (b, h, l, l)
+        real = (x != pad_id).float()  # (b, l)
+        loss = 0.0
+        for i in ssm_layers:
+            err = (student.model.layers[i].mixer.matrix(collect[i][0]) - target[i]).pow(2).sum((1, 3))  # (b, l)
+            loss = loss + (err * real).sum()
+        return loss / len(ssm_layers), real.sum()
+    return loss_fn
+
 
 def align_loss_fn(teacher, ssm_layers, pad_id):
     """Stage 1 (MOHAWK's hidden-state alignment): each mixer, fed the teacher's input to that layer's
@@ -551,22 +598,27 @@ def ce_loss(model, x, y, m):
 # -----------------------------------------------------------------------------
 # 4. The stage plan, and the pipeline: data -> teacher -> students -> greedy accuracy
 
-STAGES = ("teacher", "align", "kl", "sft")  # in the order a model's run goes through them
+STAGES = ("teacher", "orient", "align", "kl", "sft")  # in the order a model's run goes through them
 
 
 def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, held_out, want):
-    """Transfer, then the stages: 1 align the mixers, 2 KL to the teacher, 3 (optional) fine-tune on
-    the solutions; each checkpoints, so a run resumes where it stopped. Returns (student, stage times)."""
+    """Transfer, then the stages: 0 (optional) orient the mixers' matrices, 1 align the mixers' outputs,
+    2 KL to the teacher, 3 (optional) fine-tune on the solutions; each checkpoints, so a run resumes where it stopped. Returns (student, stage times)."""
     torch.manual_seed(cfg.seed + zlib.crc32(name.encode()))  # the same init whatever ran before
     student = transfer_attention_to_mamba(teacher, ssm_layers, init).float().to(env.device)
     if env.main:
         print(f"{name}: {len(ssm_layers)}/{teacher.cfg.num_hidden_layers} layers are Mamba, init={init}, "
               f"{student.num_params() / 1e6:.1f}M parameters")
-    plan = [("align", cfg.align_steps if ssm_layers else 0, cfg.align_lr, align_loss_fn(teacher, ssm_layers, tok.pad_id)),
+    plan = [("orient", cfg.orient_steps if ssm_layers else 0, cfg.orient_lr,
+             orient_loss_fn(teacher, ssm_layers, tok.pad_id, cfg.orient_len)),
+            ("align", cfg.align_steps if ssm_layers else 0, cfg.align_lr, align_loss_fn(teacher, ssm_layers, tok.pad_id)),
             ("kl", cfg.kl_steps, cfg.kl_lr, kl_loss_fn(compiled(teacher, cfg, env), cfg.kl, cfg.temperature)),
             ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
-    # stage 1 trains the mixers alone (the rest is the teacher's); stages 2 and 3 train everything
-    trains = {"align": lambda pname: ".mixer." in pname, "kl": lambda pname: True, "sft": lambda pname: True}
+    # stage 0 trains what makes a mixer's matrix (DDP wants no trainable parameter without a gradient),
+    # stage 1 the mixers alone (the rest is the teacher's); stages 2 and 3 train everything
+    in_matrix = ("in_proj", "conv1d", "dt_bias", "A_log")
+    trains = {"orient": lambda pname: ".mixer." in pname and pname.split(".mixer.")[1].split(".")[0] in in_matrix,
+              "align": lambda pname: ".mixer." in pname, "kl": lambda pname: True, "sft": lambda pname: True}
     run = ModelRun(name, init, cfg, env, want, [(stage, steps) for stage, steps, _, _ in plan], held_out)
     for stage, steps, lr, loss_fn in plan:
         if run.stage_done(stage, student):
@@ -1015,7 +1067,7 @@ def read_state(ckpt):
 # The settings that decide each artifact; the others (paths, logging, evaluation) may differ between runs.
 DATA_SETTINGS = ("task", "min_steps", "max_steps", "digits", "n_train", "seed")
 TEACHER_SETTINGS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "teacher_steps", "teacher_lr")
-STUDENT_SETTINGS = ("align_steps", "align_lr", "kl_steps", "kl_lr", "kl", "temperature", "sft_steps", "sft_lr")
+STUDENT_SETTINGS = ("orient_steps", "orient_lr", "orient_len", "align_steps", "align_lr", "kl_steps", "kl_lr", "kl", "temperature", "sft_steps", "sft_lr")
 OPTIM_SETTINGS = ("batch_size", "grad_accum", "seq_len", "warmup", "weight_decay", "grad_clip", "seed")
 
 
@@ -2027,6 +2079,11 @@ class DistillConfig:
     init: str = flag("attention", "attention (MambaInLlama transfer) or random mixers", choices=("attention", "random"))
     random_baseline: str = flag("pure", "also distil this student from random mixers (empty = no baseline)",
                                 choices=("", "hybrid", "pure"))
+    orient_steps: int = flag(0, "stage 0: steps matching each mixer's matrix to its attention matrix (MOHAWK's "
+                                "matrix orientation; 0 = skip)", at_least=0)
+    orient_lr: float = flag(1e-3, "stage 0: peak learning rate", above=0)
+    orient_len: int = flag(512, "stage 0: the first tokens of each sequence whose (l, l) matrices are matched",
+                           at_least=1)
     align_steps: int = flag(800, "stage 1: layer-wise mixer alignment steps (0 = skip)", at_least=0)
     align_lr: float = flag(2e-3, "stage 1: peak learning rate", above=0)
     kl_steps: int = flag(1400, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)

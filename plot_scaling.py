@@ -196,7 +196,8 @@ def read_logs(pattern):
 
 
 MODEL_ORDER = ("teacher", "hybrid", "pure", "pure_random")
-STAGES = {"teacher": "teacher training (cross-entropy)", "align": "stage 1: layer alignment (MSE)",
+STAGES = {"teacher": "teacher training (cross-entropy)", "orient": "stage 0: matrix orientation (MSE)",
+          "align": "stage 1: layer alignment (MSE)",
           "kl": "stage 2: distillation (KL to teacher)", "sft": "stage 3: fine-tuning (cross-entropy)"}
 
 

@@ -131,6 +131,51 @@ def test_linear_attention_identity():
         assert_close(mixer(u), expected, atol=1e-4, rtol=1e-4, what="linear attention")
 
 
+def test_mixing_matrices_reproduce_the_layers():
+    """Stage 0's matrices are the layers: the attention matrix times v gives the attention's output,
+    the mixer's SSD matrix times x (plus D x) the mixer's output, both through their own projections."""
+    models = tiny_models()
+    attn, mixer = models["teacher"].model.layers[1].self_attn, models["pure"].model.layers[1].mixer
+    torch.manual_seed(4)
+    u = torch.randn(2, 9, 64)
+    b, l, h, g, e = 2, 9, 4, 2, 16
+    pos = torch.arange(l).expand(b, l)
+    rope = models["teacher"].rope(pos, u.dtype)
+    with torch.no_grad():
+        mixer.A_log.uniform_(-1, 1)  # decays and steps that matter over 9 tokens
+        mixer.dt_bias.uniform_(-1, 1)
+        v = attn.v_proj(u).view(b, l, g, e).transpose(1, 2).repeat_interleave(h // g, 1)  # (b, h, l, e)
+        y = attn.o_proj((attn.matrix(u, rope) @ v).transpose(1, 2).reshape(b, l, h * e))  # (b, l, d)
+        assert_close(y, attn(u, rope), atol=1e-5, rtol=1e-4, what="attention")
+        z, xBC, _ = mixer.in_proj(u).split([h * e, mixer.conv_dim, h], dim=-1)
+        x = mixer.conv(xBC)[..., :g * e].view(b, l, g, e).transpose(1, 2).repeat_interleave(h // g, 1)  # (b, h, l, p)
+        y = mixer.matrix(u) @ x + mixer.D[:, None, None] * x  # (b, h, l, p)
+        out = mixer.out_proj(mixer.norm(y.transpose(1, 2).reshape(b, l, h * e), gate=z))
+        assert_close(out, mixer(u), atol=1e-5, rtol=1e-4, what="mixer")
+
+
+def test_orientation_stage_moves_the_matrices_towards_attention():
+    """A few steps of stage 0's loss, on the parameters it trains, bring the mixers' matrices closer
+    to the teacher's attention matrices."""
+    models = tiny_models()
+    teacher, student = models["teacher"], models["pure"]
+    loss_fn = md.orient_loss_fn(teacher, list(range(4)), pad_id=-1, max_len=12)
+    params = [p for name, p in student.named_parameters()
+              if name.split(".mixer.")[-1].split(".")[0] in ("in_proj", "conv1d", "dt_bias", "A_log")]
+    optimizer = torch.optim.Adam(params, lr=2e-2)
+    torch.manual_seed(5)
+    x = torch.randint(0, 96, (3, 16))
+    losses = []
+    for _ in range(15):
+        s, n = loss_fn(student, x, None, None)
+        assert n.item() == 3 * 12  # the first max_len tokens of each row
+        losses.append(s.item() / n.item())
+        optimizer.zero_grad()
+        s.backward()
+        optimizer.step()
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
 def test_rope_frequencies_stay_fp32():
     """A bf16 teacher (as on a GPU) must not hand its students bf16-rounded RoPE frequencies."""
     teacher = tiny_models()["teacher"].to(torch.bfloat16)
