@@ -8,6 +8,7 @@ sample.py, HF parity of teacher files, the whole pipeline (resume, DDP, presets)
 Glossary (as in the project's files): b batch, l length, h heads, k key/value heads (GQA groups),
 e head dim, p SSM head dim, n SSM state dim, g groups of B and C, v vocabulary, d model width.
 """
+import copy
 import json
 import os
 import random
@@ -174,6 +175,25 @@ def test_orientation_stage_moves_the_matrices_towards_attention():
         s.backward()
         optimizer.step()
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@needs_cuda
+def test_gpu_orientation_loss_under_bf16_autocast():
+    """Stage 0 as it runs on a GPU (bf16 teacher, bf16 autocast): the loss and its gradient match the
+    fp32 CPU computation within bf16 rounding."""
+    models = tiny_models()
+    teacher, student = models["teacher"], models["pure"]
+    torch.manual_seed(6)
+    x = torch.randint(0, 96, (2, 40))
+    loss_fn = md.orient_loss_fn(teacher, list(range(4)), pad_id=-1, max_len=32)
+    s_cpu, n = loss_fn(student, x, None, None)
+    g_cpu = torch.autograd.grad(s_cpu, student.model.layers[0].mixer.in_proj.weight)[0]
+    teacher_gpu, student_gpu = copy.deepcopy(teacher).cuda().to(torch.bfloat16), copy.deepcopy(student).cuda()
+    with torch.autocast("cuda", torch.bfloat16):
+        s_gpu, _ = md.orient_loss_fn(teacher_gpu, list(range(4)), -1, 32)(student_gpu, x.cuda(), None, None)
+    g_gpu = torch.autograd.grad(s_gpu, student_gpu.model.layers[0].mixer.in_proj.weight)[0]
+    assert_close(s_gpu.cpu() / n, s_cpu / n, atol=2e-3, rtol=5e-2, what="loss")
+    assert_close(g_gpu.cpu(), g_cpu, atol=5e-3 * g_cpu.abs().max().item(), rtol=1e-1, what="gradient")
 
 
 def test_rope_frequencies_stay_fp32():
