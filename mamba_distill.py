@@ -321,11 +321,12 @@ class MambaMixer(nn.Module):
         """The mixer as a matrix (b, h, l, l) in fp32, Mamba-2's SSD form: y = M x + D x per head (before the
         gated norm), M_ij = (C_i . B_j) exp(s_i - s_j) dt_j for j <= i, s the running sum of dt A."""
         b, l, _ = u.shape
-        _, xBC, dt = self.in_proj(u).split([self.sizes["z"], self.conv_dim, self.h], dim=-1)  # (b, l, conv_dim), (b, l, h)
+        # (b, l, conv_dim), (b, l, h)
+        _, xBC, dt = self.in_proj(u).split([self.sizes["z"], self.conv_dim, self.h], dim=-1)
         _, B, C = self.conv(xBC).split([self.g * self.p, self.g * self.n, self.h * self.n], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(1, 2)  # (b, h, l)
         s = torch.cumsum(dt * -torch.exp(self.A_log.float())[:, None], dim=-1)  # (b, h, l)
-        B = B.view(b, l, self.g, self.n).repeat_interleave(self.h // self.g, dim=2).transpose(1, 2).float()  # (b, h, l, n)
+        B = B.view(b, l, self.g, self.n).repeat_interleave(self.h // self.g, 2).transpose(1, 2).float()  # (b, h, l, n)
         C = C.reshape(b, l, self.h, self.n).transpose(1, 2).float()  # (b, h, l, n)
         causal = torch.ones(l, l, dtype=torch.bool, device=u.device).tril()  # (l, l)
         decay = (s[..., :, None] - s[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (b, h, l, l), 0 above
@@ -546,7 +547,8 @@ def orient_loss_fn(teacher, ssm_layers, pad_id, max_len):
             teacher(x, collect=collect)
             pos = torch.arange(x.shape[1], device=x.device).expand_as(x)  # (b, l)
             rope = teacher.rope(pos, collect[0][0].dtype)
-            target = {i: teacher.model.layers[i].self_attn.matrix(collect[i][0], rope) for i in ssm_layers}  # (b, h, l, l)
+            # (b, h, l, l) per layer
+            target = {i: teacher.model.layers[i].self_attn.matrix(collect[i][0], rope) for i in ssm_layers}
         real = (x != pad_id).float()  # (b, l)
         loss = 0.0
         for i in ssm_layers:
@@ -603,7 +605,8 @@ STAGES = ("teacher", "orient", "align", "kl", "sft")  # in the order a model's r
 
 def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, held_out, want):
     """Transfer, then the stages: 0 (optional) orient the mixers' matrices, 1 align the mixers' outputs,
-    2 KL to the teacher, 3 (optional) fine-tune on the solutions; each checkpoints, so a run resumes where it stopped. Returns (student, stage times)."""
+    2 KL to the teacher, 3 (optional) fine-tune on the solutions; each checkpoints, so a run resumes where
+    it stopped. Returns (student, stage times)."""
     torch.manual_seed(cfg.seed + zlib.crc32(name.encode()))  # the same init whatever ran before
     student = transfer_attention_to_mamba(teacher, ssm_layers, init).float().to(env.device)
     if env.main:
@@ -1067,7 +1070,8 @@ def read_state(ckpt):
 # The settings that decide each artifact; the others (paths, logging, evaluation) may differ between runs.
 DATA_SETTINGS = ("task", "min_steps", "max_steps", "digits", "n_train", "seed")
 TEACHER_SETTINGS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "teacher_steps", "teacher_lr")
-STUDENT_SETTINGS = ("orient_steps", "orient_lr", "orient_len", "align_steps", "align_lr", "kl_steps", "kl_lr", "kl", "temperature", "sft_steps", "sft_lr")
+STUDENT_SETTINGS = ("orient_steps", "orient_lr", "orient_len", "align_steps", "align_lr", "kl_steps", "kl_lr", "kl",
+                    "temperature", "sft_steps", "sft_lr")
 OPTIM_SETTINGS = ("batch_size", "grad_accum", "seq_len", "warmup", "weight_decay", "grad_clip", "seed")
 
 

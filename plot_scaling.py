@@ -201,6 +201,10 @@ STAGES = {"teacher": "teacher training (cross-entropy)", "orient": "stage 0: mat
           "kl": "stage 2: distillation (KL to teacher)", "sft": "stage 3: fine-tuning (cross-entropy)"}
 
 
+def stage_order(stage):
+    return (list(STAGES).index(stage) if stage in STAGES else len(STAGES), stage)
+
+
 def model_order(name):
     return (MODEL_ORDER.index(name), name) if name in MODEL_ORDER else (len(MODEL_ORDER), name)
 
@@ -595,7 +599,7 @@ def _moving_average(values, window):
 
 
 def plot_losses(curves, path, cfg):
-    stages = sorted({s for _, _, s in curves}, key=lambda s: (list(STAGES).index(s) if s in STAGES else 99, s))
+    stages = sorted({s for _, _, s in curves}, key=stage_order)
     models = sorted({m for m, _, _ in curves}, key=model_order)
     # the init flag is about the students' mixers: the teacher's own training is drawn solid whatever it logs
     inits = sorted({i for _, i, s in curves if s != "teacher"}, key=lambda i: (i != "attention", i))
@@ -634,7 +638,8 @@ def plot_losses(curves, path, cfg):
 
 def loss_table(curves):
     rows = []
-    for (model, init, stage), points in sorted(curves.items(), key=lambda kv: (model_order(kv[0][0]), kv[0][1:])):
+    order = lambda kv: (model_order(kv[0][0]), kv[0][1], stage_order(kv[0][2]))  # kv: ((model, init, stage), points)
+    for (model, init, stage), points in sorted(curves.items(), key=order):
         t, loss, step, tokens, _ = points[-1]
         held = [p[4] for p in points if p[4] is not None]
         rows.append((model, init, stage, len(points), step, f"{tokens:g}" if isinstance(tokens, (int, float))
