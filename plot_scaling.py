@@ -318,9 +318,10 @@ def plot_accuracy(runs, x_key, path, cfg):
 
 
 def place_labels(ax, labels, side, markers=(), size=(34, 11)):
-    """Write each (x, y, text, colour) beside its point, on the given side, moved up just enough that it
-    covers no label written before it and no other marker (markers: (x, y) of every point drawn); the
-    lowest point's label goes first. A label is about `size` points (width, height)."""
+    """Write each (x, y, text, colour) beside its point, on the given side, moved up or down just enough
+    (whichever is less) that it covers no label written before it and no other marker (markers: (x, y)
+    of every point drawn); the lowest point's label goes first. A label is about `size` points (width,
+    height)."""
     to_points = 72 / ax.figure.dpi
     w, h = size
 
@@ -331,10 +332,11 @@ def place_labels(ax, labels, side, markers=(), size=(34, 11)):
     for px, py, x, y, text, colour in sorted(((*pts(x, y), x, y, t, c) for x, y, t, c in labels), key=lambda r: r[1]):
         x0 = px + 5 if side == "right" else px - 5 - w
         mine = (px - 4, px + 4, py - 4, py + 4)
-        ly = py
-        while any(b != mine and x0 < b[1] and b[0] < x0 + w and ly - h / 2 < b[3] and b[2] < ly + h / 2
-                  for b in boxes) and ly < py + 20 * h:
-            ly += 1
+        def free(ly):
+            return not any(b != mine and x0 < b[1] and b[0] < x0 + w and ly - h / 2 < b[3] and b[2] < ly + h / 2
+                           for b in boxes)
+        # the nearest free height: 0, +1, -1, +2, -2, ... points (up first), at most 20 heights away
+        ly = next((py + d for step in range(int(20 * h) + 1) for d in (step, -step) if free(py + d)), py + 20 * h)
         boxes.append((x0, x0 + w, ly - h / 2, ly + h / 2))
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(7 if side == "right" else -7, ly - py),
                     ha="left" if side == "right" else "right", va="center", fontsize=7.5, color=colour,
