@@ -65,7 +65,8 @@ class SampleConfig:
     # evaluation
     checkpoint: str = flag("out/hybrid", "checkpoint directory (teacher or student)")
     name: str = flag("", "a name for out_dir/eval/<name>/ (letters, digits, . _ -); empty = the checkpoint's")
-    data: str = flag("out/data/test.jsonl", "GSM8K-format jsonl (the real set: ../shared/data/gsm8k/test.jsonl)")
+    data: str = flag("", "GSM8K-format jsonl; empty = out_dir/data/test.jsonl, the test split mamba_distill.py "
+                         "wrote there (the real set: ../shared/data/gsm8k/test.jsonl)")
     out_dir: str = flag("out", "where eval/ and bench/ results go")
     n_problems: int = flag(200, "the first n problems of --data (0 = all)", at_least=0)
     k: int = flag(64, "samples per problem (a power of two); results at k = 1, 2, 4, ..., k", at_least=1)
@@ -785,6 +786,7 @@ def main(argv=None):
     if cfg.name and (not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) or cfg.name in (".", "..")):
         raise InputError(f"--name {cfg.name!r}: expected a plain name (letters, digits, . _ -) for out_dir/eval/<name>")
     md.check_out_dir(cfg.out_dir)
+    cfg = replace(cfg, data=cfg.data or os.path.join(cfg.out_dir, "data", "test.jsonl"))
     if not cfg.bench and not os.path.isfile(cfg.data):
         raise InputError(f"--data {cfg.data}: no such file")
     if cfg.bench:

@@ -1805,8 +1805,10 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
     out = str(root / "out")
     md.main(["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--eval_n", "0", "--out_dir", out])
-    sample.main(["--checkpoint", f"{out}/pure", "--data", f"{out}/data/test.jsonl", "--out_dir", out, "--k", "2",
+    # no --data: the test split the run wrote under --out_dir
+    sample.main(["--checkpoint", f"{out}/pure", "--out_dir", out, "--k", "2",
                  "--n_problems", "2", "--max_new_tokens", "4", "--device", "cpu"])
+    assert md.read_json(f"{out}/eval/pure/meta.json")["data"] == os.path.abspath(f"{out}/data/test.jsonl")
     return out
 
 
