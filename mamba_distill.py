@@ -287,10 +287,9 @@ class MambaMixer(nn.Module):
         start = sum(self.sizes[k] for k in names[:names.index(name)])
         return slice(start, start + self.sizes[name])
 
-    def forward(self, u, cache=None, ctx=None):
-        """u (b, l, d) -> (b, l, d): the whole sequence, or with a cache (LM.allocate_cache) l new tokens
-        at slots ctx.slots continuing its conv ring and SSM state (a prefill, or one decode step)."""
-        b, l, _ = u.shape
+    def project(self, u, cache=None, ctx=None):
+        """The mixer's inputs from u (b, l, d): z (b, l, h*p), then after the conv x (b, l, g*p), B (b, l, g*n),
+        C (b, l, h*n), and dt (b, l, h) fp32 > 0."""
         z, xBC, dt = self.in_proj(u).split([self.sizes["z"], self.conv_dim, self.h], dim=-1)  # (b, l, h*p), (b, l, conv_dim), (b, l, h)
         valid = None if ctx is None else ctx.valid  # (b, l) 0 at left padding
         if valid is not None:
@@ -300,6 +299,13 @@ class MambaMixer(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h) > 0
         if valid is not None:
             dt = dt * valid[..., None]
+        return z, x, B, C, dt
+
+    def forward(self, u, cache=None, ctx=None):
+        """u (b, l, d) -> (b, l, d): the whole sequence, or with a cache (LM.allocate_cache) l new tokens
+        at slots ctx.slots continuing its conv ring and SSM state (a prefill, or one decode step)."""
+        b, l, _ = u.shape
+        z, x, B, C, dt = self.project(u, cache, ctx)
         A = -torch.exp(self.A_log.float())  # (h,) < 0: a decay per head
         if cache is not None and l == 1:  # decode: one step, x and B read per group in place
             step = ssd_step if u.is_cuda else ssd_step_ref  # the Triton kernel (scan_kernel.py) on a GPU
@@ -321,10 +327,8 @@ class MambaMixer(nn.Module):
         """The mixer as a matrix (b, h, l, l) in fp32, Mamba-2's SSD form: y = M x + D x per head (before the
         gated norm), M_ij = (C_i . B_j) exp(s_i - s_j) dt_j for j <= i, s the running sum of dt A."""
         b, l, _ = u.shape
-        # (b, l, conv_dim), (b, l, h)
-        _, xBC, dt = self.in_proj(u).split([self.sizes["z"], self.conv_dim, self.h], dim=-1)
-        _, B, C = self.conv(xBC).split([self.g * self.p, self.g * self.n, self.h * self.n], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(1, 2)  # (b, h, l)
+        _, _, B, C, dt = self.project(u)
+        dt = dt.transpose(1, 2)  # (b, h, l)
         s = torch.cumsum(dt * -torch.exp(self.A_log.float())[:, None], dim=-1)  # (b, h, l)
         B = B.view(b, l, self.g, self.n).repeat_interleave(self.h // self.g, 2).transpose(1, 2).float()  # (b, h, l, n)
         C = C.reshape(b, l, self.h, self.n).transpose(1, 2).float()  # (b, h, l, n)
