@@ -1781,7 +1781,7 @@ def test_ddp_matches_one_process(tmp_path):
     import subprocess
     import sys
     flags = ["--preset", "tiny", "--device", "cpu", "--students", "pure", "--random_baseline", "",
-             "--sft_steps", "0", "--eval_n", "0"]
+             "--sft_steps", "0", "--eval_n", "0", "--orient_steps", "2"]  # every stage a student goes through
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     subprocess.run([sys.executable, "mamba_distill.py", *flags, "--out_dir", one], cwd=HERE, env=env,
