@@ -253,6 +253,7 @@ class MambaMixer(nn.Module):
 
     in_proj rows: [z (h*p) | x (g*p) | B (g*n) | C (h*n) | dt (h)]
     """
+    MATRIX_PARAMS = ("in_proj", "conv1d", "dt_bias", "A_log")  # what makes B, C and dt: matrix() depends on these
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -548,7 +549,7 @@ def orient_loss_fn(teacher, ssm_layers, pad_id, max_len):
         x = x[:, :max_len]  # (b, l)
         collect = []
         with torch.no_grad():
-            teacher(x, collect=collect)
+            teacher(x, collect=collect, return_hidden=True)  # the layers' inputs; no logits needed
             pos = torch.arange(x.shape[1], device=x.device).expand_as(x)  # (b, l)
             rope = teacher.rope(pos, collect[0][0].dtype)
             # (b, h, l, l) per layer
@@ -568,7 +569,7 @@ def align_loss_fn(teacher, ssm_layers, pad_id):
     def loss_fn(student, x, y, m):
         collect = []
         with torch.no_grad():
-            teacher(x, collect=collect)
+            teacher(x, collect=collect, return_hidden=True)  # the layers' inputs; no logits needed
         real = (x != pad_id).float()  # (b, l)
         loss = 0.0
         for i in ssm_layers:
@@ -623,9 +624,9 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, hel
             ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
     # stage 0 trains what makes a mixer's matrix (DDP wants no trainable parameter without a gradient),
     # stage 1 the mixers alone (the rest is the teacher's); stages 2 and 3 train everything
-    in_matrix = ("in_proj", "conv1d", "dt_bias", "A_log")
-    trains = {"orient": lambda pname: ".mixer." in pname and pname.split(".mixer.")[1].split(".")[0] in in_matrix,
-              "align": lambda pname: ".mixer." in pname, "kl": lambda pname: True, "sft": lambda pname: True}
+    in_matrix = lambda pname: ".mixer." in pname and pname.split(".mixer.")[1].split(".")[0] in MambaMixer.MATRIX_PARAMS
+    trains = {"orient": in_matrix, "align": lambda pname: ".mixer." in pname, "kl": lambda pname: True,
+              "sft": lambda pname: True}
     run = ModelRun(name, init, cfg, env, want, [(stage, steps) for stage, steps, _, _ in plan], held_out)
     for stage, steps, lr, loss_fn in plan:
         if run.stage_done(stage, student):

@@ -162,7 +162,7 @@ def test_orientation_stage_moves_the_matrices_towards_attention():
     teacher, student = models["teacher"], models["pure"]
     loss_fn = md.orient_loss_fn(teacher, list(range(4)), pad_id=-1, max_len=12)
     params = [p for name, p in student.named_parameters()
-              if name.split(".mixer.")[-1].split(".")[0] in ("in_proj", "conv1d", "dt_bias", "A_log")]
+              if name.split(".mixer.")[-1].split(".")[0] in md.MambaMixer.MATRIX_PARAMS]
     optimizer = torch.optim.Adam(params, lr=2e-2)
     torch.manual_seed(5)
     x = torch.randint(0, 96, (3, 16))
