@@ -2093,9 +2093,9 @@ class DistillConfig:
     orient_lr: float = flag(1e-3, "stage 0: peak learning rate", above=0)
     orient_len: int = flag(512, "stage 0: the first tokens of each sequence whose (l, l) matrices are matched",
                            at_least=1)
-    align_steps: int = flag(400, "stage 1: layer-wise mixer alignment steps (0 = skip)", at_least=0)
+    align_steps: int = flag(800, "stage 1: layer-wise mixer alignment steps (0 = skip)", at_least=0)
     align_lr: float = flag(2e-3, "stage 1: peak learning rate", above=0)
-    kl_steps: int = flag(2400, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
+    kl_steps: int = flag(1400, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
     kl_lr: float = flag(1e-3, "stage 2: peak learning rate", above=0)
     kl: str = flag("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)",
                    choices=("forward", "reverse"))
