@@ -37,6 +37,8 @@ Outputs, under --out_dir (read by sample.py and plot_scaling.py):
                                         on test problems it never trains on)
   ckpt/<model>/                         the latest checkpoint (+ optimizer.safetensors, state.json)
   distill_summary.json                  greedy accuracy, parameters and stage wall times per model
+  greedy/<model>.jsonl                  each evaluated test problem's greedy solution (problem, sample,
+                                        text, answer, gold, correct), as in sample.py's samples.jsonl
   bench/distill.json                    --bench: tokens/s, MFU, peak memory per student
 
 Glossary (letters in shape comments):
@@ -682,14 +684,19 @@ def get_teacher(cfg, env, tok, batches, held_out, want):
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tok, rows, cfg, env):
-    """Share of test problems whose greedy solution ends with the right "#### answer"."""
+def greedy_solutions(model, tok, rows, cfg, env):
+    """Each test problem's greedy solution, in the form of sample.py's samples.jsonl (one sample per
+    problem), so that plot_scaling.py can show where the wrong ones leave the gold solution."""
     prompts = [encode_prompt(tok, r["question"]) for r in rows]
     stop = StopRule(model.cfg.vocab_size, tok.stop_ids, tok, env.device)
     outs = greedy_generate(model, prompts, stop, cfg.max_new_tokens or auto_max_new_tokens(tok, rows),
                            env.amp or torch.float32)
-    right = [extract_answer(answer_text(o, tok)) == normalize_number(gold_answer(r["answer"])) for o, r in zip(outs, rows)]
-    return sum(right) / max(len(right), 1)
+    solutions = []
+    for i, (ids, r) in enumerate(zip(outs, rows)):
+        answer, gold = extract_answer(answer_text(ids, tok)), normalize_number(gold_answer(r["answer"]))
+        solutions.append({"problem": i, "sample": 0, "text": tok.decode(ids), "answer": answer, "gold": gold,
+                          "correct": answer == gold})
+    return solutions
 
 
 def main(argv=None):
@@ -739,7 +746,9 @@ def main(argv=None):
                      "path": cfg.teacher if name == "teacher" and cfg.teacher else os.path.join(cfg.out_dir, name),
                      "stage_times_s": record.get(name, {}).get("times", {})}
             if rows:
-                entry["greedy_acc"] = greedy_accuracy(model, tok, rows, cfg, env)
+                solutions = greedy_solutions(model, tok, rows, cfg, env)
+                entry["greedy_acc"] = sum(s["correct"] for s in solutions) / len(solutions)
+                write_jsonl(solutions, os.path.join(cfg.out_dir, "greedy", f"{name}.jsonl"))
                 print(f"{name:>12}: greedy accuracy {entry['greedy_acc']:.3f} on {len(rows)} test problems")
             summary["models"][name] = entry
         times["eval"] = time.time() - t0
@@ -1153,7 +1162,7 @@ def check_artifacts(cfg, env, want):
 def start_over(out_dir, students):
     """--fresh: remove what this run would make, nothing else under out_dir."""
     names = ["data", "tokenizer.model", "teacher", *students, "ckpt", "provenance.json", "distill_summary.json"]
-    names += [os.path.join("logs", f"{m}.jsonl") for m in ["teacher", *students]]
+    names += [os.path.join(d, f"{m}.jsonl") for d in ("logs", "greedy") for m in ["teacher", *students]]
     gone = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
     for n in gone:
         path = os.path.join(out_dir, n)

@@ -25,7 +25,9 @@ Figures (a figure whose input files are absent is skipped with a one-line note n
                          random mixer init, open markers = held-out loss. Input: <out_dir>/logs/*.jsonl.
 
 Tables on stdout: the same numbers, the equal-time comparison, and, where a model's samples.jsonl and
-the data file its summary names are present, where its wrong samples first leave the gold solution.
+the data file its summary names are present, where its wrong samples first leave the gold solution;
+the same for the greedy solutions of mamba_distill.py (<out_dir>/greedy/*.jsonl, on the test file
+<out_dir>/distill_summary.json names), so a run that sampled nothing yet says where its chains break.
 
 Bad input (a malformed json/jsonl line, a missing key, a bad flag) stops with one line naming file:line
 or the flag, exit status 2; if no figure at all could be drawn the script exits with status 1.
@@ -450,6 +452,19 @@ def chain_breaks(run):
             "kinds": kinds.most_common()}
 
 
+def greedy_runs(out_dir):
+    """The greedy solutions mamba_distill.py wrote (greedy/<model>.jsonl), as runs for chain_breaks."""
+    path = os.path.join(out_dir, "distill_summary.json")
+    if not os.path.isfile(path):
+        return []
+    summary = read_json(path)
+    if not isinstance(summary, dict) or not isinstance(summary.get("models"), dict):
+        raise InputError(f"{path}: expected an object with a 'models' object")
+    test = (summary.get("config") or {}).get("test_data") or os.path.join(out_dir, "data", "test.jsonl")
+    return [{"name": m, "data": test, "samples": os.path.join(out_dir, "greedy", f"{m}.jsonl")}
+            for m in sorted(summary["models"], key=model_order)]
+
+
 def breaks_table(runs):
     rows = []
     for r in runs:
@@ -684,6 +699,10 @@ def make_plots(cfg):
         written.append(os.path.join(plots_dir, name))
         return written[-1]
 
+    breaks = breaks_table(greedy_runs(cfg.out_dir))
+    if breaks:
+        print("== where the wrong greedy solutions of mamba_distill.py first leave the gold solution ==\n" + breaks,
+              end="\n\n")
     one_gpu = [r for r in runs if r["gpus"] == 1]  # the headline compares models on one GPU each
     if one_gpu:
         print(f"== accuracy per k ({summaries}; {_one_or_many(r['device'] for r in runs)}) ==\n"

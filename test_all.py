@@ -1705,6 +1705,8 @@ def test_pipeline_tiny(tmp_path):
         assert len(md.load_model(os.path.join(out, name)).cfg.ssm_layers) == n_ssm
         acc = summary["models"][name]["greedy_acc"]
         assert acc * 2 in (0, 1, 2)  # a share of the preset's 2 test problems
+        solutions = [json.loads(line) for line in open(os.path.join(out, "greedy", f"{name}.jsonl"))]
+        assert [s["problem"] for s in solutions] == [0, 1] and acc == sum(s["correct"] for s in solutions) / 2
     stages = {json.loads(line)["stage"] for line in open(os.path.join(out, "logs", "pure.jsonl"))}
     assert stages == {"align", "kl", "sft"}
     kept = json.load(open(os.path.join(out, "pure", "provenance.json")))  # travels with the directory
@@ -2315,6 +2317,26 @@ def test_plot_reports_where_wrong_samples_leave_the_gold_solution(tmp_path, caps
     assert regex.search(r"pure\s+3\s+" + " ".join(str(round(100 * t / 3)) for t in tenths), pure), pure
     assert "'After # turns X' 67%, 'Turn # of #' 33%" in pure, pure
     assert "teacher" not in table  # its eval directory has no samples.jsonl
+
+
+def test_plot_reports_where_greedy_solutions_leave_the_gold_solution(tmp_path, capsys):
+    """The greedy solutions mamba_distill.py wrote (greedy/<model>.jsonl, on the test split under the
+    output directory) get the same table, under their own heading, before any sampling."""
+    plot_fake_out(tmp_path, eval_=False, bench=False, logs=False)
+    rows = synthetic_split("test", 2, seed=3)
+    write_jsonl(rows, tmp_path / "data" / "test.jsonl")
+    plot_write_json(str(tmp_path / "distill_summary.json"), {"config": {"test_data": ""},
+                                                             "models": {"teacher": {}, "hybrid": {}}})
+    gold = [r["answer"].split("\n") for r in rows]
+    solutions = [{"problem": 0, "sample": 0, "text": "\n".join(["At the start nobody has anything."] + gold[0][1:]),
+                  "correct": False}, {"problem": 1, "sample": 0, "text": rows[1]["answer"], "correct": True}]
+    write_jsonl(solutions, tmp_path / "greedy" / "hybrid.jsonl")
+    rc, out, err = plot_run(tmp_path, capsys)
+    assert rc == 1, err  # no figure: nothing but the summary and the greedy solutions
+    table = out.split("== where the wrong greedy solutions of mamba_distill.py first leave the gold solution ==")[1]
+    hybrid = next(line for line in table.splitlines() if line.startswith("hybrid "))
+    assert regex.search(r"hybrid\s+1\s+100 0 0 0 0 0 0 0 0 0\s+'At the start X' 100%", hybrid), hybrid
+    assert "teacher " not in table.split("\n\n")[0]  # no greedy file: left out
 
 
 def test_plot_missing_inputs(tmp_path, capsys):
