@@ -34,7 +34,8 @@ Outputs, under --out_dir (read by sample.py and plot_scaling.py):
   logs/<model>.jsonl                    one line per logged step: model, init, stage, step, loss, lr,
                                         tokens, time_s (wall seconds since that model's run began), and
                                         every --held_out_every steps held_out_loss (the stage's loss
-                                        on test problems it never trains on)
+                                        on test problems it never trains on); each stage opens with a
+                                        step-0 line holding only held_out_loss, before any training
   ckpt/<model>/                         the latest checkpoint (+ optimizer.safetensors, state.json)
   distill_summary.json                  greedy accuracy, parameters and stage wall times per model
   greedy/<model>.jsonl                  each evaluated test problem's greedy solution (problem, sample,
@@ -899,6 +900,14 @@ def compiled(model, cfg, env):
     return torch.compile(model) if cfg.compile and env.device.type == "cuda" else model
 
 
+@torch.no_grad()
+def held_out_loss(stage_loss, held_out, env):
+    """The stage's mean loss on the held-out micro-batch (every rank alike, outside DDP: no collective)."""
+    with env.autocast():
+        s, n = stage_loss(*held_out)
+    return (s / n.clamp(min=1)).item()
+
+
 def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run=None):
     """The loop every stage shares: accumulate, clip, step, log, checkpoint. loss_fn(model, x, y, m) ->
     (loss summed over tokens, token count). run: the ModelRun that resumes, logs, checkpoints (None: bench)."""
@@ -910,6 +919,9 @@ def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run
     module = stage_loss = StageLoss(compiled(model, cfg, env), loss_fn)
     if env.world > 1:
         module = DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    # the held-out loss before the first step: how close the transfer and the stages before it bring the student
+    if run and run.held_out is not None and step0 == 0:
+        run.log_start(stage, steps, held_out_loss(stage_loss, run.held_out, env), tokens)
     t_last, tok_last = time.time(), tokens
     for step in range(step0, steps):
         lr = lr_at(step, steps, peak_lr, cfg.warmup)
@@ -948,9 +960,7 @@ def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run
         last = step + 1 == steps
         held_out = None
         if run and run.held_out is not None and ((step + 1) % cfg.held_out_every == 0 or last):
-            with torch.no_grad(), env.autocast():  # every rank alike, outside DDP: no collective
-                s, n = stage_loss(*run.held_out)
-            held_out = (s / n.clamp(min=1)).item()
+            held_out = held_out_loss(stage_loss, run.held_out, env)
         if run and ((step + 1) % cfg.log_every == 0 or last or held_out is not None):
             now = time.time()
             run.log(stage, step, steps, loss_value, lr, tokens, (tokens - tok_last) / max(now - t_last, 1e-9), held_out)
@@ -1014,6 +1024,17 @@ class ModelRun:
                "lr": lr, "tokens": tokens, "time_s": round(t, 3)}
         if held_out is not None:
             rec["held_out_loss"] = round(held_out, 6)
+        self._append(rec)
+
+    def log_start(self, stage, steps, held_out, tokens):
+        """The held-out loss before a stage's first step, logged as step 0 (a row without a training loss)."""
+        if not self.env.main:
+            return
+        print(f"{self.name:>12} {stage:>7} step {0:5d}/{steps} held-out {held_out:.4f} (before the first step)", flush=True)
+        self._append({"model": self.name, "init": self.init, "stage": stage, "step": 0, "tokens": tokens,
+                      "time_s": round(time.time() - self.t0, 3), "held_out_loss": round(held_out, 6)})
+
+    def _append(self, rec):
         with open(self.log_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 

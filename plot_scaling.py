@@ -181,16 +181,20 @@ def read_decode_bench(path):
 
 
 def read_logs(pattern):
-    """{(model, init, stage): [(time_s, loss, step, tokens, held-out loss or None)]} from every log .jsonl."""
+    """{(model, init, stage): [(time_s, loss, step, tokens, held-out loss or None)]} from every log .jsonl.
+    A stage's step-0 line holds only the held-out loss before training (its loss is None)."""
     curves = {}
     for path in sorted(glob.glob(pattern)):
         for lineno, rec in read_jsonl(path):
             where = f"{path}:{lineno}"
-            v = _checked(rec, where, ("time_s", "loss", "step"), present=("model", "init", "stage"))
+            start = rec.get("step") == 0 and "loss" not in rec
+            v = _checked(rec, where, ("time_s", "step") + (() if start else ("loss",)), present=("model", "init", "stage"))
             held_out = _number(rec["held_out_loss"], "held_out_loss", where) if "held_out_loss" in rec else None
-            point = (v["time_s"], v["loss"], int(v["step"]), rec.get("tokens"), held_out)
+            if start and held_out is None:
+                raise InputError(f"{where}: a step-0 line without 'loss' must hold 'held_out_loss'")
+            point = (v["time_s"], v.get("loss"), int(v["step"]), rec.get("tokens"), held_out)
             curves.setdefault((str(rec["model"]), str(rec["init"]), str(rec["stage"])), []).append(point)
-    return {key: sorted(points) for key, points in curves.items()}
+    return {key: sorted(points, key=lambda p: (p[0], p[2])) for key, points in curves.items()}  # by time, then step
 
 
 # -----------------------------------------------------------------------------
@@ -633,7 +637,7 @@ def plot_losses(curves, path, cfg):
         for (model, init, s), points in sorted(curves.items(), key=lambda kv: model_order(kv[0][0])):
             if s != stage:
                 continue
-            times, losses = [p[0] for p in points], [p[1] for p in points]
+            times, losses = [p[0] for p in points if p[1] is not None], [p[1] for p in points if p[1] is not None]
             held = [(p[0], p[4]) for p in points if p[4] is not None]
             positive &= all(v > 0 for v in losses + [v for _, v in held])
             ax.plot(times, _moving_average(losses, cfg.smooth), "-" if s == "teacher" else dashes[init],
@@ -658,11 +662,15 @@ def loss_table(curves):
     order = lambda kv: (model_order(kv[0][0]), kv[0][1], stage_order(kv[0][2]))  # kv: ((model, init, stage), points)
     for (model, init, stage), points in sorted(curves.items(), key=order):
         t, loss, step, tokens, _ = points[-1]
-        held = [p[4] for p in points if p[4] is not None]
-        rows.append((model, init, stage, len(points), step, f"{tokens:g}" if isinstance(tokens, (int, float))
-                     else "-", f"{points[0][1]:.4g}", f"{loss:.4g}", f"{held[-1]:.4g}" if held else "-", f"{t:.1f}"))
-    return format_table(("model", "init", "stage", "logged", "last step", "tokens", "first loss", "final loss",
-                         "held-out", "time s"), rows)
+        losses = [p[1] for p in points if p[1] is not None]
+        held = [p[4] for p in points if p[4] is not None and p[1] is not None]  # during training
+        start = points[0][4] if points[0][1] is None else None  # the step-0 line: held-out before training
+        show = lambda v: "-" if v is None else f"{v:.4g}"
+        rows.append((model, init, stage, len(losses), step, f"{tokens:g}" if isinstance(tokens, (int, float))
+                     else "-", show(start), show(losses[0] if losses else None), show(loss),
+                     show(held[-1] if held else None), f"{t:.1f}"))
+    return format_table(("model", "init", "stage", "logged", "last step", "tokens", "held-out at start",
+                         "first loss", "final loss", "held-out", "time s"), rows)
 
 
 # -----------------------------------------------------------------------------

@@ -1659,7 +1659,7 @@ def test_held_out_loss_is_the_stage_loss_on_test_problems(tmp_path):
             "--held_out_every", "2", "--eval_n", "0", "--device", "cpu", "--out_dir", out]
     md.main(argv)
     recs = md.read_jsonl(os.path.join(out, "logs", "teacher.jsonl"), {"step": int})
-    assert [r["step"] for r in recs if "held_out_loss" in r] == [2, 4, 5]
+    assert [r["step"] for r in recs if "held_out_loss" in r] == [0, 2, 4, 5]  # 0: before training
     cfg = md.apply_preset(md.parse_config(md.DistillConfig, argv), argv)
     teacher, tok = md.load_teacher(os.path.join(out, "teacher"))
     rows = md.read_jsonl(os.path.join(out, "data", "test.jsonl"))
@@ -1668,6 +1668,27 @@ def test_held_out_loss_is_the_stage_loss_on_test_problems(tmp_path):
     with torch.no_grad():
         s, n = md.ce_loss(teacher, x, y, m)
     assert_close(torch.tensor(recs[-1]["held_out_loss"]), s / n, atol=2e-6, what="held-out loss")
+
+
+def test_a_stage_logs_its_held_out_loss_before_training(tmp_path):
+    """A stage opens its log with step 0: the held-out loss of the model it starts from, here the KL of
+    the freshly transferred pure student (no stage 1) to its teacher, recomputed here."""
+    out = str(tmp_path / "out")
+    argv = ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--align_steps", "0",
+            "--sft_steps", "0", "--kl_steps", "2", "--eval_n", "0", "--device", "cpu", "--out_dir", out]
+    md.main(argv)
+    start = md.read_jsonl(os.path.join(out, "logs", "pure.jsonl"), {"step": int})[0]
+    assert (start["stage"], start["step"]) == ("kl", 0) and "loss" not in start, start
+    cfg = md.apply_preset(md.parse_config(md.DistillConfig, argv), argv)
+    teacher, tok = md.load_teacher(os.path.join(out, "teacher"))
+    torch.manual_seed(cfg.seed + md.zlib.crc32(b"pure"))  # as distill_student seeds the transfer
+    student = md.transfer_attention_to_mamba(teacher, list(range(cfg.n_layers)), "attention").float()
+    rows = md.read_jsonl(os.path.join(out, "data", "test.jsonl"))
+    x, y, m = md.held_out_batch(tok, rows, cfg, md.setup_env("cpu"))
+    with torch.no_grad():
+        s, n = md.kl_loss_fn(teacher, cfg.kl, cfg.temperature)(student, x, y, m)
+    assert_close(torch.tensor(start["held_out_loss"]), s / n, atol=2e-6, what="held-out KL before stage 2")
+    assert start["held_out_loss"] > 1e-3  # the transfer alone does not make the student the teacher
 
 
 def test_a_changed_generator_makes_its_data_and_models_stale(tmp_path, monkeypatch):
@@ -1734,6 +1755,8 @@ def test_resume_after_nan_matches_uninterrupted(tmp_path, monkeypatch, nan_step)
         fn = real_kl(*args)
 
         def loss_fn(student, x, y, m):
+            if not torch.is_grad_enabled():  # a held-out loss, not a training step
+                return fn(student, x, y, m)
             calls.append(1)
             s, n = fn(student, x, y, m)
             return (s * float("nan") if len(calls) > 2 * (nan_step - 1) else s), n  # 2 micro-batches a step
@@ -1749,7 +1772,7 @@ def test_resume_after_nan_matches_uninterrupted(tmp_path, monkeypatch, nan_step)
     for k in wa:
         assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-6, what=k)
     log = [json.loads(line) for line in open(os.path.join(b, "logs", "pure.jsonl"))]
-    assert [(r["stage"], r["step"]) for r in log] == [("align", 1), ("align", 2)] + [("kl", s) for s in range(1, 5)]
+    assert [(r["stage"], r["step"]) for r in log] == [("align", s) for s in range(3)] + [("kl", s) for s in range(5)]
     assert [r["time_s"] for r in log] == sorted(r["time_s"] for r in log)
     assert [r["tokens"] for r in log if r["stage"] == "kl"] == [r["tokens"] for r in
                                                                  map(json.loads, open(os.path.join(a, "logs", "pure.jsonl")))
@@ -2196,7 +2219,10 @@ def plot_fake_out(root, eval_=True, bench=True, logs=True):
             stages = ["teacher"] if model == "teacher" else ["align", "kl", "sft"]
             records, t = [], 0.0
             for stage in stages:
-                for step in range(0, 200, 10):
+                # as mamba_distill.py logs a stage: the held-out loss before training, then every 10th step
+                records.append({"model": model, "init": init, "stage": stage, "step": 0, "tokens": 0,
+                                "time_s": round(t + 0.5, 2), "held_out_loss": round(3.3 + offset, 4)})
+                for step in range(10, 200, 10):
                     t += 1.5
                     records.append({"model": model, "init": init, "stage": stage, "step": step,
                                     "loss": round((3.0 + offset) / (1 + step / 40) + 0.05 * (step % 20 == 0), 4),
@@ -2284,6 +2310,8 @@ def test_plot_every_figure_and_table(tmp_path, capsys):
                      "9380", "HF static", f"{last_pure_random['loss']:.4g}"):
         assert expected in out, f"{expected!r} missing from the printed tables"
     assert out.count("wrote ") == len(PLOT_PNGS)
+    # the loss table: 19 training losses per stage, the held-out loss before training, then the first loss
+    assert regex.search(r"\npure\s+random\s+kl\s+19\s+190\s+778240\s+5.3\s+4\s+0.8696\s+-\s", out), out
     assert regex.search(r"\nteacher\s+2\s+1.90x", out)  # the 1-GPU vs 2-GPU table
     speed = summary["time_s"]  # the fake hybrid is 0.45x the teacher's time per sample
     assert f"{json.loads((tmp_path / 'eval' / 'teacher' / 'summary.json').read_text())['time_s'][-1] / speed[-1]:.2f}" in out
