@@ -37,7 +37,8 @@ Outputs, under --out_dir (read by sample.py and plot_scaling.py):
                                         on test problems it never trains on); each stage opens with a
                                         step-0 line holding only held_out_loss, before any training
   ckpt/<model>/                         the latest checkpoint (+ optimizer.safetensors, state.json)
-  distill_summary.json                  greedy accuracy, parameters and stage wall times per model
+  distill_summary.json                  per model: greedy accuracy, parameters, stage wall times and, for a
+                                        student, each mixer's held-out error against the attention it replaced
   greedy/<model>.jsonl                  each evaluated test problem's greedy solution (problem, sample,
                                         text, answer, gold, correct), as in sample.py's samples.jsonl
   bench/distill.json                    --bench: tokens/s, MFU, peak memory per student
@@ -534,10 +535,12 @@ def spread_layers(n_layers, n_keep) -> list:
     return sorted({int(step * j + step / 2) for j in range(n_keep)})
 
 
-def student_layers(kind, n_layers, attn_fraction):
-    """The layers that become mixers: all of them in a pure student; in a hybrid, all but a share
-    attn_fraction of attention layers kept, spread evenly over depth."""
-    keep = spread_layers(n_layers, round(attn_fraction * n_layers)) if kind == "hybrid" else []
+def student_layers(kind, n_layers, attn_fraction, attn_layers=None):
+    """The layers that become mixers: all of them in a pure student; in a hybrid, all but the attention
+    layers it keeps: attn_layers if given, else a share attn_fraction spread evenly over depth."""
+    if kind != "hybrid":
+        return list(range(n_layers))
+    keep = spread_layers(n_layers, round(attn_fraction * n_layers)) if attn_layers is None else attn_layers
     return [i for i in range(n_layers) if i not in keep]
 
 
@@ -566,21 +569,27 @@ def orient_loss_fn(teacher, ssm_layers, pad_id, max_len):
     return loss_fn
 
 
+def mixer_errors(teacher, student, ssm_layers, x):
+    """{i: (b, l)} for each mixer i: its output, fed the teacher's input to layer i, against the output of
+    the teacher's attention there, as a relative squared error (so that every layer counts alike)."""
+    collect = []
+    with torch.no_grad():
+        teacher(x, collect=collect, return_hidden=True)  # the layers' inputs; no logits needed
+    errors = {}
+    for i in ssm_layers:
+        h_in, target = collect[i]  # (b, l, d) each
+        out = student.model.layers[i].mixer(h_in)  # (b, l, d)
+        errors[i] = (out.float() - target.float()).pow(2).sum(-1) / target.float().pow(2).sum(-1).clamp(min=1e-6)
+    return errors
+
+
 def align_loss_fn(teacher, ssm_layers, pad_id):
     """Stage 1 (MOHAWK's hidden-state alignment): each mixer, fed the teacher's input to that layer's
-    attention, must reproduce its output; the error is relative, so that every layer counts alike."""
+    attention, must reproduce its output."""
     def loss_fn(student, x, y, m):
-        collect = []
-        with torch.no_grad():
-            teacher(x, collect=collect, return_hidden=True)  # the layers' inputs; no logits needed
         real = (x != pad_id).float()  # (b, l)
-        loss = 0.0
-        for i in ssm_layers:
-            h_in, target = collect[i]  # (b, l, d) each
-            out = student.model.layers[i].mixer(h_in)  # (b, l, d)
-            err = (out.float() - target.float()).pow(2).sum(-1) / target.float().pow(2).sum(-1).clamp(min=1e-6)  # (b, l)
-            loss = loss + (err * real).sum()
-        return loss / len(ssm_layers), real.sum()
+        errors = mixer_errors(teacher, student, ssm_layers, x)  # {i: (b, l)}
+        return sum((err * real).sum() for err in errors.values()) / len(ssm_layers), real.sum()
     return loss_fn
 
 
@@ -685,6 +694,17 @@ def get_teacher(cfg, env, tok, batches, held_out, want):
 
 
 @torch.no_grad()
+def mixer_error_by_layer(teacher, student, x, pad_id, env):
+    """{layer: mean relative error} of each of the student's mixers against the attention it replaced, on
+    the teacher's inputs to it (the held-out problems x): the layers where an SSM imitates attention worst,
+    the ones a hybrid may keep (--attn_layers)."""
+    real = (x != pad_id).float()  # (b, l)
+    with env.autocast():
+        errors = mixer_errors(teacher, student, student.cfg.ssm_layers, x)  # {i: (b, l)}
+    return {i: round(((err * real).sum() / real.sum()).item(), 4) for i, err in errors.items()}
+
+
+@torch.no_grad()
 def greedy_solutions(model, tok, rows, cfg, env):
     """Each test problem's greedy solution, in the form of sample.py's samples.jsonl (one sample per
     problem), so that plot_scaling.py can show where the wrong ones leave the gold solution."""
@@ -708,9 +728,11 @@ def main(argv=None):
     if cfg.bench:
         return bench(cfg, env)
     n_layers = read_config(cfg.teacher).num_hidden_layers if cfg.teacher else cfg.n_layers
-    runs = [(s, student_layers(s, n_layers, cfg.attn_fraction), cfg.init) for s in filter(None, cfg.students.split(","))]
+    keep = parse_layers(cfg.attn_layers, n_layers)
+    runs = [(s, student_layers(s, n_layers, cfg.attn_fraction, keep), cfg.init) for s in filter(None, cfg.students.split(","))]
     if cfg.random_baseline:
-        runs.append((f"{cfg.random_baseline}_random", student_layers(cfg.random_baseline, n_layers, cfg.attn_fraction), "random"))
+        runs.append((f"{cfg.random_baseline}_random", student_layers(cfg.random_baseline, n_layers, cfg.attn_fraction, keep),
+                     "random"))
     want = wanted_artifacts(cfg, runs)  # the settings each artifact of this run is made with
     if cfg.fresh and env.main:
         start_over(cfg.out_dir, [name for name, _, _ in runs])
@@ -746,6 +768,10 @@ def main(argv=None):
             entry = {"params": model.num_params(), "ssm_layers": model.cfg.ssm_layers,
                      "path": cfg.teacher if name == "teacher" and cfg.teacher else os.path.join(cfg.out_dir, name),
                      "stage_times_s": record.get(name, {}).get("times", {})}
+            if model.cfg.ssm_layers and held_out is not None:
+                entry["mixer_error_by_layer"] = mixer_error_by_layer(teacher, model, held_out[0], tok.pad_id, env)
+                print(f"{name:>12}: each mixer's held-out error against the attention it replaced: "
+                      + ", ".join(f"layer {i} {e:.3f}" for i, e in entry["mixer_error_by_layer"].items()))
             if rows:
                 solutions = greedy_solutions(model, tok, rows, cfg, env)
                 entry["greedy_acc"] = sum(s["correct"] for s in solutions) / len(solutions)
@@ -2115,6 +2141,8 @@ class DistillConfig:
     students: str = flag("hybrid,pure", "students to distil: hybrid and/or pure (comma-separated; empty = none)")
     attn_fraction: float = flag(0.25, "share of attention layers a hybrid keeps, spread over depth", at_least=0,
                                 at_most=1)
+    attn_layers: str = flag("", "the layers a hybrid keeps as attention, comma-separated (as MambaInLlama's "
+                                "attn_layers); empty = a share --attn_fraction spread over depth")
     init: str = flag("attention", "attention (MambaInLlama transfer) or random mixers", choices=("attention", "random"))
     random_baseline: str = flag("pure", "also distil this student from random mixers (empty = no baseline)",
                                 choices=("", "hybrid", "pure"))
@@ -2185,6 +2213,19 @@ def check_out_dir(path):
         raise InputError(f"--out_dir {path}: {parent} is not a writable directory")
 
 
+def parse_layers(text, n_layers):
+    """--attn_layers: '2,6' -> [2, 6], each a layer of an n_layers model; '' -> None."""
+    if not text.strip():
+        return None
+    try:
+        layers = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        raise InputError(f"--attn_layers {text!r}: expected comma-separated layer numbers, e.g. 2,6") from None
+    if layers[0] < 0 or layers[-1] >= n_layers:
+        raise InputError(f"--attn_layers {text!r}: layers are numbered 0 to {n_layers - 1}")
+    return layers
+
+
 def check_config(cfg: DistillConfig):
     """Bad flags, sizes that do not fit together, missing files: one line each, before any work."""
     check_bounds(cfg)
@@ -2210,6 +2251,7 @@ def check_config(cfg: DistillConfig):
         if mcfg.ssm_layers:
             raise InputError(f"--teacher {cfg.teacher}: a student (Mamba layers {mcfg.ssm_layers}), not a Llama teacher")
         check_tokenizer_fits(Tokenizer(find_tokenizer(cfg.teacher)), mcfg, cfg.teacher)
+    parse_layers(cfg.attn_layers, mcfg.num_hidden_layers if cfg.teacher else cfg.n_layers)
 
 
 # -----------------------------------------------------------------------------

@@ -1670,6 +1670,36 @@ def test_held_out_loss_is_the_stage_loss_on_test_problems(tmp_path):
     assert_close(torch.tensor(recs[-1]["held_out_loss"]), s / n, atol=2e-6, what="held-out loss")
 
 
+def test_hybrid_keeps_the_attention_layers_asked_for(tmp_path):
+    """--attn_layers picks the hybrid's attention layers (the provenance holds them), the pure students
+    stay pure, and the summary gives each mixer's held-out error against the attention it replaced."""
+    assert md.student_layers("hybrid", 8, 0.25) == [0, 1, 3, 4, 5, 7]  # spread over depth
+    assert md.student_layers("hybrid", 8, 0.25, [0, 5]) == [1, 2, 3, 4, 6, 7]
+    assert md.student_layers("pure", 8, 0.25, [0, 5]) == list(range(8))
+    out = str(tmp_path / "out")
+    summary = md.main(["--preset", "tiny", "--attn_layers", "3,0", "--kl_steps", "1", "--sft_steps", "0",
+                       "--eval_n", "0", "--out_dir", out])
+    assert md.load_model(os.path.join(out, "hybrid")).cfg.ssm_layers == [1, 2]
+    assert md.read_provenance(out)["hybrid"]["settings"]["ssm_layers"] == [1, 2]
+    errors = {name: summary["models"][name].get("mixer_error_by_layer") for name in summary["models"]}
+    assert errors["teacher"] is None and list(errors["hybrid"]) == [1, 2]
+    assert list(errors["pure"]) == list(errors["pure_random"]) == [0, 1, 2, 3]
+    assert all(0 < e < float("inf") for e in errors["pure"].values())
+
+
+def test_mixer_errors_by_layer_average_to_the_stage_1_loss():
+    """The per-layer errors the summary reports are stage 1's loss taken apart: their mean is it."""
+    models = tiny_models()
+    teacher, student = models["teacher"], models["hybrid"]  # mixers in layers 0 and 2
+    x = torch.randint(0, teacher.cfg.vocab_size - 1, (2, 12))
+    x[0, :3] = teacher.cfg.vocab_size - 1  # left padding
+    by_layer = md.mixer_error_by_layer(teacher, student, x, teacher.cfg.vocab_size - 1, md.setup_env("cpu"))
+    with torch.no_grad():
+        s, n = md.align_loss_fn(teacher, [0, 2], teacher.cfg.vocab_size - 1)(student, x, None, None)
+    assert list(by_layer) == [0, 2]
+    assert_close(torch.tensor(sum(by_layer.values()) / 2), s / n, atol=2e-4, what="mean of the per-layer errors")
+
+
 def test_a_stage_logs_its_held_out_loss_before_training(tmp_path):
     """A stage opens its log with step 0: the held-out loss of the model it starts from, here the KL of
     the freshly transferred pure student (no stage 1) to its teacher, recomputed here."""
@@ -1908,6 +1938,9 @@ BAD_INPUTS = [
         ("--random_baseline", "hybird"), ("--init", "nope"), ("--kl", "sideways"), ("--task", "nope"),
         ("--preset", "huge"), ("--device", "tpu")]],
     ("distill", D + ["--students", "nope"], None, r"--students: unknown"),
+    ("distill", D + ["--attn_layers", "2,x"], None, r"--attn_layers '2,x': expected comma-separated layer numbers"),
+    ("distill", D + ["--attn_layers", "4"], None, r"--attn_layers '4': layers are numbered 0 to 3"),
+    ("distill", D + ["--attn_layers", "-1"], None, r"--attn_layers '-1': layers are numbered 0 to 3"),
     ("distill", D + ["--min_steps", "5", "--max_steps", "3"], None, r"--min_steps 5 is more than --max_steps 3"),
     ("distill", D + ["--d_model", "100", "--n_heads", "3"], None, r"--d_model 100 must split into --n_heads 3"),
     ("distill", D + ["--n_heads", "6", "--d_model", "384", "--n_kv_heads", "4"], None, r"--n_heads be a multiple"),
