@@ -41,6 +41,8 @@ Outputs, under --out_dir (read by sample.py and plot_scaling.py):
                                         student, each mixer's held-out error against the attention it replaced
   greedy/<model>.jsonl                  each evaluated test problem's greedy solution (problem, sample,
                                         text, answer, gold, correct), as in sample.py's samples.jsonl
+  kl_by_line/<student>.jsonl            per held-out problem: prompt, and for each line of its solution
+                                        the line, its summed KL to the teacher and its token count
   bench/distill.json                    --bench: tokens/s, MFU, peak memory per student
 
 Glossary (letters in shape comments):
@@ -705,6 +707,37 @@ def mixer_error_by_layer(teacher, student, x, pad_id, env):
 
 
 @torch.no_grad()
+def kl_by_line(teacher, student, held_out, tok, cfg, env):
+    """Stage 2's loss on the held-out problems taken apart by solution line: per problem, its prompt and
+    each line of its solution with the KL summed over the tokens that start on that line and their count
+    (plot_scaling.py groups the lines by kind: which kind of line a student has not learnt yet)."""
+    x, y, m = held_out  # (b, l) each; one problem per row, its solution where m = 1
+    with env.autocast():
+        t_logits, s_logits = teacher(x), student(x)  # (b, l, v) each
+    kl_div = fused_kl_div if x.is_cuda else kl_div_ref
+    kl = (cfg.temperature ** 2 * kl_div(s_logits, t_logits, cfg.temperature, cfg.kl) * m).tolist()  # (b, l)
+    rows = []
+    for b, (ids, targets, mask) in enumerate(zip(x.tolist(), y.tolist(), m.tolist())):
+        solution = [t for t, on in enumerate(mask) if on]
+        if not solution:
+            continue
+        prompt = tok.decode([i for i in ids[:solution[0] + 1] if i != tok.pad_id])
+        lines = [[b"", 0.0, 0]]  # per line: its bytes, the KL summed over its tokens, their count
+        for t in solution:
+            piece = tok.token_bytes(targets[t])
+            if targets[t] == tok.eot_id and lines[-1][2]:  # the end of the turn: a line of its own
+                lines.append([b"", 0.0, 0])
+            lines[-1][0] += piece
+            lines[-1][1] += kl[b][t]
+            lines[-1][2] += 1
+            lines += [[b"", 0.0, 0] for _ in range(piece.count(b"\n"))]  # a line ends: the next starts empty
+        lines = [line for line in lines if line[2]]
+        rows.append({"prompt": prompt, "lines": [text.decode("utf-8", "replace").strip("\n") for text, _, _ in lines],
+                     "kl": [round(v, 5) for _, v, _ in lines], "tokens": [n for _, _, n in lines]})
+    return rows
+
+
+@torch.no_grad()
 def greedy_solutions(model, tok, rows, cfg, env):
     """Each test problem's greedy solution, in the form of sample.py's samples.jsonl (one sample per
     problem), so that plot_scaling.py can show where the wrong ones leave the gold solution."""
@@ -769,6 +802,8 @@ def main(argv=None):
                      "path": cfg.teacher if name == "teacher" and cfg.teacher else os.path.join(cfg.out_dir, name),
                      "stage_times_s": record.get(name, {}).get("times", {})}
             if model.cfg.ssm_layers and held_out is not None:
+                write_jsonl(kl_by_line(teacher, model, held_out, tok, cfg, env),
+                            os.path.join(cfg.out_dir, "kl_by_line", f"{name}.jsonl"))
                 entry["mixer_error_by_layer"] = mixer_error_by_layer(teacher, model, held_out[0], tok.pad_id, env)
                 print(f"{name:>12}: each mixer's held-out error against the attention it replaced: "
                       + ", ".join(f"layer {i} {e:.3f}" for i, e in entry["mixer_error_by_layer"].items()))
@@ -1209,7 +1244,7 @@ def check_artifacts(cfg, env, want):
 def start_over(out_dir, students):
     """--fresh: remove what this run would make, nothing else under out_dir."""
     names = ["data", "tokenizer.model", "teacher", *students, "ckpt", "provenance.json", "distill_summary.json"]
-    names += [os.path.join(d, f"{m}.jsonl") for d in ("logs", "greedy") for m in ["teacher", *students]]
+    names += [os.path.join(d, f"{m}.jsonl") for d in ("logs", "greedy", "kl_by_line") for m in ["teacher", *students]]
     gone = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
     for n in gone:
         path = os.path.join(out_dir, n)

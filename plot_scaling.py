@@ -27,7 +27,8 @@ Figures (a figure whose input files are absent is skipped with a one-line note n
 Tables on stdout: the same numbers, the equal-time comparison, and, where a model's samples.jsonl and
 the data file its summary names are present, where its wrong samples first leave the gold solution;
 the same for the greedy solutions of mamba_distill.py (<out_dir>/greedy/*.jsonl, on the test file
-<out_dir>/distill_summary.json names), so a run that sampled nothing yet says where its chains break.
+<out_dir>/distill_summary.json names), so a run that sampled nothing yet says where its chains break;
+and the kinds of solution line that hold most of each student's held-out KL (<out_dir>/kl_by_line/).
 
 Bad input (a malformed json/jsonl line, a missing key, a bad flag) stops with one line naming file:line
 or the flag, exit status 2; if no figure at all could be drawn the script exits with status 1.
@@ -426,6 +427,12 @@ def line_kind(line, names):
     return " ".join("X" if w in names else re.sub(r"\d+", "#", w) for w in words)
 
 
+def question_names(question):
+    """The names in a question: its capitalised words seen at least twice."""
+    words = [w.strip(",.?!") for w in question.split()]
+    return {w for w in words if w[:1].isupper() and words.count(w) >= 2}
+
+
 def chain_breaks(run):
     """Where a model's wrong samples first leave the gold worked solution (meaningful when the gold is in
     the model's own format, as in the synthetic tasks): the count of wrong samples, the share whose first
@@ -443,8 +450,7 @@ def chain_breaks(run):
             continue
         p = s["problem"]
         if p not in names:
-            words = [w.strip(",.?!") for w in gold[p]["question"].split()]
-            names[p] = {w for w in words if w[:1].isupper() and words.count(w) >= 2}
+            names[p] = question_names(gold[p]["question"])
         lines = gold[p]["answer"].split("\n")
         text = s["text"].split("\n")
         i = next((i for i, (g, t) in enumerate(zip(lines, text)) if g != t), min(len(lines), len(text)))
@@ -454,6 +460,30 @@ def chain_breaks(run):
         kinds[kind] += 1
     return {"wrong": wrong, "tenths": [t / max(wrong, 1) for t in tenths],
             "kinds": kinds.most_common()}
+
+
+def kl_lines_table(pattern):
+    """Where each student's held-out KL to its teacher lies (mamba_distill.py's kl_by_line/<model>.jsonl):
+    its KL per solution token, and the kinds of line holding most of it, with their share and KL per token."""
+    rows = []
+    for path in sorted(glob.glob(pattern), key=lambda p: model_order(os.path.basename(p)[:-len(".jsonl")])):
+        kl, tokens = Counter(), Counter()
+        for lineno, r in read_jsonl(path):
+            where = f"{path}:{lineno}"
+            v = _checked(r, where, lists=("kl", "tokens"), present=("prompt", "lines"))
+            if not isinstance(r["lines"], list) or not len(r["lines"]) == len(v["kl"]) == len(v["tokens"]):
+                raise InputError(f"{where}: 'lines', 'kl' and 'tokens' must be lists of one length")
+            names = question_names(str(r["prompt"]))
+            for line, k, n in zip(r["lines"], v["kl"], v["tokens"]):
+                kind = line_kind(str(line), names)
+                kl[kind] += k
+                tokens[kind] += n
+        total = sum(kl.values())
+        top = ", ".join(f"'{kind}' {100 * k / total:.0f}% ({k / max(tokens[kind], 1):.3f})"
+                        for kind, k in kl.most_common(4)) if total > 0 else "-"
+        rows.append((os.path.basename(path)[:-len(".jsonl")], f"{total / max(sum(tokens.values()), 1):.4f}", top))
+    return format_table(("model", "KL per token", "lines holding most of it: kind, share (KL per token there)"),
+                        rows) if rows else ""
 
 
 def greedy_runs(out_dir):
@@ -707,6 +737,10 @@ def make_plots(cfg):
         written.append(os.path.join(plots_dir, name))
         return written[-1]
 
+    kl_lines = kl_lines_table(os.path.join(cfg.out_dir, "kl_by_line", "*.jsonl"))
+    if kl_lines:
+        print("== where each student's held-out KL to the teacher lies, by kind of solution line ==\n" + kl_lines,
+              end="\n\n")
     breaks = breaks_table(greedy_runs(cfg.out_dir))
     if breaks:
         print("== where the wrong greedy solutions of mamba_distill.py first leave the gold solution ==\n" + breaks,

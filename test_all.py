@@ -1700,6 +1700,32 @@ def test_mixer_errors_by_layer_average_to_the_stage_1_loss():
     assert_close(torch.tensor(sum(by_layer.values()) / 2), s / n, atol=2e-4, what="mean of the per-layer errors")
 
 
+def test_kl_by_line_takes_the_stage_2_loss_apart(tmp_path):
+    """The per-line KLs a finished run writes add up to stage 2's held-out loss (here at temperature 2,
+    reverse KL), and the lines are the gold solutions' lines, then the end-of-turn token."""
+    out = str(tmp_path / "out")
+    argv = ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--kl_steps", "2", "--sft_steps", "0",
+            "--temperature", "2", "--kl", "reverse", "--seq_len", "1024", "--eval_n", "0", "--device", "cpu",
+            "--out_dir", out]  # sequences long enough for whole solutions
+    md.main(argv)
+    cfg = md.apply_preset(md.parse_config(md.DistillConfig, argv), argv)
+    teacher, tok = md.load_teacher(os.path.join(out, "teacher"))
+    student = md.load_model(os.path.join(out, "pure"))
+    rows = md.read_jsonl(os.path.join(out, "data", "test.jsonl"))
+    x, y, m = md.held_out_batch(tok, rows, cfg, md.setup_env("cpu"))
+    with torch.no_grad():
+        s, n = md.kl_loss_fn(teacher, "reverse", 2.0)(student, x, y, m)
+    written = [json.loads(line) for line in open(os.path.join(out, "kl_by_line", "pure.jsonl"))]
+    assert len(written) == x.shape[0]
+    total, count = sum(sum(r["kl"]) for r in written), sum(sum(r["tokens"]) for r in written)
+    assert count == int(n)
+    assert_close(torch.tensor(total / count), s / n, atol=1e-5, rtol=1e-4, what="per-line KL, summed")
+    answers = [r["answer"] for r in rows]
+    for r in written:
+        assert r["lines"][-1] == "<|eot_id|>" and "\n".join(r["lines"][:-1]) in answers, r["lines"]
+        assert r["prompt"].startswith("<|begin_of_text|>") and r["prompt"].endswith("<|end_header_id|>\n\n")
+
+
 def test_a_stage_logs_its_held_out_loss_before_training(tmp_path):
     """A stage opens its log with step 0: the held-out loss of the model it starts from, here the KL of
     the freshly transferred pure student (no stage 1) to its teacher, recomputed here."""
@@ -2398,6 +2424,25 @@ def test_plot_reports_where_greedy_solutions_leave_the_gold_solution(tmp_path, c
     hybrid = next(line for line in table.splitlines() if line.startswith("hybrid "))
     assert regex.search(r"hybrid\s+1\s+100 0 0 0 0 0 0 0 0 0\s+'At the start X' 100%", hybrid), hybrid
     assert "teacher " not in table.split("\n\n")[0]  # no greedy file: left out
+
+
+def test_plot_reports_where_the_students_kl_lies(tmp_path, capsys):
+    """kl_by_line/<model>.jsonl: the KL per token and the line kinds (names as X) holding most of it."""
+    plot_fake_out(tmp_path, eval_=False, bench=False, logs=False)
+    prompt = "user: Ava and Noah keep cards. Ava has 12 cards and Noah has 30 cards. Who gives?"
+    plot_write_jsonl(str(tmp_path / "kl_by_line" / "pure.jsonl"), [
+        {"prompt": prompt, "lines": ["At the start Ava has 12 and Noah has 30.", "Ava: 12 - 1", "<|eot_id|>"],
+         "kl": [3.0, 0.5, 0.5], "tokens": [10, 5, 1]},
+        {"prompt": prompt, "lines": ["Ava: 11 - 1"], "kl": [0.0], "tokens": [4]}])
+    rc, out, err = plot_run(tmp_path, capsys)
+    table = out.split("== where each student's held-out KL to the teacher lies, by kind of solution line ==")[1]
+    pure = next(line for line in table.splitlines() if line.startswith("pure "))
+    assert regex.search(r"pure\s+0.2000\s+'At the start X' 75% \(0.300\), 'X # - #' 12% \(0.056\), "
+                        r"'<\|eot_id\|>' 12% \(0.500\)", pure), pure
+    plot_write_jsonl(str(tmp_path / "kl_by_line" / "pure.jsonl"), [{"prompt": prompt, "lines": ["a"], "kl": [1.0, 2.0],
+                                                                     "tokens": [1]}])
+    rc, out, err = plot_run(tmp_path, capsys)
+    assert rc == 2 and regex.search(r"pure.jsonl:1: 'lines', 'kl' and 'tokens' must be lists of one length", err), err
 
 
 def test_plot_missing_inputs(tmp_path, capsys):
