@@ -581,7 +581,7 @@ def mixer_errors(teacher, student, ssm_layers, x):
     for i in ssm_layers:
         h_in, target = collect[i]  # (b, l, d) each
         out = student.model.layers[i].mixer(h_in)  # (b, l, d)
-        errors[i] = (out.float() - target.float()).pow(2).sum(-1) / target.float().pow(2).sum(-1).clamp(min=1e-6)
+        errors[i] = (out.float() - target.float()).pow(2).sum(-1) / target.float().pow(2).sum(-1).clamp(min=1e-6)  # (b, l)
     return errors
 
 
