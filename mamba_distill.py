@@ -637,9 +637,12 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, hel
             ("kl", cfg.kl_steps, cfg.kl_lr, kl_loss_fn(compiled(teacher, cfg, env), cfg.kl, cfg.temperature)),
             ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
     # stage 0 trains what makes a mixer's matrix (DDP wants no trainable parameter without a gradient),
-    # stage 1 the mixers alone (the rest is the teacher's); stages 2 and 3 train everything
+    # stage 1 the mixers alone (the rest is the teacher's); stage 2 everything, or with --kl_trains mixers
+    # the mixers alone (MambaInLlama's distillation: the teacher's MLPs, norms and embeddings stay as
+    # they are); stage 3 everything
     in_matrix = lambda pname: ".mixer." in pname and pname.split(".mixer.")[1].split(".")[0] in MambaMixer.MATRIX_PARAMS
-    trains = {"orient": in_matrix, "align": lambda pname: ".mixer." in pname, "kl": lambda pname: True,
+    in_mixer = lambda pname: ".mixer." in pname
+    trains = {"orient": in_matrix, "align": in_mixer, "kl": in_mixer if cfg.kl_trains == "mixers" else lambda pname: True,
               "sft": lambda pname: True}
     run = ModelRun(name, init, cfg, env, want, [(stage, steps) for stage, steps, _, _ in plan], held_out)
     for stage, steps, lr, loss_fn in plan:
@@ -1167,7 +1170,7 @@ def read_state(ckpt):
 DATA_SETTINGS = ("task", "min_steps", "max_steps", "digits", "n_train", "seed")
 TEACHER_SETTINGS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "teacher_steps", "teacher_lr")
 STUDENT_SETTINGS = ("orient_steps", "orient_lr", "orient_len", "align_steps", "align_lr", "kl_steps", "kl_lr", "kl",
-                    "temperature", "sft_steps", "sft_lr")
+                    "temperature", "kl_trains", "sft_steps", "sft_lr")
 OPTIM_SETTINGS = ("batch_size", "grad_accum", "seq_len", "warmup", "weight_decay", "grad_clip", "seed")
 
 
@@ -2193,6 +2196,8 @@ class DistillConfig:
     kl: str = flag("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)",
                    choices=("forward", "reverse"))
     temperature: float = flag(1.0, "stage 2: softmax temperature of both models (loss scaled by T^2)", above=0)
+    kl_trains: str = flag("all", "stage 2 trains all parameters, or the mixers alone (the rest stays the "
+                                 "teacher's, as in MambaInLlama's distillation)", choices=("all", "mixers"))
     sft_steps: int = flag(0, "stage 3: supervised fine-tuning steps on the solutions (0 = skip)", at_least=0)
     sft_lr: float = flag(3e-4, "stage 3: peak learning rate", above=0)
     # optimisation (shared by every stage)

@@ -1687,6 +1687,23 @@ def test_hybrid_keeps_the_attention_layers_asked_for(tmp_path):
     assert all(0 < e < float("inf") for e in errors["pure"].values())
 
 
+@pytest.mark.parametrize("kl_trains", ["all", "mixers"])
+def test_stage_2_trains_what_kl_trains_says(tmp_path, kl_trains):
+    """--kl_trains mixers: after stage 2 every parameter outside the mixers is still the teacher's (as
+    in MambaInLlama's distillation); all: stage 2 moves them too. The mixers train either way."""
+    out = str(tmp_path / "out")
+    md.main(["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--align_steps", "0", "--sft_steps", "0",
+             "--kl_trains", kl_trains, "--eval_n", "0", "--out_dir", out])
+    teacher = md.load_state_dict(os.path.join(out, "teacher"))
+    student = md.load_state_dict(os.path.join(out, "pure"))
+    kept = [k for k in student if ".mixer." not in k and torch.equal(student[k], teacher[k])]
+    shared = [k for k in student if ".mixer." not in k]
+    assert (kept == shared) == (kl_trains == "mixers"), (len(kept), len(shared))
+    fresh = md.transfer_attention_to_mamba(md.load_teacher(os.path.join(out, "teacher"))[0], range(4)).state_dict()
+    assert not torch.equal(student["model.layers.0.mixer.in_proj.weight"], fresh["model.layers.0.mixer.in_proj.weight"])
+    assert md.read_provenance(out)["pure"]["settings"]["kl_trains"] == kl_trains
+
+
 def test_mixer_errors_by_layer_average_to_the_stage_1_loss():
     """The per-layer errors the summary reports are stage 1's loss taken apart: their mean is it."""
     models = tiny_models()
@@ -1961,7 +1978,7 @@ BAD_INPUTS = [
         ("--sft_lr", "nan"), ("--temperature", "0"), ("--temperature", "-1"), ("--temperature", "inf"),
         ("--grad_clip", "0"), ("--attn_fraction", "1.5"), ("--warmup", "1.5"), ("--digits", "9")]],
     *[("distill", D + [f, v], None, rf"--{f[2:]}: expected one of") for f, v in [
-        ("--random_baseline", "hybird"), ("--init", "nope"), ("--kl", "sideways"), ("--task", "nope"),
+        ("--random_baseline", "hybird"), ("--init", "nope"), ("--kl", "sideways"), ("--kl_trains", "mlp"), ("--task", "nope"),
         ("--preset", "huge"), ("--device", "tpu")]],
     ("distill", D + ["--students", "nope"], None, r"--students: unknown"),
     ("distill", D + ["--attn_layers", "2,x"], None, r"--attn_layers '2,x': expected comma-separated layer numbers"),
