@@ -595,17 +595,22 @@ def align_loss_fn(teacher, ssm_layers, pad_id):
     return loss_fn
 
 
+def token_kl(teacher, student, x, direction, temperature):
+    """Stage 2's loss at every position (b, l) fp32: forward KL(p_T || p_S) or reverse KL(p_S || p_T) of the
+    next-token distributions at the temperature, times T^2. On a GPU, the fused Triton KL."""
+    with torch.no_grad():
+        t_logits = teacher(x)  # (b, l, v)
+    s_logits = student(x)  # (b, l, v)
+    kl_div = fused_kl_div if s_logits.is_cuda else kl_div_ref
+    # soft targets' gradients scale as 1 / T^2 (Hinton et al. 2015): T^2 makes them independent of T
+    return temperature ** 2 * kl_div(s_logits, t_logits, temperature, direction)  # (b, l)
+
+
 def kl_loss_fn(teacher, direction, temperature):
-    """Stage 2: forward KL(p_T || p_S) or reverse KL(p_S || p_T) at the temperature, on solution tokens
-    only (m = 1): the teacher was never trained to predict the question. On a GPU, the fused Triton KL."""
+    """Stage 2: token_kl on the solution tokens only (m = 1): the teacher was never trained to predict the
+    question."""
     def loss_fn(student, x, y, m):
-        with torch.no_grad():
-            t_logits = teacher(x)  # (b, l, v)
-        s_logits = student(x)  # (b, l, v)
-        kl_div = fused_kl_div if s_logits.is_cuda else kl_div_ref
-        kl = kl_div(s_logits, t_logits, temperature, direction)  # (b, l) fp32
-        # soft targets' gradients scale as 1 / T^2 (Hinton et al. 2015): T^2 makes them independent of T
-        return temperature ** 2 * (kl * m).sum(), m.sum()
+        return (token_kl(teacher, student, x, direction, temperature) * m).sum(), m.sum()
     return loss_fn
 
 
@@ -716,9 +721,7 @@ def kl_by_line(teacher, student, held_out, tok, cfg, env):
     (plot_scaling.py groups the lines by kind: which kind of line a student has not learnt yet)."""
     x, y, m = held_out  # (b, l) each; one problem per row, its solution where m = 1
     with env.autocast():
-        t_logits, s_logits = teacher(x), student(x)  # (b, l, v) each
-    kl_div = fused_kl_div if x.is_cuda else kl_div_ref
-    kl = (cfg.temperature ** 2 * kl_div(s_logits, t_logits, cfg.temperature, cfg.kl) * m).tolist()  # (b, l)
+        kl = (token_kl(teacher, student, x, cfg.kl, cfg.temperature) * m).tolist()  # (b, l)
     rows = []
     for b, (ids, targets, mask) in enumerate(zip(x.tolist(), y.tolist(), m.tolist())):
         solution = [t for t, on in enumerate(mask) if on]
