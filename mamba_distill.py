@@ -501,12 +501,15 @@ ATTENTION_TO_SSM = [
 
 
 @torch.no_grad()
-def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention") -> LM:
+def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention", conv_init="mamba2") -> LM:
     """A student in which `ssm_layers` hold a Mamba-2 mixer and everything else is the teacher's.
     init="attention": each mixer takes Q, K, V, O of the attention it replaces (table above); the rest
-    of the mixer keeps Mamba-2's init, as in MambaInLlama. init="random": the baseline, no transfer."""
-    if init not in ("attention", "random"):
-        raise InputError(f"--init: expected 'attention' or 'random', got {init!r}")
+    of the mixer keeps Mamba-2's init, as in MambaInLlama. init="random": the baseline, no transfer.
+    conv_init="identity" (transferred mixers only) starts the conv as the identity, so that B, C and x
+    start as silu(K), silu(Q), silu(V): Mamba-2's random depthwise conv mixes each channel with its
+    3 predecessors with random signs, which scrambles the q . k scores the transfer carries over."""
+    if init not in ("attention", "random") or conv_init not in ("mamba2", "identity"):
+        raise InputError(f"--init / --conv_init: expected attention|random and mamba2|identity, got {init!r}, {conv_init!r}")
     p = next(teacher.parameters())
     cfg = replace(teacher.cfg, ssm_layers=sorted(set(ssm_layers)))
     student = LM(cfg).to(device=p.device, dtype=p.dtype)
@@ -525,6 +528,10 @@ def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention") -> LM
                 rows = mixer.rows(block) if block else slice(None)
                 assert dst[rows].shape == src.shape, f"layer {i}: {t_name} {tuple(src.shape)} -> {s_name}[{block}] {tuple(dst[rows].shape)}"
                 dst[rows] = src
+            if conv_init == "identity":
+                w = sd[f"model.layers.{i}.mixer.conv1d.weight"]  # (conv_dim, 1, w); the last tap reads token t
+                w.zero_()[..., -1] = 1.0
+                sd[f"model.layers.{i}.mixer.conv1d.bias"].zero_()
     student.load_state_dict(sd, strict=True)
     return student
 
@@ -632,7 +639,7 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, hel
     2 KL to the teacher, 3 (optional) fine-tune on the solutions; each checkpoints, so a run resumes where
     it stopped. Returns (student, stage times)."""
     torch.manual_seed(cfg.seed + zlib.crc32(name.encode()))  # the same init whatever ran before
-    student = transfer_attention_to_mamba(teacher, ssm_layers, init).float().to(env.device)
+    student = transfer_attention_to_mamba(teacher, ssm_layers, init, cfg.conv_init).float().to(env.device)
     if env.main:
         print(f"{name}: {len(ssm_layers)}/{teacher.cfg.num_hidden_layers} layers are Mamba, init={init}, "
               f"{student.num_params() / 1e6:.1f}M parameters")
@@ -1172,8 +1179,8 @@ def read_state(ckpt):
 # The settings that decide each artifact; the others (paths, logging, evaluation) may differ between runs.
 DATA_SETTINGS = ("task", "min_steps", "max_steps", "digits", "n_train", "seed")
 TEACHER_SETTINGS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "teacher_steps", "teacher_lr")
-STUDENT_SETTINGS = ("orient_steps", "orient_lr", "orient_len", "align_steps", "align_lr", "kl_steps", "kl_lr", "kl",
-                    "temperature", "kl_trains", "sft_steps", "sft_lr")
+STUDENT_SETTINGS = ("conv_init", "orient_steps", "orient_lr", "orient_len", "align_steps", "align_lr", "kl_steps",
+                    "kl_lr", "kl", "temperature", "kl_trains", "sft_steps", "sft_lr")
 OPTIM_SETTINGS = ("batch_size", "grad_accum", "seq_len", "warmup", "weight_decay", "grad_clip", "seed")
 
 
@@ -2185,6 +2192,8 @@ class DistillConfig:
     attn_layers: str = flag("", "the layers a hybrid keeps as attention, comma-separated (as MambaInLlama's "
                                 "attn_layers); empty = a share --attn_fraction spread over depth")
     init: str = flag("attention", "attention (MambaInLlama transfer) or random mixers", choices=("attention", "random"))
+    conv_init: str = flag("mamba2", "transferred mixers' conv: mamba2 (random, as in MambaInLlama) or identity "
+                                    "(B, C, x start as the teacher's K, Q, V)", choices=("mamba2", "identity"))
     random_baseline: str = flag("pure", "also distil this student from random mixers (empty = no baseline)",
                                 choices=("", "hybrid", "pure"))
     orient_steps: int = flag(0, "stage 0: steps matching each mixer's matrix to its attention matrix (MOHAWK's "

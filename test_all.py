@@ -132,6 +132,22 @@ def test_linear_attention_identity():
         assert_close(mixer(u), expected, atol=1e-4, rtol=1e-4, what="linear attention")
 
 
+@pytest.mark.parametrize("conv_init", ["identity", "mamba2"])
+def test_conv_init_identity_keeps_q_k_v(conv_init):
+    """--conv_init identity: a fresh mixer's C, B, x are silu of the teacher's Q, K, V at the same token;
+    Mamba-2's random conv mixes in the tokens before."""
+    teacher = tiny_models()["teacher"]
+    torch.manual_seed(0)
+    mixer = md.transfer_attention_to_mamba(teacher, [1], conv_init=conv_init).model.layers[1].mixer
+    attn = teacher.model.layers[1].self_attn
+    u = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        _, x, B, C, _ = mixer.project(u)
+        same = [torch.allclose(got, F.silu(proj(u)), atol=1e-5)
+                for got, proj in ((C, attn.q_proj), (B, attn.k_proj), (x, attn.v_proj))]
+    assert same == [conv_init == "identity"] * 3, same
+
+
 def test_mixing_matrices_reproduce_the_layers():
     """Stage 0's matrices are the layers: the attention matrix times v gives the attention's output,
     the mixer's SSD matrix times x (plus D x) the mixer's output, both through their own projections."""
