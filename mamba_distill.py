@@ -501,13 +501,13 @@ ATTENTION_TO_SSM = [
 
 
 @torch.no_grad()
-def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention", conv_init="mamba2") -> LM:
+def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention", conv_init="identity") -> LM:
     """A student in which `ssm_layers` hold a Mamba-2 mixer and everything else is the teacher's.
     init="attention": each mixer takes Q, K, V, O of the attention it replaces (table above); the rest
-    of the mixer keeps Mamba-2's init, as in MambaInLlama. init="random": the baseline, no transfer.
-    conv_init="identity" (transferred mixers only) starts the conv as the identity, so that B, C and x
-    start as silu(K), silu(Q), silu(V): Mamba-2's random depthwise conv mixes each channel with its
-    3 predecessors with random signs, which scrambles the q . k scores the transfer carries over."""
+    of the mixer keeps Mamba-2's init, as in MambaInLlama, except the conv with conv_init="identity":
+    then B, C and x start as silu(K), silu(Q), silu(V), where Mamba-2's random depthwise conv would mix
+    each channel with its 3 predecessors with random signs and scramble the q . k scores the transfer
+    carries over. init="random": the baseline, no transfer (the conv keeps Mamba-2's init)."""
     if init not in ("attention", "random") or conv_init not in ("mamba2", "identity"):
         raise InputError(f"--init / --conv_init: expected attention|random and mamba2|identity, got {init!r}, {conv_init!r}")
     p = next(teacher.parameters())
@@ -649,9 +649,9 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, hel
             ("kl", cfg.kl_steps, cfg.kl_lr, kl_loss_fn(compiled(teacher, cfg, env), cfg.kl, cfg.temperature)),
             ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
     # stage 0 trains what makes a mixer's matrix (DDP wants no trainable parameter without a gradient),
-    # stage 1 the mixers alone (the rest is the teacher's); stage 2 everything, or with --kl_trains mixers
-    # the mixers alone (MambaInLlama's distillation: the teacher's MLPs, norms and embeddings stay as
-    # they are); stage 3 everything
+    # stage 1 the mixers alone (the rest is the teacher's); stage 2 the mixers alone too (MambaInLlama's
+    # distillation: the teacher's MLPs, norms and embeddings stay as they are), or everything with
+    # --kl_trains all; stage 3 everything
     in_matrix = lambda pname: ".mixer." in pname and pname.split(".mixer.")[1].split(".")[0] in MambaMixer.MATRIX_PARAMS
     in_mixer = lambda pname: ".mixer." in pname
     trains = {"orient": in_matrix, "align": in_mixer, "kl": in_mixer if cfg.kl_trains == "mixers" else lambda pname: True,
@@ -1903,10 +1903,12 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
     """A long-reasoning problem: n_people pass a tenth (rounded down) of what they hold round a circle for
     n_turns turns; what does the last one to receive hold at the end? The solution does every sum column
     by column, so it is long because the reasoning is, and one wrong digit gives a wrong answer.
-    Every line needs only what the few lines above it say (within about 150 tokens): each result line
-    repeats the turn count, so the next turn's line copies it from close by instead of recalling it from
-    the previous turn's line, hundreds of tokens back; and the answer repeats the last result line, so it
-    needs no lookup of one name's count among several.
+    Every line needs only what the few lines above it say (within about 150 tokens), and finds it by its
+    place in a line, never by a name: each listing of the counts starts with the next turn's giver, then
+    its receiver, so a turn takes its giver and receiver (names and counts) from the first two places of
+    the listing above it; each result line repeats the turn count, so the next turn's line copies it
+    from close by; and the answer repeats the first place of the last listing. (Finding a count by a name
+    among several is associative recall, which a fixed-size state does worst; it is not the reasoning.)
     Returns {"question", "answer", "ops"}; ops = ["relay", [start amounts], n_turns, asked index]."""
     assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and 2 <= digits <= len(COLUMNS) - 1
     people = rng.sample(NAMES, n_people)
@@ -1916,13 +1918,13 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
     start = [rng.randint(10 ** (digits - 1), 10 ** digits - 1) for _ in names]
     asked = n_turns % n_people  # the last to receive
 
-    def listing(amounts, unit=""):
-        parts = [f"{n} has {a}{unit}" for n, a in zip(names, amounts)]
+    def listing(amounts, first=0, unit=""):  # the counts, starting with person `first`
+        parts = [f"{names[j % n_people]} has {amounts[j % n_people]}{unit}" for j in range(first, first + n_people)]
         return ", ".join(parts[:-1]) + f" and {parts[-1]}"
 
     order = ", then ".join(f"{names[i]} gives {names[(i + 1) % n_people]} a tenth of {hers[names[i]]}"
                            for i in range(n_people))
-    q = (f"{', '.join(names[:-1])} and {names[-1]} keep {obj} in {box}. {listing(start, f' {obj}')}. "
+    q = (f"{', '.join(names[:-1])} and {names[-1]} keep {obj} in {box}. {listing(start, unit=f' {obj}')}. "
          f"They take turns passing {obj} on: {order}, and so on in that order. A tenth is rounded down to a "
          f"whole number. After {n_turns} turns, how many {obj} does {names[asked]} have?")
     x = list(start)
@@ -1936,7 +1938,7 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
             s += column_lines(x[who], give, sign)
             x[who] = x[who] - give if sign == "-" else x[who] + give
             s.append(f"{names[who]} has {x[who]} after turn {t + 1} of {n_turns}.")
-        s.append(f"Now {listing(x)}.")
+        s.append(f"Now {listing(x, first=r)}.")  # the next turn's giver first
     s.append(f"After {n_turns} turns {names[asked]} has {x[asked]}.")
     s.append(f"#### {x[asked]}")
     return {"question": q, "answer": "\n".join(s), "ops": ["relay", start, n_turns, asked]}
@@ -2192,8 +2194,8 @@ class DistillConfig:
     attn_layers: str = flag("", "the layers a hybrid keeps as attention, comma-separated (as MambaInLlama's "
                                 "attn_layers); empty = a share --attn_fraction spread over depth")
     init: str = flag("attention", "attention (MambaInLlama transfer) or random mixers", choices=("attention", "random"))
-    conv_init: str = flag("mamba2", "transferred mixers' conv: mamba2 (random, as in MambaInLlama) or identity "
-                                    "(B, C, x start as the teacher's K, Q, V)", choices=("mamba2", "identity"))
+    conv_init: str = flag("identity", "transferred mixers' conv: identity (B, C, x start as silu of the teacher's "
+                                      "K, Q, V) or mamba2 (random, as in MambaInLlama)", choices=("identity", "mamba2"))
     random_baseline: str = flag("pure", "also distil this student from random mixers (empty = no baseline)",
                                 choices=("", "hybrid", "pure"))
     orient_steps: int = flag(0, "stage 0: steps matching each mixer's matrix to its attention matrix (MOHAWK's "
@@ -2208,8 +2210,8 @@ class DistillConfig:
     kl: str = flag("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)",
                    choices=("forward", "reverse"))
     temperature: float = flag(1.0, "stage 2: softmax temperature of both models (loss scaled by T^2)", above=0)
-    kl_trains: str = flag("all", "stage 2 trains all parameters, or the mixers alone (the rest stays the "
-                                 "teacher's, as in MambaInLlama's distillation)", choices=("all", "mixers"))
+    kl_trains: str = flag("mixers", "stage 2 trains the mixers alone (the rest stays the teacher's, as in "
+                                    "MambaInLlama's distillation) or all parameters", choices=("mixers", "all"))
     sft_steps: int = flag(0, "stage 3: supervised fine-tuning steps on the solutions (0 = skip)", at_least=0)
     sft_lr: float = flag(3e-4, "stage 3: peak learning rate", above=0)
     # optimisation (shared by every stage)

@@ -570,9 +570,11 @@ def check_relay_solution(question, answer):
     lines = answer.split("\n")
     i = 0
 
-    def counts(line, prefix):
+    def counts(line, prefix, first):  # a listing must start with person `first` and go round in order
         assert line.startswith(prefix), line
-        return {n: int(a) for n, a in regex.findall(r"(\w+) has (\d+)", line)}
+        found = regex.findall(r"(\w+) has (\d+)", line)
+        assert [n for n, _ in found] == [names[(first + j) % len(names)] for j in range(len(names))], line
+        return {n: int(a) for n, a in found}
 
     def column_work(sign, a, b):  # the column lines of a - b or a + b, checked; returns the result
         nonlocal i
@@ -603,7 +605,7 @@ def check_relay_solution(question, answer):
         assert flow == 0
         return result
 
-    assert counts(lines[i], "At the start ") == state
+    assert counts(lines[i], "At the start ", 0) == state
     i += 1
     for t in range(1, n_turns + 1):
         g, r = names[(t - 1) % len(names)], names[t % len(names)]
@@ -617,7 +619,7 @@ def check_relay_solution(question, answer):
             state[who] = column_work(sign, state[who], give)
             assert lines[i] == f"{who} has {state[who]} after turn {t} of {n_turns}.", lines[i]
             i += 1
-        assert counts(lines[i], "Now ") == state
+        assert counts(lines[i], "Now ", t) == state  # the next giver first
         i += 1
     assert lines[i] == f"After {n_turns} turns {asked} has {state[asked]}.", lines[i]
     assert lines[i + 1] == f"#### {state[asked]}" and i + 2 == len(lines)
