@@ -436,8 +436,10 @@ def question_names(question):
 def chain_breaks(run):
     """Where a model's wrong samples first leave the gold worked solution (meaningful when the gold is in
     the model's own format, as in the synthetic tasks): the count of wrong samples, the share whose first
-    differing line lies in each tenth of the gold solution, and the commonest kinds of that line. Names
-    are the question's capitalised words seen at least twice. None when the samples or data are absent."""
+    line with other numbers than the gold's lies in each tenth of the gold solution, and the commonest
+    kinds of that line. Only numbers count: a slip in a name that leaves every number right does not
+    change the answer. Names are the question's capitalised words seen at least twice. None when the
+    samples or data are absent."""
     if not (run["data"] and os.path.isfile(run["data"]) and os.path.isfile(run["samples"])):
         return None
     gold = [row for _, row in read_jsonl(run["data"])]
@@ -453,7 +455,8 @@ def chain_breaks(run):
             names[p] = question_names(gold[p]["question"])
         lines = gold[p]["answer"].split("\n")
         text = s["text"].split("\n")
-        i = next((i for i, (g, t) in enumerate(zip(lines, text)) if g != t), min(len(lines), len(text)))
+        i = next((i for i, (g, t) in enumerate(zip(lines, text)) if re.findall(r"\d+", g) != re.findall(r"\d+", t)),
+                 min(len(lines), len(text)))
         wrong += 1
         tenths[min(9, 10 * i // len(lines))] += 1
         kind = line_kind(lines[i], names[p]) if i < len(lines) else "(after the end)"

@@ -2414,7 +2414,8 @@ def test_plot_every_figure_and_table(tmp_path, capsys):
 
 def test_plot_reports_where_wrong_samples_leave_the_gold_solution(tmp_path, capsys):
     """Samples that go wrong at a known line of a relay solution are counted at that line's tenth and
-    kind (names as X, numbers as #); right samples and a run without samples.jsonl are left out."""
+    kind (names as X, numbers as #); a name slip with the numbers right is not where a chain breaks;
+    right samples and a run without samples.jsonl are left out."""
     plot_fake_out(tmp_path, bench=False, logs=False)
     rows = synthetic_split("test", 2, seed=3)
     write_jsonl(rows, tmp_path / "test.jsonl")
@@ -2424,7 +2425,9 @@ def test_plot_reports_where_wrong_samples_leave_the_gold_solution(tmp_path, caps
     gold = [r["answer"].split("\n") for r in rows]
     turn2 = next(i for i, line in enumerate(gold[0]) if line.startswith("Turn 2 of"))
     last = len(gold[1]) - 2  # "After N turns X has Y."
-    samples = [(0, gold[0][:turn2] + ["Turn 2 of 99: nonsense"], False), (1, gold[1][:last] + ["After 1 turn"], False),
+    slip = [gold[0][0].replace(sorted(ps.question_names(rows[0]["question"]))[1], "Nobody")] + gold[0][1:turn2]  # names only
+    assert slip[0] != gold[0][0]
+    samples = [(0, slip + ["Turn 2 of 99: nonsense"], False), (1, gold[1][:last] + ["After 1 turn"], False),
                (1, gold[1][:last] + ["After 2 turns"], False), (0, gold[0], True)]
     (tmp_path / "eval" / "pure" / "samples.jsonl").write_text("".join(
         json.dumps({"problem": p, "sample": j, "text": "\n".join(text), "correct": ok}) + "\n"
