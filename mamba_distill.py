@@ -2185,7 +2185,7 @@ class DistillConfig:
     n_heads: int = flag(6, "default teacher: query heads (head dim = d_model / n_heads)", at_least=1)
     n_kv_heads: int = flag(2, "default teacher: key/value heads (GQA, as in Llama 3.2)", at_least=1)
     d_ff: int = flag(1024, "default teacher: MLP width", at_least=1)
-    teacher_steps: int = flag(3000, "default teacher: training steps", at_least=1)
+    teacher_steps: int = flag(4000, "default teacher: training steps", at_least=1)
     teacher_lr: float = flag(2e-3, "default teacher: peak learning rate", above=0)
     # students
     students: str = flag("hybrid,pure", "students to distil: hybrid and/or pure (comma-separated; empty = none)")
