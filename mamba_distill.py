@@ -60,7 +60,9 @@ Attention -> Mamba (a mixer replaces self_attn in layer i; everything else is co
   self_attn.v_proj.weight  (g*e, d) -> mixer.in_proj.weight[x rows]     values are what is written: x_t
   self_attn.o_proj.weight  (d, h*e) -> mixer.out_proj.weight            same output projection
 With no decay (A = 0), dt = 1, identity conv, no gate and D = 0 the mixer computes exactly causal
-*linear* attention y_t = sum_{s<=t} (C_t . B_s) x_s: softmax attention without softmax and RoPE.
+*linear* attention y_t = sum_{s<=t} (C_t . B_s) x_s: softmax attention without softmax and RoPE. The conv
+starts as the identity (--conv_init; Mamba-2's random conv would scramble the transferred scores); the
+rest of the mixer (dt, A, D, the gate) keeps Mamba-2's init and is learnt in stage 1.
 """
 import base64
 import binascii
