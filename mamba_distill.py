@@ -651,9 +651,10 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, hel
             ("kl", cfg.kl_steps, cfg.kl_lr, kl_loss_fn(compiled(teacher, cfg, env), cfg.kl, cfg.temperature)),
             ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
     # stage 0 trains what makes a mixer's matrix (DDP wants no trainable parameter without a gradient),
-    # stage 1 the mixers alone (the rest is the teacher's); stage 2 the mixers alone too (MambaInLlama's
-    # distillation: the teacher's MLPs, norms and embeddings stay as they are), or everything with
-    # --kl_trains all; stage 3 everything
+    # stage 1 the mixers alone (the rest is the teacher's); stage 2 everything, so that the MLPs and a
+    # hybrid's attention layers can take up what the mixers cannot do, or with --kl_trains mixers the
+    # mixers alone (MambaInLlama's distillation: the teacher's MLPs, norms and embeddings stay); stage 3
+    # everything
     in_matrix = lambda pname: ".mixer." in pname and pname.split(".mixer.")[1].split(".")[0] in MambaMixer.MATRIX_PARAMS
     in_mixer = lambda pname: ".mixer." in pname
     trains = {"orient": in_matrix, "align": in_mixer, "kl": in_mixer if cfg.kl_trains == "mixers" else lambda pname: True,
@@ -2212,8 +2213,8 @@ class DistillConfig:
     kl: str = flag("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)",
                    choices=("forward", "reverse"))
     temperature: float = flag(1.0, "stage 2: softmax temperature of both models (loss scaled by T^2)", above=0)
-    kl_trains: str = flag("mixers", "stage 2 trains the mixers alone (the rest stays the teacher's, as in "
-                                    "MambaInLlama's distillation) or all parameters", choices=("mixers", "all"))
+    kl_trains: str = flag("all", "stage 2 trains all parameters, or the mixers alone (the rest stays the "
+                                 "teacher's, as in MambaInLlama's distillation)", choices=("all", "mixers"))
     sft_steps: int = flag(0, "stage 3: supervised fine-tuning steps on the solutions (0 = skip)", at_least=0)
     sft_lr: float = flag(3e-4, "stage 3: peak learning rate", above=0)
     # optimisation (shared by every stage)
