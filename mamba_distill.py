@@ -1907,7 +1907,8 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
     n_turns turns; what does the last one to receive hold at the end? The solution does every sum column
     by column, so it is long because the reasoning is, and one wrong digit gives a wrong answer.
     Every line needs only what the few lines above it say (within about 150 tokens), and finds it by its
-    place in a line, never by a name: each listing of the counts starts with the next turn's giver, then
+    place in a line, never by a name: the question gives the starting amounts last, so the first line
+    copies them from a few tokens back; each listing of the counts starts with the next turn's giver, then
     its receiver, so a turn takes its giver and receiver (names and counts) from the first two places of
     the listing above it; each result line repeats the turn count, so the next turn's line copies it
     from close by; and the answer repeats the first place of the last listing. (Finding a count by a name
@@ -1927,9 +1928,9 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
 
     order = ", then ".join(f"{names[i]} gives {names[(i + 1) % n_people]} a tenth of {hers[names[i]]}"
                            for i in range(n_people))
-    q = (f"{', '.join(names[:-1])} and {names[-1]} keep {obj} in {box}. {listing(start, unit=f' {obj}')}. "
-         f"They take turns passing {obj} on: {order}, and so on in that order. A tenth is rounded down to a "
-         f"whole number. After {n_turns} turns, how many {obj} does {names[asked]} have?")
+    q = (f"{', '.join(names[:-1])} and {names[-1]} keep {obj} in {box}. They take turns passing {obj} on: "
+         f"{order}, and so on in that order. A tenth is rounded down to a whole number. "
+         f"{listing(start, unit=f' {obj}')}. After {n_turns} turns, how many {obj} does {names[asked]} have?")
     x = list(start)
     s = [f"At the start {listing(x)}."]
     for t in range(n_turns):
