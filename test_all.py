@@ -648,6 +648,17 @@ def test_relay_task_redoes_every_line():
         check_relay_solution(row["question"], "\n".join(lines))
 
 
+def test_relay_question_gives_the_starting_amounts_last():
+    """The solution's first line restates the starting amounts; the question puts them in its last
+    sentence but one, right before it asks, so that line copies them from a few tokens back."""
+    for row in synthetic_split("test", 20, seed=4):
+        *_, amounts, ask = row["question"].rsplit(". ", 2)
+        start = row["answer"].split("\n")[0]  # "At the start A has 1234, B has ..."
+        for _, count in regex.findall(r"(\w+) has (\d+)", start):
+            assert f"has {count} " in amounts, (amounts, start)
+        assert ask.startswith("After ") and ask.endswith("have?"), ask
+
+
 def test_relay_task_is_long_and_has_a_difficulty_knob(tmp_path):
     """Under the project's own tokenizer (a 1,024-token BPE trained on the task) the default relay
     solutions average over 1,500 tokens with a tail to about 4,000; more turns make them longer."""
