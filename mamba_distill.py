@@ -1907,12 +1907,14 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
     """A long-reasoning problem: n_people pass a tenth (rounded down) of what they hold round a circle for
     n_turns turns; what does the last one to receive hold at the end? The solution does every sum column
     by column, so it is long because the reasoning is, and one wrong digit gives a wrong answer.
-    Every line needs only what the few lines above it say (within about 150 tokens), and finds it by its
-    place in a line, never by a name: the question gives the starting amounts last, so the first line
-    copies them from a few tokens back; each listing of the counts starts with the next turn's giver, then
-    its receiver, so a turn takes its giver and receiver (names and counts) from the first two places of
-    the listing above it; each result line repeats the turn count, so the next turn's line copies it
-    from close by; and the answer repeats the first place of the last listing. (Finding a count by a name
+    Every line needs only what the ten lines above it say (about 300 tokens), and finds it by its place
+    in a line, never by a name: the question gives the starting amounts last, so the first line copies
+    them from a few tokens back; each listing of the counts starts with the next turn's giver, then its
+    receiver, so a turn takes its giver and receiver (names and counts) from the first two places of the
+    listing above it; the others' counts are restated between the two sums ("X still has N"), so the
+    next listing need not reach back a whole turn for them; each result line repeats the turn count, so
+    the next turn's line copies it from close by; and the answer repeats the first place of the last
+    listing. (Finding a count by a name
     among several is associative recall, which a fixed-size state does worst; it is not the reasoning.)
     Returns {"question", "answer", "ops"}; ops = ["relay", [start amounts], n_turns, asked index]."""
     assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and 2 <= digits <= len(COLUMNS) - 1
@@ -1939,6 +1941,8 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
         give = x[g] // 10
         s.append(f"Turn {t + 1} of {n_turns}: {names[g]} gives {names[r]} a tenth of {x[g]}, which is {give}.")
         for who, sign in ((g, "-"), (r, "+")):
+            if who == r:  # between the two sums, so that the next listing finds every count within 10 lines
+                s += [f"{names[j % n_people]} still has {x[j % n_people]}." for j in range(r + 1, r + n_people - 1)]
             s.append(f"{names[who]}: {x[who]} {sign} {give}")
             s += column_lines(x[who], give, sign)
             x[who] = x[who] - give if sign == "-" else x[who] + give

@@ -560,7 +560,7 @@ def check_relay_solution(question, answer):
     """Redo every line of a relay solution from the text alone, independently of the generator: the
     starting counts, each turn's giver, receiver and tenth, every column of every subtraction and
     addition (its name, its digits, the borrow or carry it takes and passes on, its sum, the result so
-    far), each result, each "Now" line and the final answer, which asks about the last to receive.
+    far), each result, the others' unchanged counts, each "Now" line and the final answer, which asks about the last to receive.
     Returns the number of lines checked (all)."""
     people = regex.findall(r"(\w+) has (\d+) ", question)
     names, state = [n for n, _ in people], {n: int(a) for n, a in people}
@@ -614,6 +614,11 @@ def check_relay_solution(question, answer):
         give = int(m[2])
         i += 1
         for who, sign in ((g, "-"), (r, "+")):
+            if who == r:  # the others' counts, in the order of the next listing
+                for j in range(t + 1, t + len(names) - 1):
+                    other = names[j % len(names)]
+                    assert lines[i] == f"{other} still has {state[other]}.", lines[i]
+                    i += 1
             assert lines[i] == f"{who}: {state[who]} {sign} {give}", lines[i]
             i += 1
             state[who] = column_work(sign, state[who], give)
@@ -657,6 +662,20 @@ def test_relay_question_gives_the_starting_amounts_last():
         for _, count in regex.findall(r"(\w+) has (\d+)", start):
             assert f"has {count} " in amounts, (amounts, start)
         assert ask.startswith("After ") and ask.endswith("have?"), ask
+
+
+def test_relay_lines_copy_from_close_by():
+    """Every count a listing or a sum's first line writes was written in the 10 lines above it with
+    three people (the others' counts are restated between the two sums), 11 with four."""
+    for n_people, reach in ((3, 10), (4, 11)):
+        for row in synthetic_split("test", 20, seed=4, n_people=n_people):
+            lines = row["answer"].split("\n")
+            for i, line in enumerate(lines[1:], 1):
+                copied = regex.findall(r"(\w+) has (\d+)", line) if line.startswith("Now ") else \
+                    regex.findall(r"^(\w+): (\d+) [-+] \d+$", line)
+                for name, count in copied:
+                    above = "\n".join(lines[max(0, i - reach):i])
+                    assert regex.search(rf"\b{name}\b.*\b{count}\b", above), (line, above)
 
 
 def test_relay_task_is_long_and_has_a_difficulty_knob(tmp_path):
