@@ -1914,8 +1914,8 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
     listing above it; the others' counts are restated between the two sums ("X still has N"), so the
     next listing need not reach back a whole turn for them; each result line repeats the turn count, so
     the next turn's line copies it from close by; and the answer repeats the first place of the last
-    listing. (Finding a count by a name
-    among several is associative recall, which a fixed-size state does worst; it is not the reasoning.)
+    listing. (Finding a count by a name among several is associative recall, which a fixed-size state
+    does worst; it is not the reasoning.)
     Returns {"question", "answer", "ops"}; ops = ["relay", [start amounts], n_turns, asked index]."""
     assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and 2 <= digits <= len(COLUMNS) - 1
     people = rng.sample(NAMES, n_people)
@@ -1940,9 +1940,10 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
         g, r = t % n_people, (t + 1) % n_people
         give = x[g] // 10
         s.append(f"Turn {t + 1} of {n_turns}: {names[g]} gives {names[r]} a tenth of {x[g]}, which is {give}.")
+        others = [(r + j) % n_people for j in range(1, n_people - 1)]  # in the order of the next listing
         for who, sign in ((g, "-"), (r, "+")):
             if who == r:  # between the two sums, so that the next listing finds every count within 10 lines
-                s += [f"{names[j % n_people]} still has {x[j % n_people]}." for j in range(r + 1, r + n_people - 1)]
+                s += [f"{names[o]} still has {x[o]}." for o in others]
             s.append(f"{names[who]}: {x[who]} {sign} {give}")
             s += column_lines(x[who], give, sign)
             x[who] = x[who] - give if sign == "-" else x[who] + give

@@ -560,8 +560,8 @@ def check_relay_solution(question, answer):
     """Redo every line of a relay solution from the text alone, independently of the generator: the
     starting counts, each turn's giver, receiver and tenth, every column of every subtraction and
     addition (its name, its digits, the borrow or carry it takes and passes on, its sum, the result so
-    far), each result, the others' unchanged counts, each "Now" line and the final answer, which asks about the last to receive.
-    Returns the number of lines checked (all)."""
+    far), each result, the others' unchanged counts, each "Now" line and the final answer, which asks
+    about the last to receive. Returns the number of lines checked (all)."""
     people = regex.findall(r"(\w+) has (\d+) ", question)
     names, state = [n for n, _ in people], {n: int(a) for n, a in people}
     n_turns, asked = regex.search(r"After (\d+) turns, how many \w+(?: \w+)? does (\w+) have\?$", question).groups()
