@@ -66,7 +66,6 @@ rest of the mixer (dt, A, D, the gate) keeps Mamba-2's init and is learnt in sta
 """
 import base64
 import binascii
-import copy
 import hashlib
 import json
 import math
@@ -460,10 +459,8 @@ class LM(nn.Module):
         rope = self.rope(pos, x.dtype)
         for i, blk in enumerate(self.model.layers):
             x = blk(x, rope, None if cache is None else cache[i], ctx, collect)
-        x = self.model.norm(x)
-        if return_hidden:
-            return x
-        return self.lm_head(x)  # (b, l, v)
+        x = self.model.norm(x)  # (b, l, d)
+        return x if return_hidden else self.lm_head(x)  # (b, l, v)
 
     def _context(self, b, l, start, pad, cache, device):
         s = max([kv[0].shape[2] for kv, blk in zip(cache, self.model.layers) if not hasattr(blk, "mixer")] or [0])
@@ -515,8 +512,7 @@ def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention", conv_
     p = next(teacher.parameters())
     cfg = replace(teacher.cfg, ssm_layers=sorted(set(ssm_layers)))
     student = LM(cfg).to(device=p.device, dtype=p.dtype)
-    sd = student.state_dict()
-    tsd = teacher.state_dict()
+    sd, tsd = student.state_dict(), teacher.state_dict()
     for name in sd:  # everything that exists in both models is the teacher's
         if name in tsd:
             assert sd[name].shape == tsd[name].shape, name
@@ -788,7 +784,7 @@ def main(argv=None):
         start_over(cfg.out_dir, [name for name, _, _ in runs])
     barrier(env)
     check_artifacts(cfg, env, want)  # anything made with other settings stops the run here, in one line
-    t_start, times = time.time(), {}
+    t_start = time.time()
     given = load_teacher(cfg.teacher, env.device, env.amp or torch.float32) if cfg.teacher else None  # checked first
     train_rows, test_rows = load_data(cfg, env, want)
     tok = given[1] if given else get_tokenizer(cfg, env, train_rows, want)
@@ -796,7 +792,7 @@ def main(argv=None):
     held_out = held_out_batch(tok, test_rows, cfg, env)
     teacher, tok = given or get_teacher(cfg, env, tok, batches, held_out, want)
     teacher.eval().requires_grad_(False)
-    batches = batches.reseeded(cfg.seed + 1)  # the students' own batch order
+    batches.seed = cfg.seed + 1  # the same examples in the students' own batch order
     models = {"teacher": teacher}
     for name, ssm_layers, init in runs:
         path = os.path.join(cfg.out_dir, name)
@@ -809,11 +805,9 @@ def main(argv=None):
                                                           want[name])
         finish_model(models[name], tok, cfg, env, name, want[name], stage_times)
     record = read_provenance(cfg.out_dir)
-    summary = {"device": device_name(env.device),
-               "preset": cfg.preset, "config": asdict(cfg), "models": {}}
+    summary = {"device": device_name(env.device), "preset": cfg.preset, "config": asdict(cfg), "models": {}}
     if env.main:
-        t0 = time.time()
-        rows = test_rows[:cfg.eval_n]
+        t_eval, rows = time.time(), test_rows[:cfg.eval_n]
         for name, model in models.items():
             entry = {"params": model.num_params(), "ssm_layers": model.cfg.ssm_layers,
                      "path": cfg.teacher if name == "teacher" and cfg.teacher else os.path.join(cfg.out_dir, name),
@@ -830,8 +824,7 @@ def main(argv=None):
                 write_jsonl(solutions, os.path.join(cfg.out_dir, "greedy", f"{name}.jsonl"))
                 print(f"{name:>12}: greedy accuracy {entry['greedy_acc']:.3f} on {len(rows)} test problems")
             summary["models"][name] = entry
-        times["eval"] = time.time() - t0
-        times["total"] = time.time() - t_start
+        times = {"eval": time.time() - t_eval, "total": time.time() - t_start}
         summary["run_times_s"] = {k: round(v, 1) for k, v in times.items()}
         write_json(os.path.join(cfg.out_dir, "distill_summary.json"), summary)
         print("stage wall times (s): " + ", ".join(f"{m}/{s} {t:.0f}" for m, e in summary["models"].items()
@@ -872,9 +865,8 @@ def setup_env(device: str) -> Env:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = torch.device(device)
     if world > 1:  # started by torchrun: one process per GPU
-        local = int(os.environ.get("LOCAL_RANK", 0))
         if device == "cuda":
-            dev = torch.device("cuda", local)
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     if device == "cuda":
@@ -908,12 +900,6 @@ class Batches:
         self.ids = [torch.tensor(ids, dtype=torch.int32) for ids, _ in enc]  # ragged, int32: small in memory
         self.mask = [torch.tensor(mask, dtype=torch.bool) for _, mask in enc]
         self.pad_id, self.seq_len, self.seed = tok.pad_id, seq_len, seed
-
-    def reseeded(self, seed):
-        """The same examples, drawn in another order."""
-        other = copy.copy(self)
-        other.seed = seed
-        return other
 
     def get(self, stage, step, batch, rank=0, world=1, micro=0, n_micro=1):
         """This rank's share of micro-batch `micro` of step `step`: inputs, targets, loss mask (b, l), real tokens."""
@@ -1046,7 +1032,7 @@ def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run
         if run and (step + 1 == steps or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
             run.checkpoint(stage, step + 1, tokens, model, optimizer, tok)
     if run:
-        run.end_stage(stage)
+        run.times[stage] = round(time.time() - run.stage_t0, 1)
 
 
 class ModelRun:
@@ -1093,13 +1079,12 @@ class ModelRun:
     def log(self, stage, step, steps, loss, lr, tokens, tok_s, held_out=None):
         if not self.env.main:
             return
-        t = time.time() - self.t0
         eta = (steps - step - 1) * (tokens / max(step + 1, 1)) / max(tok_s, 1e-9)
         shown = "" if held_out is None else f" held-out {held_out:.4f}"
         print(f"{self.name:>12} {stage:>7} step {step + 1:5d}/{steps} loss {loss:.4f}{shown} lr {lr:.2e} "
               f"{tok_s / 1e3:7.1f}k tok/s  eta {eta / 60:5.1f} min", flush=True)
         rec = {"model": self.name, "init": self.init, "stage": stage, "step": step + 1, "loss": round(loss, 6),
-               "lr": lr, "tokens": tokens, "time_s": round(t, 3)}
+               "lr": lr, "tokens": tokens, "time_s": round(time.time() - self.t0, 3)}
         if held_out is not None:
             rec["held_out_loss"] = round(held_out, 6)
         self._append(rec)
@@ -1147,9 +1132,6 @@ class ModelRun:
                                   "exp_avg": flat[f"{i}.exp_avg"].view_as(p).to(p),
                                   "exp_avg_sq": flat[f"{i}.exp_avg_sq"].view_as(p).to(p)}
         optimizer.load_state_dict(sd)
-
-    def end_stage(self, stage):
-        self.times[stage] = round(time.time() - self.stage_t0, 1)
 
 
 def run_conditions(cfg, env):
@@ -1208,11 +1190,6 @@ def wanted_artifacts(cfg, runs):
     return want
 
 
-def artifact_path(out_dir, name):
-    return os.path.join(out_dir, {"data": "data/train.jsonl", "tokenizer.model": "tokenizer.model"}.get(
-        name, os.path.join(name, "config.json")))
-
-
 def read_provenance(out_dir):
     path = os.path.join(out_dir, "provenance.json")
     return read_json(path) if os.path.exists(path) else {}
@@ -1237,8 +1214,9 @@ def check_artifacts(cfg, env, want):
     unfinished model's checkpoint that this run would silently restart or continue differently."""
     record = read_provenance(cfg.out_dir)
     remedy = "use another --out_dir, or --fresh to start over"
+    files = {"data": "data/train.jsonl", "tokenizer.model": "tokenizer.model"}  # a model's: its config.json
     for name, settings in want.items():
-        path = artifact_path(cfg.out_dir, name)
+        path = os.path.join(cfg.out_dir, files.get(name, os.path.join(name, "config.json")))
         have = record.get(name, {}).get("settings")
         if os.path.exists(path) and have != settings:
             if have is None:
@@ -1735,7 +1713,6 @@ def save_model(model: LM, tokenizer, path, provenance=None):
     directory. provenance: the settings that made the model, kept beside it in provenance.json."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if model.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight")  # HF leaves the tied copy out
@@ -1814,12 +1791,9 @@ def make_problem(rng: random.Random, n_steps: int) -> dict:
     obj, box, place, use = rng.choice(OBJECTS)
     words = dict(name=name, he=he, He=he.capitalize(), his=his, friend=friend, obj=obj, place=place, use=use)
     q, s, ops = [], [], []  # question sentences, solution lines, steps taken
-    steps_left = n_steps
-
     # the final question sometimes brings in the friend: two more steps at the end
     ending_with_friend = n_steps >= 3 and rng.random() < 0.3
-    if ending_with_friend:
-        steps_left -= 2
+    steps_left = n_steps - 2 * ending_with_friend
 
     if steps_left >= 2 and rng.random() < 0.5:
         a, b = rng.randint(2, 9), rng.randint(3, 12)
@@ -1847,14 +1821,8 @@ def make_problem(rng: random.Random, n_steps: int) -> dict:
             ops.append([op, a, b])
             steps_left -= 2
         else:
-            if op == "+":
-                b = rng.randint(2, 40)
-            elif op == "-":
-                b = rng.randint(1, min(x - 2, 40))
-            elif op == "*":
-                b = rng.randint(2, 4)
-            else:
-                b = rng.choice(divisors)
+            # the second number, drawn from its op's choices
+            b = rng.choice({"+": range(2, 41), "-": range(1, min(x - 2, 40) + 1), "*": range(2, 5), "/": divisors}[op])
             y = {"+": x + b, "-": x - b, "*": x * b, "/": x // b}[op]
             numbers = dict(x=x, b=b, y=y, times=TIMES.get(b), others=b - 1)
             for out, text in zip((q, s), rng.choice(SHORT_EVENTS[op])):
@@ -1906,16 +1874,12 @@ def column_lines(a: int, b: int, sign: str) -> list[str]:
 def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digits: int = 4) -> dict:
     """A long-reasoning problem: n_people pass a tenth (rounded down) of what they hold round a circle for
     n_turns turns; what does the last one to receive hold at the end? The solution does every sum column
-    by column, so it is long because the reasoning is, and one wrong digit gives a wrong answer.
-    Every line needs only what the ten lines above it say (about 300 tokens), and finds it by its place
-    in a line, never by a name: the question gives the starting amounts last, so the first line copies
-    them from a few tokens back; each listing of the counts starts with the next turn's giver, then its
-    receiver, so a turn takes its giver and receiver (names and counts) from the first two places of the
-    listing above it; the others' counts are restated between the two sums ("X still has N"), so the
-    next listing need not reach back a whole turn for them; each result line repeats the turn count, so
-    the next turn's line copies it from close by; and the answer repeats the first place of the last
-    listing. (Finding a count by a name among several is associative recall, which a fixed-size state
-    does worst; it is not the reasoning.)
+    by column, so it is long because the reasoning is, and one wrong digit gives a wrong answer. Every
+    line needs only what the ten lines above it say, and finds it by its place in a line, never by a name
+    (associative recall, which a fixed-size state does worst, is not the reasoning): the starting amounts
+    come last in the question, each listing starts with the next turn's giver and receiver, the others'
+    counts are restated between a turn's two sums ("X still has N"), the result lines repeat the turn
+    count, and the answer repeats the first place of the last listing.
     Returns {"question", "answer", "ops"}; ops = ["relay", [start amounts], n_turns, asked index]."""
     assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and 2 <= digits <= len(COLUMNS) - 1
     people = rng.sample(NAMES, n_people)
@@ -1993,9 +1957,8 @@ def generator_fingerprint(cfg) -> str:
 
 def gold_answer(answer_text: str) -> str:
     """The rest of the line after the last '####', without commas ("#### 1,200" -> "1200"); "" if none."""
-    if "####" not in answer_text:
-        return ""
-    return answer_text.rsplit("####", 1)[1].split("\n", 1)[0].strip().replace(",", "")
+    tail = answer_text.rsplit("####", 1)[1] if "####" in answer_text else ""
+    return tail.split("\n", 1)[0].strip().replace(",", "")
 
 
 def prompt_text(question: str) -> str:
@@ -2073,9 +2036,7 @@ class StopRule:
 
     def __init__(self, vocab_size, stop_ids=(), tokenizer=None, device="cpu"):
         flags = torch.zeros(4, vocab_size, dtype=torch.bool)  # is_stop, has_hash, has_digit, has_newline
-        for i in stop_ids:
-            if i < vocab_size:
-                flags[0, i] = True
+        flags[0, [i for i in stop_ids if i < vocab_size]] = True
         if tokenizer is not None:
             for i in range(min(vocab_size, tokenizer.n_words)):
                 b = tokenizer.token_bytes(i)
@@ -2168,8 +2129,7 @@ class DistillConfig:
     out_dir: str = flag("out", "where data, models, checkpoints, logs and the summary go")
     preset: str = flag("default", "default (minutes on one GPU), smoke (a quick GPU check) or tiny (seconds, CPU)",
                        choices=("default", "smoke", "tiny"))
-    fresh: bool = flag(False, "start over: first remove the data, tokenizer, models, checkpoints, logs and records "
-                              "an earlier run left in out_dir")
+    fresh: bool = flag(False, "start over: first remove what an earlier run left in out_dir (data, models, logs, ...)")
     resume: bool = flag(False, "continue each unfinished model from its checkpoint, made with the same settings "
                                "(log_every, held_out_every, ckpt_every, eval_n, max_new_tokens, students and "
                                "random_baseline may differ: they change no model)")
@@ -2188,8 +2148,7 @@ class DistillConfig:
     digits: int = flag(4, "relay: digits of the starting amounts", at_least=2, at_most=len(COLUMNS) - 1)
     n_train: int = flag(20000, "synthetic training problems", at_least=1)
     n_test: int = flag(500, "synthetic test problems", at_least=1)
-    vocab_size: int = flag(1024, "base BPE vocabulary of the project's tokenizer (256 specials come on top)",
-                           at_least=256)
+    vocab_size: int = flag(1024, "base BPE vocabulary of the project's tokenizer (+ 256 specials)", at_least=256)
     d_model: int = flag(384, "default teacher: hidden size", at_least=2)
     n_layers: int = flag(8, "default teacher: layers", at_least=1)
     n_heads: int = flag(6, "default teacher: query heads (head dim = d_model / n_heads)", at_least=1)
@@ -2211,8 +2170,7 @@ class DistillConfig:
     orient_steps: int = flag(0, "stage 0: steps matching each mixer's matrix to its attention matrix (MOHAWK's "
                                 "matrix orientation; 0 = skip)", at_least=0)
     orient_lr: float = flag(1e-3, "stage 0: peak learning rate", above=0)
-    orient_len: int = flag(512, "stage 0: the first tokens of each sequence whose (l, l) matrices are matched",
-                           at_least=1)
+    orient_len: int = flag(512, "stage 0: the (l, l) matrices cover this many first tokens of a sequence", at_least=1)
     align_steps: int = flag(800, "stage 1: layer-wise mixer alignment steps (0 = skip)", at_least=0)
     align_lr: float = flag(2e-3, "stage 1: peak learning rate", above=0)
     kl_steps: int = flag(1400, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
@@ -2239,9 +2197,8 @@ class DistillConfig:
     eval_n: int = flag(200, "test problems for the greedy accuracy of each model (0 = skip)", at_least=0)
     max_new_tokens: int = flag(0, "generation limit when evaluating; 0 = the longest test solution + 25%", at_least=0)
     bench: bool = flag(False, "measure distillation throughput at the Llama-3.2-1B shape and exit")
-    compile: bool = flag(False, "torch.compile the student's forward (stages 2 and 3; stage 1 calls the mixers "
-                                "directly) and the teacher's in stage 2 (GPU only): fuses the norms and "
-                                "activations; costs about a minute per model to compile")
+    compile: bool = flag(False, "torch.compile (GPU only) the student's forward in stages 2 and 3 (stage 1 calls the "
+                                "mixers directly) and the teacher's in stage 2; about a minute per model to compile")
 
 
 PRESETS = {  # fields that a preset changes, unless the command line set them

@@ -24,11 +24,11 @@ Figures (a figure whose input files are absent is skipped with a one-line note n
   distill_loss.png       training loss against wall time, a panel per stage, colour by model, dashed =
                          random mixer init, open markers = held-out loss. Input: <out_dir>/logs/*.jsonl.
 
-Tables on stdout: the same numbers, the equal-time comparison, and, where a model's samples.jsonl and
-the data file its summary names are present, where its wrong samples first leave the gold solution;
-the same for the greedy solutions of mamba_distill.py (<out_dir>/greedy/*.jsonl, on the test file
-<out_dir>/distill_summary.json names), so a run that sampled nothing yet says where its chains break;
-and the kinds of solution line that hold most of each student's held-out KL (<out_dir>/kl_by_line/).
+Tables on stdout: the same numbers; the equal-time comparison; where the wrong samples (a model's
+samples.jsonl, on the data file its summary names) and the greedy solutions of mamba_distill.py
+(<out_dir>/greedy/*.jsonl, on the test file distill_summary.json names: so a run that sampled nothing yet
+says where its chains break) first leave the gold solution; and the kinds of solution line that hold most
+of each student's held-out KL (<out_dir>/kl_by_line/).
 
 Bad input (a malformed json/jsonl line, a missing key, a bad flag) stops with one line naming file:line
 or the flag, exit status 2; if no figure at all could be drawn the script exits with status 1.
@@ -114,8 +114,8 @@ def read_json(path, text=None, lineno=1):
 
 def read_jsonl(path):
     """[(line number, dict)] for every non-blank line."""
-    lines = _read_text(path).split("\n")
-    return [(lineno, read_json(path, line, lineno)) for lineno, line in enumerate(lines, 1) if line.strip()]
+    return [(lineno, read_json(path, line, lineno))
+            for lineno, line in enumerate(_read_text(path).split("\n"), 1) if line.strip()]
 
 
 def _number(value, key, where):
@@ -164,13 +164,11 @@ def read_eval_summaries(pattern):
 def read_decode_bench(path):
     """decode.json checked: its dict with 'results' and 'hf_rows' (the HF runs that did not fail)."""
     bench = read_json(path)
-    rows = {}
     for part, numbers in (("results", ("batch", "prompt_len", "gen_len", "tokens_per_s", "roofline_tokens_per_s")),
                           ("hf", ("batch", "prompt_len", "gen_len", "tokens_per_s"))):
-        rows[part] = bench.get(part, [])
-        if not isinstance(rows[part], list):
+        if not isinstance(bench.get(part, []), list):
             raise InputError(f"{path}: '{part}' must be a list")
-        for i, r in enumerate(rows[part]):
+        for i, r in enumerate(bench.get(part, [])):
             where = f"{path}: {part}[{i}]"
             if not isinstance(r, dict):
                 raise InputError(f"{where}: expected a JSON object")
@@ -178,7 +176,7 @@ def read_decode_bench(path):
                 note(f"{where}: HF transformers' run failed ({str(r['error'])[:80]}); not drawn")
             else:
                 _checked(r, where, numbers, present=("model", "shape") if part == "results" else ())
-    return dict(bench, results=rows["results"], hf_rows=[r for r in rows["hf"] if "error" not in r])
+    return dict(bench, results=bench.get("results", []), hf_rows=[r for r in bench.get("hf", []) if "error" not in r])
 
 
 def read_logs(pattern):
@@ -189,7 +187,8 @@ def read_logs(pattern):
         for lineno, rec in read_jsonl(path):
             where = f"{path}:{lineno}"
             start = rec.get("step") == 0 and "loss" not in rec
-            v = _checked(rec, where, ("time_s", "step") + (() if start else ("loss",)), present=("model", "init", "stage"))
+            v = _checked(rec, where, ("time_s", "step") + (() if start else ("loss",)),
+                         present=("model", "init", "stage"))
             held_out = _number(rec["held_out_loss"], "held_out_loss", where) if "held_out_loss" in rec else None
             if start and held_out is None:
                 raise InputError(f"{where}: a step-0 line without 'loss' must hold 'held_out_loss'")
@@ -218,10 +217,8 @@ def model_order(name):
 
 def model_colours(names):
     """Known models get fixed tab10 colours, others the next free ones, so colours match across figures."""
-    colours = {name: f"C{i}" for i, name in enumerate(MODEL_ORDER)}
-    extra = sorted({n for n in names if n not in colours})
-    colours.update({name: f"C{(len(MODEL_ORDER) + i) % 10}" for i, name in enumerate(extra)})
-    return colours
+    extra = sorted({n for n in names if n not in MODEL_ORDER})
+    return {name: f"C{i % 10}" for i, name in enumerate((*MODEL_ORDER, *extra))}
 
 
 def _one_or_many(values):
@@ -254,7 +251,6 @@ def style_axes(ax, title, xlabel, ylabel, xbase=None, ybase=None, grid="major", 
     ax.grid(True, which=grid, alpha=0.3)
 
 
-LABEL_BOX = dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.75)
 MARKERS, LINESTYLES = "os^vDP", ("-", "--", "-.", ":")
 METRIC_TITLES = {"coverage": "coverage: any of k samples correct", "majority": "majority vote over k samples"}
 TIME_LABEL = "wall-clock time to draw k samples for every problem (s, log scale)"
@@ -290,12 +286,11 @@ def plot_accuracy(runs, x_key, path, cfg):
     fig, panels = metric_panels(5.8)
     for ax, metric in panels:
         for i, run in enumerate(runs):
-            xs, ys = run[x_key], [100 * v for v in run[metric]]
             label = f"{run['name']} ({run['device']})" if several_devices else run["name"]
             # distinct markers and dashes, drawn in model order: a line under another still shows
-            ax.plot(xs, ys, linestyle=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
-                    color=colours[run["name"]], label=label if metric == "coverage" else None, lw=1.6, ms=6,
-                    alpha=0.9, zorder=3 + i)
+            ax.plot(run[x_key], [100 * v for v in run[metric]], linestyle=LINESTYLES[i % len(LINESTYLES)],
+                    marker=MARKERS[i % len(MARKERS)], color=colours[run["name"]],
+                    label=label if metric == "coverage" else None, lw=1.6, ms=6, alpha=0.9, zorder=3 + i)
         ylabel = {"coverage": "coverage@k = pass@k (% of problems)",
                   "majority": "majority-vote accuracy@k (% of problems)"}[metric]
         if x_key == "time_s":
@@ -327,8 +322,7 @@ def plot_accuracy(runs, x_key, path, cfg):
 def place_labels(ax, labels, side, markers=(), size=(34, 11)):
     """Write each (x, y, text, colour) beside its point, on the given side, moved up or down just enough
     (whichever is less) that it covers no label written before it and no other marker (markers: (x, y)
-    of every point drawn); the lowest point's label goes first. A label is about `size` points (width,
-    height)."""
+    of every point drawn); the lowest point's label goes first. A label is about `size` points (w, h)."""
     to_points = 72 / ax.figure.dpi
     w, h = size
 
@@ -339,6 +333,7 @@ def place_labels(ax, labels, side, markers=(), size=(34, 11)):
     for px, py, x, y, text, colour in sorted(((*pts(x, y), x, y, t, c) for x, y, t, c in labels), key=lambda r: r[1]):
         x0 = px + 5 if side == "right" else px - 5 - w
         mine = (px - 4, px + 4, py - 4, py + 4)
+
         def free(ly):
             return not any(b != mine and x0 < b[1] and b[0] < x0 + w and ly - h / 2 < b[3] and b[2] < ly + h / 2
                            for b in boxes)
@@ -347,21 +342,20 @@ def place_labels(ax, labels, side, markers=(), size=(34, 11)):
         boxes.append((x0, x0 + w, ly - h / 2, ly + h / 2))
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(7 if side == "right" else -7, ly - py),
                     ha="left" if side == "right" else "right", va="center", fontsize=7.5, color=colour,
-                    bbox=LABEL_BOX, zorder=10)
-
-
-def accuracy_at(run, metric, t):
-    """A run's accuracy at its largest k drawn by time t; None before its first round ended."""
-    done = [v for v, tk in zip(run[metric], run["time_s"]) if tk <= t]
-    return done[-1] if done else None
+                    bbox=dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.75), zorder=10)
 
 
 def share_above(student, teacher, metric, points=400):
-    """The share of the teacher's time range (log scale) in which the student's accuracy is above its."""
+    """The share of the teacher's time range (log scale) in which the student's accuracy is above its;
+    a model's accuracy at time t is that of the largest k it had drawn by then (none before its first)."""
+    def at(run, t):
+        done = [v for v, tk in zip(run[metric], run["time_s"]) if tk <= t]
+        return done[-1] if done else None
+
     lo, hi = math.log(teacher["time_s"][0]), math.log(teacher["time_s"][-1])
     times = [math.exp(lo + (hi - lo) * (i + 0.5) / points) for i in range(points)]
-    accuracies = [(accuracy_at(student, metric, t), accuracy_at(teacher, metric, t)) for t in times]
-    return sum(s is not None and tc is not None and s > tc for s, tc in accuracies) / points
+    pairs = [(at(student, t), at(teacher, t)) for t in times]
+    return sum(s is not None and tc is not None and s > tc for s, tc in pairs) / points
 
 
 def equal_time_table(runs):
@@ -387,6 +381,22 @@ def headline(runs):
             f"of the time range")
 
 
+def accuracy_table(runs):
+    rows = [(r["name"], r["gpus"], k, f"{100 * c:.1f}", f"{100 * m:.1f}", f"{t:.1f}")
+            for r in runs for k, c, m, t in zip(r["k"], r["coverage"], r["majority"], r["time_s"])]
+    return format_table(("model", "GPUs", "k", "coverage %", "majority %", "time s"), rows)
+
+
+def gpu_pairs(runs):
+    """[(1-GPU run, N-GPU run)] of the same checkpoint and sampling settings."""
+    return [(one, many) for one in runs if one["gpus"] == 1 for many in runs
+            if many["gpus"] > 1 and many["checkpoint"] == one["checkpoint"] and many["k"] == one["k"]]
+
+
+def gpu_speedups(pairs):
+    return [(one["name"], one["time_s"][-1] / many["time_s"][-1], many["gpus"]) for one, many in pairs]
+
+
 def plot_gpus(pairs, path, cfg):
     """Each model drawn on 1 GPU and on N GPUs (torchrun): the same accuracies, sooner."""
     colours = model_colours(one["name"] for one, _ in pairs)
@@ -405,20 +415,8 @@ def plot_gpus(pairs, path, cfg):
     save_png(fig, path, cfg.dpi)
 
 
-def gpu_pairs(runs):
-    """[(1-GPU run, N-GPU run)] of the same checkpoint and sampling settings."""
-    return [(one, many) for one in runs if one["gpus"] == 1 for many in runs
-            if many["gpus"] > 1 and many["checkpoint"] == one["checkpoint"] and many["k"] == one["k"]]
-
-
-def gpu_speedups(pairs):
-    return [(one["name"], one["time_s"][-1] / many["time_s"][-1], many["gpus"]) for one, many in pairs]
-
-
-def accuracy_table(runs):
-    rows = [(r["name"], r["gpus"], k, f"{100 * c:.1f}", f"{100 * m:.1f}", f"{t:.1f}")
-            for r in runs for k, c, m, t in zip(r["k"], r["coverage"], r["majority"], r["time_s"])]
-    return format_table(("model", "GPUs", "k", "coverage %", "majority %", "time s"), rows)
+# -----------------------------------------------------------------------------
+# Tables: where wrong solutions leave the gold one, where a student's KL to its teacher lies
 
 
 def line_kind(line, names):
@@ -429,40 +427,53 @@ def line_kind(line, names):
 
 def question_names(question):
     """The names in a question: its capitalised words seen at least twice."""
-    words = [w.strip(",.?!") for w in question.split()]
-    return {w for w in words if w[:1].isupper() and words.count(w) >= 2}
+    counts = Counter(w.strip(",.?!") for w in question.split())
+    return {w for w, n in counts.items() if w[:1].isupper() and n >= 2}
 
 
 def chain_breaks(run):
-    """Where a model's wrong samples first leave the gold worked solution (meaningful when the gold is in
-    the model's own format, as in the synthetic tasks): the count of wrong samples, the share whose first
-    line with other numbers than the gold's lies in each tenth of the gold solution, and the commonest
-    kinds of that line. Only numbers count: a slip in a name that leaves every number right does not
-    change the answer. Names are the question's capitalised words seen at least twice. None when the
-    samples or data are absent."""
+    """Where a run's wrong samples first leave the gold worked solution (meaningful when the gold is in the
+    model's own format, as in the synthetic tasks): the first line whose numbers differ from the gold's (a
+    name slip that leaves every number right does not change the answer). A table row: the wrong samples,
+    their share in each tenth of the gold solution, the commonest kinds of line where they break; or None."""
     if not (run["data"] and os.path.isfile(run["data"]) and os.path.isfile(run["samples"])):
         return None
     gold = [row for _, row in read_jsonl(run["data"])]
-    names = {}  # problem -> its names
-    tenths, kinds, wrong = [0] * 10, Counter(), 0
+    tenths, kinds = [0] * 10, Counter()
     for lineno, s in read_jsonl(run["samples"]):
         if not isinstance(s.get("problem"), int) or not 0 <= s["problem"] < len(gold) or "text" not in s:
             raise InputError(f"{run['samples']}:{lineno}: needs 'problem' (a row of {run['data']}) and 'text'")
         if s.get("correct"):
             continue
-        p = s["problem"]
-        if p not in names:
-            names[p] = question_names(gold[p]["question"])
-        lines = gold[p]["answer"].split("\n")
-        text = s["text"].split("\n")
+        lines, text = gold[s["problem"]]["answer"].split("\n"), s["text"].split("\n")
         i = next((i for i, (g, t) in enumerate(zip(lines, text)) if re.findall(r"\d+", g) != re.findall(r"\d+", t)),
                  min(len(lines), len(text)))
-        wrong += 1
         tenths[min(9, 10 * i // len(lines))] += 1
-        kind = line_kind(lines[i], names[p]) if i < len(lines) else "(after the end)"
-        kinds[kind] += 1
-    return {"wrong": wrong, "tenths": [t / max(wrong, 1) for t in tenths],
-            "kinds": kinds.most_common()}
+        names = question_names(gold[s["problem"]]["question"])
+        kinds[line_kind(lines[i], names) if i < len(lines) else "(after the end)"] += 1
+    wrong = sum(tenths)
+    if not wrong:
+        return None
+    return (run["name"], wrong, " ".join(f"{100 * (t / wrong):.0f}" for t in tenths),
+            ", ".join(f"'{kind}' {100 * n / wrong:.0f}%" for kind, n in kinds.most_common(3)))
+
+
+def breaks_table(runs):
+    return format_table(("model", "wrong samples", "% in each tenth of the solution", "commonest first wrong lines"),
+                        [row for row in map(chain_breaks, runs) if row])
+
+
+def greedy_runs(out_dir):
+    """The greedy solutions mamba_distill.py wrote (greedy/<model>.jsonl), as runs for chain_breaks."""
+    path = os.path.join(out_dir, "distill_summary.json")
+    if not os.path.isfile(path):
+        return []
+    summary = read_json(path)
+    if not isinstance(summary.get("models"), dict):
+        raise InputError(f"{path}: expected an object with a 'models' object")
+    test = (summary.get("config") or {}).get("test_data") or os.path.join(out_dir, "data", "test.jsonl")
+    return [{"name": m, "data": test, "samples": os.path.join(out_dir, "greedy", f"{m}.jsonl")}
+            for m in sorted(summary["models"], key=model_order)]
 
 
 def kl_lines_table(pattern):
@@ -485,43 +496,11 @@ def kl_lines_table(pattern):
         top = ", ".join(f"'{kind}' {100 * k / total:.0f}% ({k / max(tokens[kind], 1):.3f})"
                         for kind, k in kl.most_common(4)) if total > 0 else "-"
         rows.append((os.path.basename(path)[:-len(".jsonl")], f"{total / max(sum(tokens.values()), 1):.4f}", top))
-    return format_table(("model", "KL per token", "lines holding most of it: kind, share (KL per token there)"),
-                        rows) if rows else ""
-
-
-def greedy_runs(out_dir):
-    """The greedy solutions mamba_distill.py wrote (greedy/<model>.jsonl), as runs for chain_breaks."""
-    path = os.path.join(out_dir, "distill_summary.json")
-    if not os.path.isfile(path):
-        return []
-    summary = read_json(path)
-    if not isinstance(summary, dict) or not isinstance(summary.get("models"), dict):
-        raise InputError(f"{path}: expected an object with a 'models' object")
-    test = (summary.get("config") or {}).get("test_data") or os.path.join(out_dir, "data", "test.jsonl")
-    return [{"name": m, "data": test, "samples": os.path.join(out_dir, "greedy", f"{m}.jsonl")}
-            for m in sorted(summary["models"], key=model_order)]
-
-
-def breaks_table(runs):
-    rows = []
-    for r in runs:
-        b = chain_breaks(r)
-        if b and b["wrong"]:
-            top = ", ".join(f"'{kind}' {100 * n / b['wrong']:.0f}%" for kind, n in b["kinds"][:3])
-            rows.append((r["name"], b["wrong"], " ".join(f"{100 * t:.0f}" for t in b["tenths"]), top))
-    return format_table(("model", "wrong samples", "% in each tenth of the solution", "commonest first wrong lines"),
-                        rows) if rows else ""
+    return format_table(("model", "KL per token", "lines holding most of it: kind, share (KL per token there)"), rows)
 
 
 # -----------------------------------------------------------------------------
 # Figure 3: decode throughput against batch size and generation length
-
-
-def _sweep_key(rows):
-    """The (prompt_len, gen_len) of `rows` with the most batch sizes measured (the shortest on a tie)."""
-    keys = {(r["prompt_len"], r["gen_len"]) for r in rows}
-    return min(keys, key=lambda k: (-len({r["batch"] for r in rows if (r["prompt_len"], r["gen_len"]) == k}),
-                                     k[1])) if keys else None
 
 
 def _method(row):
@@ -529,12 +508,22 @@ def _method(row):
     return row.get("method", "generate")
 
 
+def batch_sweep(rows):
+    """The whole generate calls at the (prompt_len, gen_len) that measured the most batch sizes (the
+    shortest gen_len on a tie); [] where that is fewer than two."""
+    at = {}  # (prompt_len, gen_len) -> its generate rows
+    for r in rows:
+        if _method(r) == "generate":
+            at.setdefault((r["prompt_len"], r["gen_len"]), []).append(r)
+    best = min(at.values(), key=lambda rs: (-len({r["batch"] for r in rs}), rs[0]["gen_len"]), default=[])
+    return best if len({r["batch"] for r in best}) > 1 else []
+
+
 def length_method(rows):
     """The one way of measuring that a length panel draws: the one that measured the most (model,
     gen_len) points, so that a batch sweep of whole generate calls at one length does not win."""
-    def points(method):
-        return len({(r["model"], r["gen_len"]) for r in rows if _method(r) == method})
-    return max(sorted({_method(r) for r in rows}), key=points)
+    return max(sorted({_method(r) for r in rows}),
+               key=lambda method: len({(r["model"], r["gen_len"]) for r in rows if _method(r) == method}))
 
 
 def _length_sweep(rows):
@@ -560,54 +549,50 @@ def plot_decode(benches, path, cfg):
     models = sorted({r["model"] for _, _, rows in panels for r in rows}, key=model_order)
     colours = model_colours(models)
     markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
-    # a batch panel: the (prompt_len, gen_len) at which whole generate calls measured the most batch sizes
-    sweeps = [[r for r in rows if _method(r) == "generate"] for _, _, rows in panels]
-    sweeps = [[r for r in rs if (r["prompt_len"], r["gen_len"]) == _sweep_key(rs)] for rs in sweeps]
-    with_batch = [len({r["batch"] for r in rs}) > 1 for rs in sweeps]
-    ncols = 2 if any(with_batch) else 1
+    sweeps = [batch_sweep(rows) for _, _, rows in panels]
+    ncols = 2 if any(sweeps) else 1
     fig, axes = plt.subplots(len(panels), ncols, figsize=(6.5 * ncols, 4.6 * len(panels) + 1.2),
                              layout="constrained", squeeze=False)
-    ylabel = "generated tokens/s (log scale)"
-    for (bench, shape, rows), sweep, has_batch, ax_row in zip(panels, sweeps, with_batch, axes):
-        ax_l = ax_row[0]
-        by_model = {m: [r for r in rows if r["model"] == m] for m in models if any(r["model"] == m for r in rows)}
+
+    def draw_rates(ax, x_key, by_model, title, xlabel):
+        """Each model's tokens/s (solid) and its roofline (dashed) against x_key."""
+        for model, rs in by_model.items():
+            xs = [r[x_key] for r in rs]
+            ax.plot(xs, [r["tokens_per_s"] for r in rs], marker=markers[model], color=colours[model], lw=1.6)
+            ax.plot(xs, [r["roofline_tokens_per_s"] for r in rs], "--", color=colours[model], alpha=0.5, lw=1)
+        style_axes(ax, title, xlabel, "generated tokens/s (log scale)", xbase=2, ybase=10, fontsize=10)
+        ax.margins(x=0.06, y=0.08)
+
+    for (bench, shape, rows), sweep, ax_row in zip(panels, sweeps, axes):
         method = length_method(rows)
-        lengths = {m: _length_sweep(same) for m, rs in by_model.items()
-                   if (same := [r for r in rs if _method(r) == method])}
-        for model, rs in lengths.items():
-            _plot_rates(ax_l, "gen_len", rs, colours[model], markers[model])
-        notes = [f"{s}: faster than the teacher from {c:g} new tokens" for s, rs in lengths.items()
-                 if s != "teacher" and "teacher" in lengths and (c := crossover(rs, lengths["teacher"]))]
-        if notes:  # as a legend without handles: "best" keeps it off the points and lines
-            ax_l.legend([Line2D([], [], linestyle="none")] * len(notes), notes, loc="best", fontsize=8,
-                        handlelength=0, handletextpad=0, framealpha=0.75)
+        lengths = {m: _length_sweep(rs) for m in models
+                   if (rs := [r for r in rows if r["model"] == m and _method(r) == method])}
         batches = _one_or_many(r["batch"] for rs in lengths.values() for r in rs)
         methods = _one_or_many(_method(r) for rs in lengths.values() for r in rs)
         step = {True: "compiled step", False: "eager step"}.get(bench.get("compile"), "step")
-        style_axes(ax_l, f"{shape} on {bench.get('device', '?')}, {bench.get('date', '?')}: against generation "
-                   f"length\n(batch {batches}; {methods}; {step})",
-                   "generated tokens per sequence, gen_len (log2 scale)", ylabel, xbase=2, ybase=10, fontsize=10)
-        ax_l.margins(x=0.06, y=0.08)
-        if ncols == 1:
+        draw_rates(ax_row[0], "gen_len", lengths, f"{shape} on {bench.get('device', '?')}, {bench.get('date', '?')}: "
+                   f"against generation length\n(batch {batches}; {methods}; {step})",
+                   "generated tokens per sequence, gen_len (log2 scale)")
+        notes = [f"{s}: faster than the teacher from {c:g} new tokens" for s, rs in lengths.items()
+                 if s != "teacher" and "teacher" in lengths and (c := crossover(rs, lengths["teacher"]))]
+        if notes:  # as a legend without handles: "best" keeps it off the points and lines
+            ax_row[0].legend([Line2D([], [], linestyle="none")] * len(notes), notes, loc="best", fontsize=8,
+                             handlelength=0, handletextpad=0, framealpha=0.75)
+        if ncols == 2 and not sweep:
+            ax_row[1].set_visible(False)
+        if not sweep:
             continue
-        ax_b = ax_row[1]
-        if not has_batch:
-            ax_b.set_visible(False)
-            continue
-        for model in by_model:
-            if mine := sorted((r for r in sweep if r["model"] == model), key=lambda r: r["batch"]):
-                _plot_rates(ax_b, "batch", mine, colours[model], markers[model])
-        first = sweep[0]
+        by_model = {m: sorted(mine, key=lambda r: r["batch"]) for m in models
+                    if (mine := [r for r in sweep if r["model"] == m])}
+        draw_rates(ax_row[1], "batch", by_model, f"{shape}: against batch size\n(prompt {sweep[0]['prompt_len']:g}, "
+                   f"{sweep[0]['gen_len']:g} new tokens; whole generate calls)",
+                   "batch size b = sequences decoded together (log2 scale)")
         for hf in bench.get("hf_rows", []):
-            if hf["gen_len"] == first["gen_len"] and shape == "llama-3.2-1b":
-                ax_b.plot([hf["batch"]], [hf["tokens_per_s"]], "kX" if hf.get("cache") == "static" else "kP", ms=9,
-                          label=f"HF generate, {hf.get('cache', '?')} cache")
+            if hf["gen_len"] == sweep[0]["gen_len"] and shape == "llama-3.2-1b":
+                ax_row[1].plot([hf["batch"]], [hf["tokens_per_s"]], "kX" if hf.get("cache") == "static" else "kP",
+                               ms=9, label=f"HF generate, {hf.get('cache', '?')} cache")
         if bench.get("hf_rows"):
-            ax_b.legend(fontsize=8, loc="upper left")
-        style_axes(ax_b, f"{shape}: against batch size\n(prompt {first['prompt_len']:g}, {first['gen_len']:g} new "
-                   "tokens; whole generate calls)", "batch size b = sequences decoded together (log2 scale)", ylabel,
-                   xbase=2, ybase=10, fontsize=10)
-        ax_b.margins(x=0.06, y=0.08)
+            ax_row[1].legend(fontsize=8, loc="upper left")
     handles = [Line2D([], [], color=colours[m], marker=markers[m], label=m) for m in models]
     handles.append(Line2D([], [], color="grey", linestyle="--", label="roofline: bytes a step must move / measured "
                                                                       "copy bandwidth"))
@@ -616,23 +601,15 @@ def plot_decode(benches, path, cfg):
     save_png(fig, path, cfg.dpi)
 
 
-def _plot_rates(ax, x_key, rows, colour, marker):
-    """tokens/s (solid) and its roofline (dashed) against rows' x_key."""
-    xs = [r[x_key] for r in rows]
-    ax.plot(xs, [r["tokens_per_s"] for r in rows], marker=marker, color=colour, lw=1.6)
-    ax.plot(xs, [r["roofline_tokens_per_s"] for r in rows], "--", color=colour, alpha=0.5, lw=1)
-
-
-def _optional(row, key, fmt):
-    return format(row[key], fmt) if isinstance(row.get(key), (int, float)) else "-"
-
-
 def decode_table(rows, hf):
     """tokens/s of whole generate calls; the decode steps' own rates where sample.py recorded them."""
+    def optional(row, key, fmt):
+        return format(row[key], fmt) if isinstance(row.get(key), (int, float)) else "-"
+
     table = [(r["model"], r["shape"], f"{r['batch']:g}", f"{r['prompt_len']:g}", f"{r['gen_len']:g}",
-              f"{r['tokens_per_s']:.0f}", _optional(r, "decode_tokens_per_s", ".0f"),
-              f"{r['roofline_tokens_per_s']:.0f}", _optional(r, "roofline_frac", ".2f"),
-              _optional(r, "peak_mem_GB", ".1f"))
+              f"{r['tokens_per_s']:.0f}", optional(r, "decode_tokens_per_s", ".0f"),
+              f"{r['roofline_tokens_per_s']:.0f}", optional(r, "roofline_frac", ".2f"),
+              optional(r, "peak_mem_GB", ".1f"))
              for r in sorted(rows, key=lambda r: (r["shape"], model_order(r["model"]), r["gen_len"], r["batch"]))]
     table += [(f"HF {r.get('cache', '?')}", "", f"{r['batch']:g}", f"{r['prompt_len']:g}", f"{r['gen_len']:g}",
                f"{r['tokens_per_s']:.0f}", "-", "-", "-", "-") for r in hf]
@@ -692,13 +669,13 @@ def plot_losses(curves, path, cfg):
 
 def loss_table(curves):
     rows = []
+    show = lambda v: "-" if v is None else f"{v:.4g}"
     order = lambda kv: (model_order(kv[0][0]), kv[0][1], stage_order(kv[0][2]))  # kv: ((model, init, stage), points)
     for (model, init, stage), points in sorted(curves.items(), key=order):
         t, loss, step, tokens, _ = points[-1]
         losses = [p[1] for p in points if p[1] is not None]
         held = [p[4] for p in points if p[4] is not None and p[1] is not None]  # during training
         start = points[0][4] if points[0][1] is None else None  # the step-0 line: held-out before training
-        show = lambda v: "-" if v is None else f"{v:.4g}"
         rows.append((model, init, stage, len(losses), step, f"{tokens:g}" if isinstance(tokens, (int, float))
                      else "-", show(start), show(losses[0] if losses else None), show(loss),
                      show(held[-1] if held else None), f"{t:.1f}"))
@@ -711,11 +688,19 @@ def loss_table(curves):
 
 
 def format_table(headers, rows):
+    """The rows under their headers in aligned columns ("" without rows)."""
+    if not rows:
+        return ""
     cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in cells]
     return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def print_table(title, table):
+    if table:
+        print(f"== {title} ==\n{table}", end="\n\n")
 
 
 def make_plots(cfg):
@@ -731,7 +716,6 @@ def make_plots(cfg):
     runs = read_eval_summaries(summaries)
     benches = [read_decode_bench(path) for path in sorted(glob.glob(bench_paths))]
     curves = read_logs(logs)
-
     plots_dir = cfg.plots_dir or os.path.join(cfg.out_dir, "plots")
     written = []
 
@@ -740,46 +724,34 @@ def make_plots(cfg):
         written.append(os.path.join(plots_dir, name))
         return written[-1]
 
-    kl_lines = kl_lines_table(os.path.join(cfg.out_dir, "kl_by_line", "*.jsonl"))
-    if kl_lines:
-        print("== where each student's held-out KL to the teacher lies, by kind of solution line ==\n" + kl_lines,
-              end="\n\n")
-    breaks = breaks_table(greedy_runs(cfg.out_dir))
-    if breaks:
-        print("== where the wrong greedy solutions of mamba_distill.py first leave the gold solution ==\n" + breaks,
-              end="\n\n")
+    print_table("where each student's held-out KL to the teacher lies, by kind of solution line",
+                kl_lines_table(os.path.join(cfg.out_dir, "kl_by_line", "*.jsonl")))
+    print_table("where the wrong greedy solutions of mamba_distill.py first leave the gold solution",
+                breaks_table(greedy_runs(cfg.out_dir)))
     one_gpu = [r for r in runs if r["gpus"] == 1]  # the headline compares models on one GPU each
     if one_gpu:
-        print(f"== accuracy per k ({summaries}; {_one_or_many(r['device'] for r in runs)}) ==\n"
-              f"{accuracy_table(runs)}", end="\n\n")
-        table = equal_time_table(one_gpu)
-        if table:
-            print("== at equal time: each student against the teacher (one GPU each) ==\n" + format_table(
-                ("model", "samples drawn x faster", "coverage above teacher", "majority above teacher"),
-                [(n, "-" if s is None else f"{s:.2f}", f"{100 * c:.0f}% of the time range", f"{100 * m:.0f}%")
-                 for n, s, c, m in table]), end="\n\n")
-        breaks = breaks_table(one_gpu)
-        if breaks:
-            print("== where the wrong samples first leave the gold solution ==\n" + breaks, end="\n\n")
+        print_table(f"accuracy per k ({summaries}; {_one_or_many(r['device'] for r in runs)})", accuracy_table(runs))
+        print_table("at equal time: each student against the teacher (one GPU each)", format_table(
+            ("model", "samples drawn x faster", "coverage above teacher", "majority above teacher"),
+            [(n, "-" if s is None else f"{s:.2f}", f"{100 * c:.0f}% of the time range", f"{100 * m:.0f}%")
+             for n, s, c, m in equal_time_table(one_gpu)]))
+        print_table("where the wrong samples first leave the gold solution", breaks_table(one_gpu))
         plot_accuracy(one_gpu, "time_s", target("accuracy_vs_time.png"), cfg)
         plot_accuracy(one_gpu, "k", target("accuracy_vs_k.png"), cfg)
     else:
         note(f"skipped accuracy_vs_time.png and accuracy_vs_k.png: no one-GPU {summaries} found (run sample.py)")
-    pairs = gpu_pairs(runs)
-    if pairs:
-        print("== 1 GPU against several (same checkpoint, same samples) ==\n" + format_table(
-            ("model", "GPUs", "speed-up at the largest k"), [(n, g, f"{s:.2f}x") for n, s, g in gpu_speedups(pairs)]),
-            end="\n\n")
+    if pairs := gpu_pairs(runs):
+        print_table("1 GPU against several (same checkpoint, same samples)", format_table(
+            ("model", "GPUs", "speed-up at the largest k"), [(n, g, f"{s:.2f}x") for n, s, g in gpu_speedups(pairs)]))
         plot_gpus(pairs, target("accuracy_vs_time_gpus.png"), cfg)
-    rows = [r for b in benches for r in b["results"]]
-    if rows:
-        print(f"== decode throughput ({bench_paths}) ==\n"
-              f"{decode_table(rows, [h for b in benches for h in b['hf_rows']])}", end="\n\n")
+    if rows := [r for b in benches for r in b["results"]]:
+        hf_rows = [h for b in benches for h in b["hf_rows"]]
+        print_table(f"decode throughput ({bench_paths})", decode_table(rows, hf_rows))
         plot_decode([b for b in benches if b["results"]], target("decode_throughput.png"), cfg)
     else:
         note(f"skipped decode_throughput.png: no rows in {bench_paths} (run sample.py --bench)")
     if curves:
-        print(f"== distillation losses ({logs}) ==\n{loss_table(curves)}", end="\n\n")
+        print_table(f"distillation losses ({logs})", loss_table(curves))
         plot_losses(curves, target("distill_loss.png"), cfg)
     else:
         note(f"skipped distill_loss.png: no log lines in {logs} (run mamba_distill.py)")

@@ -2,11 +2,10 @@
 Thinking Slow, Fast (Paliotta et al. 2025), the test-time-scaling half: draw many chain-of-thought
 samples per problem fast, score them, and time them; and the decode speed benchmark.
 
-In this file: 1. the Sampler, one batched generation loop for every model kind: a left-padded prefill,
-then one token per step from a preallocated cache (KV slots for attention, conv + SSM state for Mamba
-layers), each step a captured CUDA graph on a GPU; 2. evaluation: coverage@k (unbiased pass@k) and
-majority@k against the measured time to draw k samples of every problem, on one GPU or several
-(torchrun); 3. the decode speed benchmark (--bench).
+In this file: 1. the Sampler, one batched generation loop for every model kind: a left-padded prefill, then
+one token per step from a preallocated cache (KV slots for attention, conv + SSM state for Mamba layers), each
+step a captured CUDA graph on a GPU; 2. evaluation: coverage@k (unbiased pass@k) and majority@k against the
+measured time to draw k samples of every problem, on one GPU or several (torchrun); 3. the decode benchmark.
 
 Run:
   python sample.py --checkpoint out/pure                      # eval on out/data/test.jsonl, 64 samples each
@@ -65,16 +64,14 @@ class SampleConfig:
     # evaluation
     checkpoint: str = flag("out/hybrid", "checkpoint directory (teacher or student)")
     name: str = flag("", "a name for out_dir/eval/<name>/ (letters, digits, . _ -); empty = the checkpoint's")
-    data: str = flag("", "GSM8K-format jsonl; empty = out_dir/data/test.jsonl, the test split mamba_distill.py "
-                         "wrote there (the real set: ../shared/data/gsm8k/test.jsonl)")
+    data: str = flag("", "GSM8K-format jsonl; empty = out_dir/data/test.jsonl (mamba_distill.py's test split)")
     out_dir: str = flag("out", "where eval/ and bench/ results go")
     n_problems: int = flag(200, "the first n problems of --data (0 = all)", at_least=0)
     k: int = flag(64, "samples per problem (a power of two); results at k = 1, 2, 4, ..., k", at_least=1)
     # sampling
     temperature: float = flag(0.8, "0 = greedy", at_least=0)
     top_p: float = flag(0.95, "nucleus sampling mass (1 = off)", above=0, at_most=1)
-    top_k: int = flag(64, "candidates kept before top-p, which is exact within them; 0 = the whole vocabulary "
-                          "(a full sort: slow)", at_least=0)
+    top_k: int = flag(64, "candidates kept before top-p (exact within them); 0 = all, a full sort (slow)", at_least=0)
     max_new_tokens: int = flag(0, "new tokens per sample at most; 0 = the longest solution in --data + 25%", at_least=0)
     batch_size: int = flag(0, "most rows per batch; 0 = the largest that fits in GPU memory (each round runs in as "
                               "few equal batches as fit)", at_least=0)
@@ -92,8 +89,7 @@ class SampleConfig:
     bench_shapes: str = flag("llama-3.2-1b", "model shapes, random weights: llama-3.2-1b, llama-3.2-3b, default "
                                              "(the default run's teacher and its students)")
     bench_models: str = flag("teacher,pure,hybrid", "which models of each shape")
-    bench_batches: str = flag("64,256", "batch sweep (plus the largest that fits) at prompt 128, 512 new tokens; "
-                                        "empty = no batch sweep")
+    bench_batches: str = flag("64,256", "batch sweep at prompt 128, 512 new tokens, plus the largest; empty = none")
     bench_gen_lens: str = flag("512,2048,4096,8192", "generation-length sweep, each at the largest batch that fits")
     max_batch: int = flag(4096, "--bench: the largest batch of a measurement at most", at_least=1)
     bench_e2e: bool = flag(False, "length sweep by full generate calls instead of timing the step at 8 points (slow)")
@@ -161,9 +157,11 @@ def sample_next(logits, temperature, top_k, top_p, seeds=None, step=0):
     return ids.gather(-1, choice[:, None])[:, 0]  # (b,)
 
 
-def resolve_state_dtype(name, dtype):
-    """--state_dtype (its flag checks the choices): "model" -> the sampling dtype, "float32" -> fp32."""
-    return dtype if name == "model" else torch.float32
+def clock(device):
+    """Host seconds once the device has finished its queued work (a GPU runs behind the host)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def cache_bytes(model, batch, max_len, dtype, state_dtype):
@@ -229,7 +227,6 @@ class Sampler:
         # a captured graph (and the fused q, k, v) reads these addresses: generate() checks them
         self.weight_ptrs = [p.data_ptr() for p in model.parameters()]
         self.cache = model.allocate_cache(batch, max_len, self.dtype, self.device, state_dtype)
-        self.is_ssm = [hasattr(blk, "mixer") for blk in model.model.layers]
         # the decode step's inputs and outputs live in fixed buffers, so that a graph can replay it
         dev = dict(device=self.device)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, **dev)  # (b, 1) last token
@@ -270,10 +267,7 @@ class Sampler:
         write garbage to the cache, which the next prefill resets."""
         if not self.use_graphs or n in self.graphs:
             return
-        if not 0 < n <= self.batch:
-            raise ValueError(f"{n} rows for a sampler of {self.batch}")
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock(self.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -289,8 +283,7 @@ class Sampler:
             self._step(n)
         self.pool = graph.pool()
         self.graphs[n] = graph
-        torch.cuda.synchronize()
-        self.capture_s += time.perf_counter() - t0
+        self.capture_s += clock(self.device) - t0
 
     def run_step(self, n):
         if n in self.graphs:
@@ -307,8 +300,8 @@ class Sampler:
         # the pad id does not matter: padding reaches neither attention nor the SSM state
         idx = torch.tensor([[0] * (l - len(r)) + list(r) for r in prompts], **dev)  # (n, l)
         self.seeds[:n] = torch.tensor(seeds, dtype=torch.long)
-        for c, ssm in zip(self.cache, self.is_ssm):
-            if ssm:  # a prefill continues from the state in the cache, so start from zero
+        for c, blk in zip(self.cache, self.model.model.layers):
+            if hasattr(blk, "mixer"):  # a prefill continues from the state in the cache, so start from zero
                 for x in c:
                     x[:n].zero_()
         self.col.fill_(0)
@@ -351,12 +344,9 @@ class Sampler:
             raise InputError(f"prompt {l} + --max_new_tokens {max_new_tokens} > cache length {self.max_len}")
         seeds = list(seeds) if seeds is not None else [seed * 1_000_003 + i for i in range(n)]
         self.prepare(n)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
+        t0 = clock(self.device)
         self.prefill(prompts, seeds, l)
-        sync()
-        t1 = time.perf_counter()
+        t1 = clock(self.device)
         steps = 1
         for _ in range(1, max_new_tokens):
             self.run_step(n)
@@ -369,8 +359,7 @@ class Sampler:
         rows = [out[i, :keep[i]].tolist() for i in range(n)]
         if tokenizer is not None:  # rows the rule did not stop: cut at an answer line it could not see
             rows = [r if d else r[:md.answer_end(r, tokenizer)] for r, d in zip(rows, done)]
-        sync()
-        t2 = time.perf_counter()
+        t2 = clock(self.device)
         return rows, {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "prompt_len": l}
 
 
@@ -397,11 +386,6 @@ def ks_up_to(k):
     return [2 ** i for i in range(k.bit_length())]  # 1, 2, 4, ..., k
 
 
-def round_of(j):
-    """The round that draws sample j: round k takes every problem from k/2 samples (0 at k = 1) to k."""
-    return 1 if j == 0 else 2 ** (int(j).bit_length())
-
-
 def summarize(samples, n_problems, k_max):
     """coverage@k, majority@k and time@k from samples.jsonl rows. time@k: the wall time to have k
     samples of every problem, rounds k = 1, 2, 4, ... in turn, each as long as its slowest process
@@ -415,8 +399,8 @@ def summarize(samples, n_problems, k_max):
     majority = [sum(majority_answer([s["answer"] for s in ss[:k]]) == ss[0]["gold"] for ss in by_problem) / n_problems
                 for k in ks]
     busy = Counter()  # (round, run, rank) -> seconds that process spent on the round
-    for s in samples:
-        busy[round_of(s["sample"]), s.get("run", 0), s.get("rank", 0)] += s["time_s"]
+    for s in samples:  # round k draws samples k/2 to k - 1, so sample j's is 2 ** j.bit_length()
+        busy[2 ** s["sample"].bit_length(), s.get("run", 0), s.get("rank", 0)] += s["time_s"]
     slowest = Counter()  # (round, run) -> the slowest process's time
     for (r, run, _), t in busy.items():
         slowest[r, run] = max(slowest[r, run], t)
@@ -431,6 +415,8 @@ def sample_seed(seed, problem, j):
 
 def plan_round(todo, fit):
     """A round's (problem, sample) pairs in as few equal batches as fit (one captured graph for all)."""
+    if not todo:
+        return []
     n_batches = -(-len(todo) // fit)
     size = -(-len(todo) // n_batches)
     return [todo[i:i + size] for i in range(0, len(todo), size)]
@@ -441,22 +427,19 @@ def rank_files(out_dir):
     return sorted(glob.glob(os.path.join(out_dir, "samples.rank*.jsonl")))
 
 
-SAMPLE_KEYS = {"problem": int, "sample": int}  # what a line of samples.jsonl must hold
-
-
 def merge_samples(out_dir, keep):
     """samples.jsonl and any per-process files, each (problem, sample) once if keep(sample), written
     back to samples.jsonl atomically (the process files removed)."""
-    path = os.path.join(out_dir, "samples.jsonl")
+    path, parts = os.path.join(out_dir, "samples.jsonl"), rank_files(out_dir)
     merged = {}
-    for f in [path] + rank_files(out_dir):
-        for s in md.read_jsonl(f, SAMPLE_KEYS, lenient=True):
+    for f in [path] + parts:
+        for s in md.read_jsonl(f, {"problem": int, "sample": int}, lenient=True):
             if keep(s):
                 merged.setdefault((s["problem"], s["sample"]), s)
     samples = [merged[key] for key in sorted(merged)]
     if os.path.exists(path) or samples:
         md.write_jsonl(samples, path)
-    for f in rank_files(out_dir):
+    for f in parts:
         os.remove(f)
     return samples
 
@@ -474,29 +457,23 @@ class Group:
 
     def from_rank0(self, obj):
         """rank 0's obj, on every process."""
-        if self.gloo is None:
-            return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.gloo)
+        if self.gloo is not None:
+            dist.broadcast_object_list(box, src=0, group=self.gloo)
         return box[0]
-
-    def close(self):
-        if self.world > 1:
-            dist.destroy_process_group()
 
 
 @torch.no_grad()
 def evaluate(cfg: SampleConfig):
     env = md.setup_env(cfg.device)  # under torchrun: one process per GPU
-    group = Group(env)
     try:
-        return _evaluate(cfg, env, group)
+        return _evaluate(cfg, env.device, Group(env))
     finally:
-        group.close()
+        if env.world > 1:
+            dist.destroy_process_group()
 
 
-def _evaluate(cfg, env, group):
-    device = env.device
+def _evaluate(cfg, device, group):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = md.read_jsonl(cfg.data)[:cfg.n_problems or None]  # --n_problems 0: all
     name = cfg.name or os.path.basename(os.path.normpath(cfg.checkpoint))
@@ -509,7 +486,7 @@ def _evaluate(cfg, env, group):
     max_new_tokens = cfg.max_new_tokens or md.auto_max_new_tokens(tokenizer, rows)
     prompt_len = max(map(len, prompts))  # every batch is padded to it: a row's numbers never depend on its batch
     max_len = prompt_len + max_new_tokens
-    state_dtype = resolve_state_dtype(cfg.state_dtype, dtype)
+    state_dtype = dtype if cfg.state_dtype == "model" else torch.float32
     meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "weights": md.weights_fingerprint(cfg.checkpoint),
             "data": os.path.abspath(cfg.data), "data_file": md.file_fingerprint(cfg.data), "seed": cfg.seed,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
@@ -521,9 +498,9 @@ def _evaluate(cfg, env, group):
         try:
             os.makedirs(out_dir, exist_ok=True)
             if (os.path.exists(path) or rank_files(out_dir)) and os.path.exists(meta_path):
-                old = md.read_json(meta_path)
-                old.setdefault("state_dtype", "torch.float32" if model.cfg.ssm_layers else None)  # files without it
-                old.setdefault("flexible_extract", False)
+                # the defaults: what files written before these two flags existed were drawn with
+                old = {"state_dtype": "torch.float32" if model.cfg.ssm_layers else None, "flexible_extract": False,
+                       **md.read_json(meta_path)}
                 # the files are known by their fingerprints: a moved or copied checkpoint or data file is the same one
                 differ = sorted(key for key in meta if key not in ("checkpoint", "data") and old.get(key) != meta[key])
                 if differ:
@@ -542,13 +519,12 @@ def _evaluate(cfg, env, group):
     error, done, run = group.from_rank0((error, done, time.time_ns()))
     if error:
         raise InputError(error)
-    # round k takes every problem from k/2 samples to k (so time@k is measured); each process every world-th
-    rounds = {k: [(p, j) for j in range(k // 2 if k > 1 else 0, k) for p in range(len(rows)) if (p, j) not in done]
-              for k in ks_up_to(cfg.k)}
-    mine = {k: todo[group.rank::group.world] for k, todo in rounds.items()}
     # each process at its own largest batch, bounded only by the rows its share of a round needs
     fit = cfg.batch_size or largest_batch(model, max_len, dtype, device, 0, cfg.prefill_tokens, state_dtype)
-    plans = {k: plan_round(todo, fit) if todo else [] for k, todo in mine.items()}
+    plans = {}  # round k takes every problem from k/2 samples to k (so time@k is measured); each process every world-th
+    for k in ks_up_to(cfg.k):
+        todo = [(p, j) for j in range(k // 2, k) for p in range(len(rows)) if (p, j) not in done]
+        plans[k] = plan_round(todo[group.rank::group.world], fit)
     sizes = sorted({len(b) for plan in plans.values() for b in plan})
     stop = md.StopRule(model.cfg.vocab_size, tokenizer.stop_ids, tokenizer, device)
     t_setup = time.perf_counter()
@@ -562,7 +538,8 @@ def _evaluate(cfg, env, group):
     print(f"{name}: {len(rows)} problems x {cfg.k} samples{where}, up to {fit} rows a batch (batches of {sizes} "
           f"rows), cache {max_len} slots, decode step: {mode} (set up in {setup_s:.1f}s)", flush=True)
     my_path = path if group.world == 1 else os.path.join(out_dir, f"samples.rank{group.rank}.jsonl")
-    t_start, n_new, n_tokens, n_mine = time.perf_counter(), 0, 0, sum(map(len, mine.values()))
+    n_mine = sum(len(b) for plan in plans.values() for b in plan)
+    t_start, n_new, n_tokens = time.perf_counter(), 0, 0
     with open(my_path, "a") as fh:
         for k, plan in plans.items():
             group.barrier()  # rounds start together, so a round lasts as long as its slowest process
@@ -574,10 +551,9 @@ def _evaluate(cfg, env, group):
                 share = (time.perf_counter() - t0) / len(chunk)
                 for (p, j), ids in zip(chunk, outs):
                     answer = md.extract_answer(md.answer_text(ids, tokenizer), cfg.flexible_extract)
-                    s = {"problem": p, "sample": j, "text": tokenizer.decode(ids), "answer": answer, "gold": golds[p],
-                         "correct": answer == golds[p], "tokens": len(ids), "time_s": share, "rank": group.rank,
-                         "run": run}
-                    fh.write(json.dumps(s) + "\n")
+                    fh.write(json.dumps({"problem": p, "sample": j, "text": tokenizer.decode(ids), "answer": answer,
+                                         "gold": golds[p], "correct": answer == golds[p], "tokens": len(ids),
+                                         "time_s": share, "rank": group.rank, "run": run}) + "\n")
                     n_tokens += len(ids)
                 fh.flush()  # a crash loses at most the batch being generated
                 n_new += len(chunk)
@@ -590,13 +566,12 @@ def _evaluate(cfg, env, group):
         return None
     samples = merge_samples(out_dir, lambda s: True)
     ks, coverage, majority, time_s = summarize(samples, len(rows), cfg.k)
-    summary = {"model": name, "checkpoint": cfg.checkpoint, "weights": meta["weights"], "data": meta["data"],
-               "data_file": meta["data_file"], "device": md.device_name(device), "gpus": group.world,
-               "state_dtype": meta["state_dtype"], "n_problems": len(rows), "k": ks, "coverage": coverage,
-               "majority": majority, "time_s": time_s, "temperature": cfg.temperature, "top_p": cfg.top_p,
-               "top_k": cfg.top_k, "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract,
-               "batch_fit": fit, "batch_sizes": {str(k): [len(b) for b in plan] for k, plan in plans.items()},
-               "setup_s": round(setup_s, 2), "mean_tokens": sum(s["tokens"] for s in samples) / max(len(samples), 1)}
+    # meta's fingerprints and sampling settings, with the checkpoint as given
+    summary = {"model": name, **meta, "checkpoint": cfg.checkpoint, "device": md.device_name(device),
+               "gpus": group.world, "n_problems": len(rows), "k": ks, "coverage": coverage, "majority": majority,
+               "time_s": time_s, "batch_fit": fit, "setup_s": round(setup_s, 2),
+               "batch_sizes": {str(k): [len(b) for b in plan] for k, plan in plans.items()},
+               "mean_tokens": sum(s["tokens"] for s in samples) / max(len(samples), 1)}
     md.write_json(os.path.join(out_dir, "summary.json"), summary)
     for k, c, m, t in zip(ks, coverage, majority, time_s):
         print(f"k={k:5d} coverage {c:.3f} majority {m:.3f} time {t:.1f}s")
@@ -607,12 +582,6 @@ def _evaluate(cfg, env, group):
 # 3. Speed benchmark: decode tokens/s against batch and generation length, random weights
 
 
-def random_model(cfg, device, dtype):
-    with torch.device(device):
-        model = md.LM(cfg)
-    return model.to(dtype).eval()  # RoPE frequencies stay fp32 (LM.inv_freq is no buffer)
-
-
 def step_bytes(model, batch, kv_len, state_dtype):
     """Bytes a decode step must move: every weight once, the KV cache of kv_len tokens, each state twice."""
     w = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -620,53 +589,37 @@ def step_bytes(model, batch, kv_len, state_dtype):
     return w + sum(2 * nbytes if hasattr(blk, "mixer") else nbytes for nbytes, blk in zip(cache, model.model.layers))
 
 
-def bench_sampler(model, batch, max_len, cfg, cuda_graph):
-    """The sampler both bench modes time, sampling as HF's default: temperature 1, top-k 50."""
-    return Sampler(model, batch, max_len, 1.0, 50, 1.0, cuda_graph, cfg.prefill_tokens, compile=cfg.compile,
-                   state_dtype=resolve_state_dtype(cfg.state_dtype, torch.bfloat16))
-
-
-def bench_generate(model, batch, prompt_len, gen_len, cfg):
-    """Tokens/s of one full generate call (every row producing gen_len tokens), after a warm-up call."""
-    sampler = bench_sampler(model, batch, prompt_len + gen_len, cfg, cfg.cuda_graph)
+def bench_decode(model, batch, prompt_len, gen_len, cfg, state_dtype, points):
+    """Tokens/s for gen_len new tokens a row, sampling as HF's default (temperature 1, top-k 50). points = 0:
+    one full generate call, after a warm-up call. Else the measured prefill plus the step's graph timed at
+    `points` evenly spaced slots: a step's cost is affine in its slot, so the midpoints give the exact mean."""
+    sampler = Sampler(model, batch, prompt_len + gen_len, 1.0, 50, 1.0, cfg.cuda_graph, cfg.prefill_tokens,
+                      compile=cfg.compile, state_dtype=state_dtype)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
-    sampler.generate(prompts, 8)
+    sampler.generate(prompts, 2 if points else 8)  # warm-up: compile, capture
+    new = 2 if points else gen_len  # timing steps needs just the measured prefill
     torch.cuda.reset_peak_memory_stats()
-    outs, st = sampler.generate(prompts, gen_len, seed=1)
-    assert all(len(o) == gen_len for o in outs)
-    return bench_rates(batch, gen_len, st["prefill_s"], st["decode_s"], sampler, "generate")
-
-
-def bench_rates(batch, gen_len, prefill_s, decode_s, sampler, method):
-    return {"tokens_per_s": batch * gen_len / (prefill_s + decode_s),
-            "decode_tokens_per_s": batch * (gen_len - 1) / decode_s, "prefill_s": prefill_s, "decode_s": decode_s,
-            "graph_capture_s": sampler.capture_s, "method": method}
-
-
-def bench_step_times(model, batch, prompt_len, gen_len, cfg, points=8):
-    """Tokens/s for gen_len new tokens: the measured prefill plus the step's graph timed at `points`
-    evenly spaced slots. A step's cost is affine in its slot, so the midpoints give the exact mean."""
-    sampler = bench_sampler(model, batch, prompt_len + gen_len, cfg, cuda_graph=True)
-    prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len)).tolist()
-    sampler.generate(prompts, 2)
-    torch.cuda.reset_peak_memory_stats()
-    _, st = sampler.generate(prompts, 2)
-    step_s = []
-    for i in range(points):
-        t = prompt_len + int((gen_len - 1) * (i + 0.5) / points)
-        times = []
-        for _ in range(4):
-            sampler.t.fill_(t)
-            sampler.col.fill_(1)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            sampler.run_step(batch)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        step_s.append(sorted(times[1:])[1])  # median of 3 after one warm-up replay
-    decode = (gen_len - 1) * sum(step_s) / points
-    return bench_rates(batch, gen_len, st["prefill_s"], decode, sampler, f"step times at {points} slots")
+    outs, st = sampler.generate(prompts, new, seed=1)
+    assert all(len(o) == new for o in outs)
+    decode_s = st["decode_s"]
+    if points:
+        step_s = []
+        for i in range(points):
+            t = prompt_len + int((gen_len - 1) * (i + 0.5) / points)
+            times = []
+            for _ in range(4):
+                sampler.t.fill_(t)
+                sampler.col.fill_(1)
+                t0 = clock(sampler.device)
+                sampler.run_step(batch)
+                times.append(clock(sampler.device) - t0)
+            step_s.append(sorted(times[1:])[1])  # median of 3 after one warm-up replay
+        decode_s = (gen_len - 1) * sum(step_s) / points
+    return {"tokens_per_s": batch * gen_len / (st["prefill_s"] + decode_s),
+            "decode_tokens_per_s": batch * (gen_len - 1) / decode_s, "prefill_s": st["prefill_s"],
+            "decode_s": decode_s, "graph_capture_s": sampler.capture_s,
+            "method": f"step times at {points} slots" if points else "generate"}
 
 
 def bench_hf(shape, batch=256, prompt_len=128, gen_len=512):
@@ -678,18 +631,14 @@ def bench_hf(shape, batch=256, prompt_len=128, gen_len=512):
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     ids = torch.randint(0, 128000, (batch, prompt_len), device="cuda")
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=gen_len, min_new_tokens=gen_len,
+              pad_token_id=0)
     out = []
-    for cache in ("static", "dynamic"):
-        kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=gen_len,
-                  min_new_tokens=gen_len, pad_token_id=0)
-        if cache == "static":
-            kw["cache_implementation"] = "static"
-        model.generate(ids, **kw)  # warm-up (the static cache compiles here)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(ids, **kw)
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+    for cache, extra in (("static", {"cache_implementation": "static"}), ("dynamic", {})):
+        model.generate(ids, **kw, **extra)  # warm-up (the static cache compiles here)
+        t0 = clock("cuda")
+        model.generate(ids, **kw, **extra)
+        dt = clock("cuda") - t0
         out.append({"cache": cache, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
                     "tokens_per_s": batch * gen_len / dt})
         print(f"HF {cache:8s} cache: {out[-1]['tokens_per_s']:9.0f} tok/s", flush=True)
@@ -699,19 +648,12 @@ def bench_hf(shape, batch=256, prompt_len=128, gen_len=512):
 
 
 def bench(cfg: SampleConfig):
-    device = torch.device(cfg.device)
-    if device.type != "cuda":
-        raise InputError("--bench needs a CUDA GPU (--device cuda)")
-    with torch.cuda.device(device):  # HF's run and the synchronize/memory calls use the current device
-        return _bench(cfg, device)
-
-
-def _bench(cfg, device):
+    device = torch.device(cfg.device)  # "cuda" (main checks it): the current GPU
     path = os.path.join(cfg.out_dir, "bench", f"decode_{cfg.bench_shapes.replace(',', '+')}.json")
     if os.path.exists(path):
         raise InputError(f"{path} exists (an earlier benchmark): use another --out_dir, or delete it")
     dtype = torch.bfloat16
-    state_dtype = resolve_state_dtype(cfg.state_dtype, dtype)
+    state_dtype = dtype if cfg.state_dtype == "model" else torch.float32
     bw = copy_bandwidth(device)
     result = {"device": md.device_name(device), "copy_GBps": bw, "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__, "state_dtype": str(state_dtype), "compile": cfg.compile,
@@ -727,20 +669,21 @@ def _bench(cfg, device):
                 result["hf"] = [{"error": f"{type(e).__name__}: {e}"}]
                 torch.cuda.empty_cache()
         for kind in cfg.bench_models.split(","):
-            model = random_model(md.shape_config(shape, kind, cfg.attn_fraction), device, dtype)
-            runs = []
+            with torch.device(device):  # .to(dtype) leaves RoPE frequencies fp32 (LM.inv_freq is no buffer)
+                model = md.LM(md.shape_config(shape, kind, cfg.attn_fraction)).to(dtype).eval()
+            runs = []  # (batch, new tokens, points: 0 = a full generate call, else step times at that many slots)
             batches = [int(x) for x in cfg.bench_batches.split(",") if x]
             if batches:  # the batch sweep at 512 new tokens, up to the largest batch that fits
                 fit = largest_batch(model, prompt_len + 512, dtype, device, cfg.max_batch, cfg.prefill_tokens,
                                     state_dtype)
-                runs += [(b, 512, bench_generate) for b in sorted({b for b in batches if b < fit} | {fit})]
+                runs += [(b, 512, 0) for b in sorted({b for b in batches if b < fit} | {fit})]
             for n in map(int, cfg.bench_gen_lens.split(",")):
                 b = largest_batch(model, prompt_len + n, dtype, device, cfg.max_batch, cfg.prefill_tokens, state_dtype)
                 if (b, n) not in {(r[0], r[1]) for r in runs}:
-                    runs.append((b, n, bench_generate if cfg.bench_e2e or not cfg.cuda_graph else bench_step_times))
-            for b, n, fn in runs:
+                    runs.append((b, n, 0 if cfg.bench_e2e or not cfg.cuda_graph else 8))
+            for b, n, points in runs:
                 try:
-                    r = fn(model, b, prompt_len, n, cfg)
+                    r = bench_decode(model, b, prompt_len, n, cfg, state_dtype, points)
                 except torch.OutOfMemoryError:
                     print(f"{shape} {kind} batch {b} gen {n}: out of memory", flush=True)
                     torch.cuda.empty_cache()
@@ -797,6 +740,8 @@ def main(argv=None):
         for shape in cfg.bench_shapes.split(","):
             for kind in cfg.bench_models.split(","):
                 md.shape_config(shape, kind)  # unknown names fail here, before any work
+        if cfg.device != "cuda":
+            raise InputError("--bench needs a CUDA GPU (--device cuda)")
         return bench(cfg)
     return evaluate(cfg)
 

@@ -1,6 +1,8 @@
 """
 The Triton SSD scan of the students' Mamba-2 mixers (forward, backward, decode step) beside its
-pure-PyTorch reference, and the other kernels the speed comparison depends on.
+pure-PyTorch reference; the other kernels the speed comparison depends on (the teacher's decode
+attention, the students' conv step, stage 2's fused KL loss); the check, the benchmark and the
+command line the project's scripts share.
 
 The mixer is the selective state-space recurrence of Mamba-2, per batch b and head h:
 
@@ -10,10 +12,6 @@ The mixer is the selective state-space recurrence of Mamba-2, per batch b and he
 Run:  python scan_kernel.py --check           correctness check on the current device
       python scan_kernel.py --bench [--mamba_path DIR]   speed against the PyTorch path and mamba_ssm
       python -m pytest -q test_all.py -k "scan or step or kl or decode_attention or conv"
-
-In order: the derivation (below); the references; the forward kernels, the backward kernel and the
-autograd Function; the decode step; the teacher's decode attention, the students' conv step, stage 2's
-fused KL loss; the check, the benchmark and the command line the project's scripts share.
 
 Glossary: b batch, l length, h heads, p head dim (x, y), n state dim (B, C), g groups (head h reads
 B and C of group h // (h/g); the student's scan gets g == h, its decode step x and B per kv head and
@@ -109,7 +107,7 @@ def _ssd_update(state, x, dt, A, B, C, D):
 def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False):
     """Sequential definition, one token at a time, fp32 math; y in x's dtype."""
     b, l, h, p = x.shape
-    state = (torch.zeros(b, h, p, B.shape[3], device=x.device, dtype=torch.float32) if initial_state is None
+    state = (x.new_zeros(b, h, p, B.shape[3], dtype=torch.float32) if initial_state is None
              else initial_state.float())  # (b, h, p, n)
     ys = []
     for t in range(l):
@@ -124,14 +122,12 @@ def ssd_scan_chunked_torch(x, dt, A, B, C, D=None, initial_state=None, return_fi
     benchmark's PyTorch path."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    c = chunk_size
-    pad = (-l) % c
+    c, pad = chunk_size, (-l) % chunk_size
     k = (l + pad) // c
     f = lambda t: torch.nn.functional.pad(t.float(), [0, 0] * (t.dim() - 2) + [0, pad])
     xs = f(x).view(b, k, c, h, p)  # (b, k, c, h, p)
     dts = f(dt).view(b, k, c, h)  # (b, k, c, h)
-    Bs = f(B).repeat_interleave(h // g, dim=2).view(b, k, c, h, n)  # (b, k, c, h, n)
-    Cs = f(C).repeat_interleave(h // g, dim=2).view(b, k, c, h, n)  # (b, k, c, h, n)
+    Bs, Cs = (f(v).repeat_interleave(h // g, dim=2).view(b, k, c, h, n) for v in (B, C))  # (b, k, c, h, n) each
     s = torch.cumsum(dts * A.float(), dim=2)  # (b, k, c, h)
     xd = xs * dts[..., None]  # (b, k, c, h, p)
     causal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
@@ -140,7 +136,7 @@ def ssd_scan_chunked_torch(x, dt, A, B, C, D=None, initial_state=None, return_fi
     y = torch.einsum("bkijh,bkjhp->bkihp", cb * torch.exp(seg), xd)  # (b, k, c, h, p)
     w = torch.exp(s[:, :, -1:, :] - s)  # (b, k, c, h)
     local = torch.einsum("bkchp,bkchn->bkhpn", xd * w[..., None], Bs)  # (b, k, h, p, n)
-    state = (torch.zeros(b, h, p, n, device=x.device) if initial_state is None else initial_state.float())
+    state = x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
     states = []
     for kk in range(k):
         states.append(state)
@@ -323,11 +319,11 @@ def _pass_states(u, v, dt, A, logdecay, init, chunk, reverse):
     g, n = v.shape[2], v.shape[3]
     nchunks = logdecay.shape[2]
     BLOCK_P, BLOCK_N = _blocks(p, n)
-    states = torch.empty(b, h, nchunks, p, n, device=u.device, dtype=torch.float32)  # own contributions first
+    states = u.new_empty(b, h, nchunks, p, n, dtype=torch.float32)  # own contributions first
     _chunk_state_kernel[(nchunks, b * h)](u, v, dt, A, states, logdecay, l, h, h // g, p, n, nchunks,
                                           *u.stride(), *v.stride(), *dt.stride(),
                                           BACKWARD=reverse, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
-    last = torch.empty(b, h, p, n, device=u.device, dtype=torch.float32)
+    last = u.new_empty(b, h, p, n, dtype=torch.float32)
     _state_passing_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
         states, logdecay, states if init is None else init.to(torch.float32).contiguous(), last, nchunks, p * n,
         HAS_INIT=init is not None, REVERSE=reverse, STEP=PASS_STEP, BLOCK=PASS_BLOCK)
@@ -416,9 +412,9 @@ class _SSDScanFn(torch.autograd.Function):
         g, n = B.shape[2], B.shape[3]
         nchunks = triton.cdiv(l, chunk)
         BLOCK_P, BLOCK_N = _blocks(p, n)
-        logdecay = torch.empty(b, h, nchunks, device=x.device, dtype=torch.float32)  # s_last of every chunk
+        logdecay = x.new_empty(b, h, nchunks, dtype=torch.float32)  # s_last of every chunk
         states, final = _pass_states(x, B, dt, A, logdecay, initial_state, chunk, reverse=False)
-        y = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
+        y = x.new_empty(b, l, h, p)
         _chunk_out_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, y, l, h, p, n, nchunks,
                                             *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
                                             HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P,
@@ -438,14 +434,11 @@ class _SSDScanFn(torch.autograd.Function):
         g, n = B.shape[2], B.shape[3]
         nchunks = states.shape[2]
         BLOCK_P, BLOCK_N = _blocks(p, n)
-        dev = x.device
         # dloss/dS_k from chunk k's outputs, then dloss/dS_{k+1}
         dstates, dinit = _pass_states(dy, C, dt, A, logdecay, dfinal, ctx.chunk, reverse=True)
-        dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
-        ddt = torch.empty(b, l, h, device=dev, dtype=torch.float32)
-        dB = torch.empty(b, l, g, n, device=dev, dtype=B.dtype)
-        dC = torch.empty(b, l, g, n, device=dev, dtype=C.dtype)
-        dA_part, dD_part = torch.empty(2, b, h, nchunks, device=dev, dtype=torch.float32)  # (b, h, k) each
+        dx, ddt = x.new_empty(b, l, h, p), x.new_empty(b, l, h, dtype=torch.float32)
+        dB, dC = B.new_empty(b, l, g, n), C.new_empty(b, l, g, n)
+        dA_part, dD_part = x.new_empty(2, b, h, nchunks, dtype=torch.float32)  # (b, h, k) each
         opts = dict(CHUNK_OPTS, num_warps=8) if h > g and min(BLOCK_P, BLOCK_N) >= 64 and not INTERPRET else CHUNK_OPTS
         _chunk_bwd_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, dstates, dy,
                                             dx, ddt, dB, dC, dA_part, dD_part, l, h, p, n, nchunks,
@@ -525,7 +518,7 @@ def ssd_step(state, x, dt, A, B, C, D=None):
     A, D = A.contiguous(), (None if D is None else D.contiguous())  # indexed as plain (h,) arrays
     BLOCK_N = triton.next_power_of_2(n)
     BLOCK_P = min(triton.next_power_of_2(p), max(1, STEP_TILE // BLOCK_N))
-    y = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
+    y = x.new_empty(b, h, p)
     _step_kernel[(b * h, triton.cdiv(p, BLOCK_P))](state, x, dt, A, B, C, A if D is None else D, y, h,
                                                    h // gx, h // gb, h // gc, p, n,
                                                    *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
@@ -645,16 +638,14 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
     r = h // g
     BLOCK_R, BLOCK_E = _blocks(r, e)
     nsplit = triton.next_power_of_2(triton.cdiv(s, ATTN_SPLIT))  # depends on the cache length alone
-    acc = torch.empty(b * g, nsplit, BLOCK_R, BLOCK_E, device=q.device, dtype=torch.float32)
-    m = torch.empty(b * g, nsplit, BLOCK_R, device=q.device, dtype=torch.float32)
-    l = torch.empty_like(m)
+    acc = q.new_empty(b * g, nsplit, BLOCK_R, BLOCK_E, dtype=torch.float32)
+    m, l = q.new_empty(2, b * g, nsplit, BLOCK_R, dtype=torch.float32)  # running max, sum of exps
     _decode_attn_kernel[(b * g, nsplit)](q, k_cache, v_cache, t, pad, acc, m, l, g, r, e, scale or e ** -0.5,
                                          *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
                                          NSPLIT=nsplit, SPLIT=ATTN_SPLIT, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
-                                         BLOCK_S=ATTN_BLOCK_S,
-                                         # fp32 dots exact (not tf32); bf16/fp16 dots ignore the setting
-                                         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **ATTN_OPTS)
-    y = torch.empty(b, h, e, device=q.device, dtype=q.dtype)
+                                         BLOCK_S=ATTN_BLOCK_S, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                                         **ATTN_OPTS)
+    y = q.new_empty(b, h, e)
     _decode_attn_combine_kernel[(b * g,)](acc, m, l, y, g, r, e, *y.stride()[:2],
                                           NSPLIT=nsplit, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E)
     return y
@@ -713,7 +704,7 @@ def conv_step(state, x, weight, bias, slot, activation=True):
                    f"state {tuple(state.shape)}")
     if state.stride(2) != 1 or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("scan_kernel.py: conv_step needs state's and x's channels and weight's taps contiguous")
-    out = torch.empty(b, d, device=x.device, dtype=x.dtype)
+    out = x.new_empty(b, d)
     _conv_step_kernel[(b, triton.cdiv(d, CONV_BLOCK_D))](state, x, weight, bias, out, slot, d, state.stride(0),
                                                         state.stride(1), x.stride(0), weight.stride(0), out.stride(0),
                                                         R=r, W=triton.next_power_of_2(r + 1), ACT=activation,
@@ -735,11 +726,9 @@ def kl_div_ref(s_logits, t_logits, temperature=1.0, direction="forward"):
     """Definition, fp32: per row of (..., V) logits, forward KL(p_t || p_s) (mass-covering) or reverse
     KL(p_s || p_t) (mode-seeking) of the softmaxes at temperature T, (...,) fp32, without the T^2 factor."""
     _check_kl_args(s_logits, t_logits, temperature, direction)
-    t_logp = torch.log_softmax(t_logits.float() / temperature, -1)  # (..., V)
-    s_logp = torch.log_softmax(s_logits.float() / temperature, -1)  # (..., V)
-    if direction == "forward":
-        return (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (...,)
-    return (s_logp.exp() * (s_logp - t_logp)).sum(-1)  # (...,)
+    t_logp, s_logp = (torch.log_softmax(v.float() / temperature, -1) for v in (t_logits, s_logits))  # (..., V) each
+    p, q = (t_logp, s_logp) if direction == "forward" else (s_logp, t_logp)
+    return (p.exp() * (p - q)).sum(-1)  # (...,) KL(p || q)
 
 
 @triton.jit
@@ -819,8 +808,8 @@ class _KLDivFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_logits, t_logits, temperature, reverse, write_grad):
         n, v = s_logits.shape
-        loss = torch.empty(n, device=s_logits.device, dtype=torch.float32)  # (N,)
-        grad = torch.empty(n, v, device=s_logits.device, dtype=s_logits.dtype) if write_grad else None  # (N, V)
+        loss = s_logits.new_empty(n, dtype=torch.float32)  # (N,)
+        grad = s_logits.new_empty(n, v) if write_grad else None  # (N, V)
         _kl_fwd_kernel[(n,)](s_logits, t_logits, loss if grad is None else grad, loss, v,
                              s_logits.stride(0), t_logits.stride(0), 1.0 / temperature,
                              REVERSE=reverse, WRITE_GRAD=write_grad, BLOCK_V=KL_BLOCK_V, **KL_OPTS)
@@ -858,8 +847,8 @@ def _rel_err(a, b):
 
 
 def _report(label, errs, tol):
-    """Print a check line of relative errors; True when each is within tol[name]."""
-    bad = [k for k, e in errs.items() if not e <= tol[k]]
+    """Print a check line of relative errors; True when each is within tol (a number, or one per name)."""
+    bad = [k for k, e in errs.items() if not e <= (tol[k] if isinstance(tol, dict) else tol)]
     print(label, " ".join(f"{k} {e:.1e}".lstrip() for k, e in errs.items())
           + ("  FAIL " + ",".join(bad) if bad else "  ok").rstrip())
     return not bad
@@ -889,19 +878,18 @@ def random_logits(n, v, device, dtype, seed=0):
 
 
 def check(device):
-    """Every kernel (and gradient) against its reference; True when all pass."""
-    small = INTERPRET
-    dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
-    tol = {torch.float32: 1e-4 if device.type == "cpu" else 5e-3, torch.bfloat16: 3e-2}  # tf32 / bf16 dots on GPU
-    b, l, h, p, n, g = (2, 37, 4, 16, 16, 2) if small else (2, 300, 8, 64, 64, 2)
+    """Every kernel (and gradient) against its reference, in fp32 and on a GPU in bf16; True when all pass."""
+    small, cpu = INTERPRET, device.type == "cpu"
     ok = True
-    for dtype in dtypes:
+    for dtype in [torch.float32] if cpu else [torch.float32, torch.bfloat16]:
+        fp32, tag = dtype == torch.float32, f"check {device.type} {str(dtype):15s}"
+        # the scan, its gradients and the decode step
+        b, l, h, p, n, g = (2, 37, 4, 16, 16, 2) if small else (2, 300, 8, 64, 64, 2)
         x, dt, A, B, C, D = random_inputs(b, l, h, p, n, g, device, dtype)
         s0 = torch.randn(b, h, p, n, device=device)
         ins = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
         ref_ins = [t.detach().float().requires_grad_() for t in ins]
-        dy = torch.randn(b, l, h, p, device=device)
-        dfinal = torch.randn(b, h, p, n, device=device)
+        dy, dfinal = torch.randn(b, l, h, p, device=device), torch.randn(b, h, p, n, device=device)
         y, fin = ssd_scan(*ins, return_final_state=True)
         y_r, fin_r = ssd_scan_ref(*ref_ins, return_final_state=True)
         grads = torch.autograd.grad((y.float() * dy).sum() + (fin * dfinal).sum(), ins)
@@ -913,42 +901,40 @@ def check(device):
             y1 = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
             y1_r = ssd_step_ref(state_r, x[:, t].float(), dt[:, t], A, B[:, t].float(), C[:, t].float(), D)
         errs["step_y"], errs["step_state"] = _rel_err(y1, y1_r), _rel_err(state, state_r)
-        ok &= _report(f"check {device.type} {str(dtype):15s} rel errors:", errs, dict.fromkeys(errs, tol[dtype]))
-    n, v = (5, 1000) if small else (64, 128256)
-    for dtype in dtypes:
+        tol = (1e-4 if cpu else 5e-3) if fp32 else 3e-2  # tf32 / bf16 dots on GPU
+        ok &= _report(f"{tag} rel errors:", errs, tol)
+        # the fused KL loss; ds is stored in s's dtype
+        n, v = (5, 1000) if small else (64, 128256)
         s, t = random_logits(n, v, device, dtype)
         dloss = torch.randn(n, device=device)
-        tol = {"loss": 1e-4, "ds": 1e-4 if dtype == torch.float32 else 1e-2}  # ds is stored in s's dtype
         for direction in ("forward", "reverse"):
             s_ours, s_ref = s.clone().requires_grad_(), s.float().clone().requires_grad_()
             loss, loss_r = fused_kl_div(s_ours, t, 2.0, direction), kl_div_ref(s_ref, t.float(), 2.0, direction)
             errs = {"loss": _rel_err(loss, loss_r),
                     "ds": _rel_err(torch.autograd.grad(loss, s_ours, dloss)[0], torch.autograd.grad(loss_r, s_ref, dloss)[0])}
-            ok &= _report(f"check {device.type} {str(dtype):15s} kl {direction:7s} (T = 2, N={n}, V={v}) rel errors:",
-                          errs, tol)
-    b, h, g, e, s = (3, 8, 2, 16, 100) if small else (64, 32, 8, 64, 2048)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for dtype in dtypes:
+            ok &= _report(f"{tag} kl {direction:7s} (T = 2, N={n}, V={v}) rel errors:", errs,
+                          {"loss": 1e-4, "ds": 1e-4 if fp32 else 1e-2})
+        # decode attention
+        b, h, g, e, s = (3, 8, 2, 16, 100) if small else (64, 32, 8, 64, 2048)
+        gen = torch.Generator(device=device).manual_seed(0)
         q = torch.randn(b, h, e, generator=gen, device=device, dtype=dtype)
         k, v = torch.randn(2, b, g, s, e, generator=gen, device=device, dtype=dtype)
-        t = torch.tensor([s - 10], device=device)
-        pad = torch.randint(0, s // 2, (b,), generator=gen, device=device)
+        t, pad = torch.tensor([s - 10], device=device), torch.randint(0, s // 2, (b,), generator=gen, device=device)
         err = _rel_err(decode_attention(q, k, v, t, pad), decode_attention_ref(q.float(), k.float(), v.float(), t, pad))
-        ok &= _report(f"check {device.type} {str(dtype):15s} decode attention (b={b}, h={h}, g={g}, s={s}) rel error",
-                      {"": err}, {"": 1e-4 if dtype == torch.float32 else 1e-2})
-    b, d, w = (3, 40, 4) if small else (256, 3072, 4)
-    for dtype in dtypes:
+        ok &= _report(f"{tag} decode attention (b={b}, h={h}, g={g}, s={s}) rel error", {"": err},
+                      1e-4 if fp32 else 1e-2)
+        # the conv step over 5 slots, which wrap the ring; the ring itself must match exactly
+        b, d, w = (3, 40, 4) if small else (256, 3072, 4)
         weight, bias = torch.randn(d, w, device=device, dtype=dtype), torch.randn(d, device=device, dtype=dtype)
         ring = torch.randn(b, w - 1, d, device=device, dtype=dtype)
         ring_r = ring.clone()
         errs = []
-        for t in range(5):  # wraps the ring
-            x = torch.randn(b, d, device=device, dtype=dtype)
-            slot = torch.tensor([t], device=device)
+        for t in range(5):
+            x, slot = torch.randn(b, d, device=device, dtype=dtype), torch.tensor([t], device=device)
             errs.append(_rel_err(conv_step(ring, x, weight, bias, slot), conv_step_ref(ring_r, x, weight, bias, slot)))
-        ring_err = 0.0 if torch.equal(ring, ring_r) else math.inf  # the ring itself must match exactly
-        ok &= _report(f"check {device.type} {str(dtype):15s} conv step (b={b}, d={d}, w={w}, 5 steps) rel error",
-                      {"": max(errs + [ring_err])}, {"": 1e-5 if dtype == torch.float32 else 1e-2})
+        errs.append(0.0 if torch.equal(ring, ring_r) else math.inf)
+        ok &= _report(f"{tag} conv step (b={b}, d={d}, w={w}, 5 steps) rel error", {"": max(errs)},
+                      1e-5 if fp32 else 1e-2)
     return ok
 
 
@@ -1003,9 +989,8 @@ def bench(cfg):
           "torch = the chunked PyTorch path in fp32; ratio = ours / other)")
     for shape in cfg.shapes.split(";"):
         b, l, h, p, n, g = map(int, shape.split(","))
-        x, dt, A, B, C, D = random_inputs(b, l, h, p, n, g, dev, torch.bfloat16)
-        dy = torch.randn_like(x)
-        ins = [t.requires_grad_() for t in (x, dt, A, B, C, D)]
+        ins = [t.requires_grad_() for t in random_inputs(b, l, h, p, n, g, dev, torch.bfloat16)]  # x, dt, A, B, C, D
+        dy = torch.randn_like(ins[0])
         paths = {"ours": lambda *a: ssd_scan(*a, chunk_size=cfg.chunk_size),
                  "torch": lambda *a: ssd_scan_chunked_torch(*a, chunk_size=cfg.chunk_size or 64)}
         if peer_scan is not None:
@@ -1013,14 +998,14 @@ def bench(cfg):
         y_ours = paths["ours"](*ins).detach()
         times = {}
         for name, f in paths.items():
+            fwd_bwd = lambda: torch.autograd.grad(f(*ins), ins, dy)
             with torch.no_grad():
                 fwd = time_ms(lambda: f(*ins))
-            fwdbwd = time_ms(lambda: torch.autograd.grad(f(*ins), ins, dy))
-            err = _rel_err(y_ours, f(*ins).detach())
+            fwdbwd = time_ms(fwd_bwd)
             times[name] = (fwd, fwdbwd)
             print(f"  b={b} l={l} h={h} p={p} n={n} g={g}  {name:9s} fwd {fwd:7.3f}  fwd+bwd {fwdbwd:7.3f}"
-                  f"  (host time to launch fwd+bwd {host_ms(lambda: torch.autograd.grad(f(*ins), ins, dy)):.3f})"
-                  f"   rel diff of y vs ours {err:.1e}")
+                  f"  (host time to launch fwd+bwd {host_ms(fwd_bwd):.3f})"
+                  f"   rel diff of y vs ours {_rel_err(y_ours, f(*ins).detach()):.1e}")
         for name in list(times)[1:]:  # the paths after ours
             print(f"  ratio ours/{name}: fwd {times['ours'][0] / times[name][0]:.2f}  "
                   f"fwd+bwd {times['ours'][1] / times[name][1]:.2f}")
@@ -1031,11 +1016,10 @@ def bench(cfg):
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     # decode step: bytes of state read + written per step against a device-to-device copy
     h, p, n, g = 32, 64, 64, 8
-    batches = [int(bs) for bs in cfg.step_batches.split(",")]
     copy_bw = copy_bandwidth(dev, 2 ** 28)
     print(f"step (CUDA graph replay; state fp32 (b, 32, 64, 64), x/B/C bf16, g=8; GB/s of state read + written). "
           f"Copy bandwidth (read + write): {copy_bw:.0f} GB/s for 256 MiB; 'copy' below = a copy of the state's size")
-    for bs in batches:
+    for bs in map(int, cfg.step_batches.split(",")):
         x, dt, A, B, C, D = random_inputs(bs, 1, h, p, n, g, dev, torch.bfloat16)
         x, dt, B, C = x[:, 0], dt[:, 0], B[:, 0], C[:, 0]
         state = torch.zeros(bs, h, p, n, device=dev)
@@ -1097,11 +1081,10 @@ def parse_config(cls, argv=None, description=None):
     """--field value for every field of a dataclass, each type- and bounds-checked."""
     parser = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = type(default) if default is not None else str
+        kind = type(f.default)  # every flag() has a default of its type
         text = f.metadata.get("help", " ").replace("%", "%%")  # argparse formats help with %
         how = dict(type=_parse_bool, metavar="{true,false}", nargs="?", const=True) if kind is bool else dict(type=kind)
-        parser.add_argument(f"--{f.name}", default=default, help=text, **how)
+        parser.add_argument(f"--{f.name}", default=f.default, help=text, **how)
     cfg = cls(**vars(parser.parse_args(argv)))
     check_bounds(cfg)
     return cfg
