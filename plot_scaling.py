@@ -578,9 +578,9 @@ def plot_decode(benches, path, cfg):
         if notes:  # as a legend without handles: "best" keeps it off the points and lines
             ax_row[0].legend([Line2D([], [], linestyle="none")] * len(notes), notes, loc="best", fontsize=8,
                              handlelength=0, handletextpad=0, framealpha=0.75)
-        if ncols == 2 and not sweep:
-            ax_row[1].set_visible(False)
-        if not sweep:
+        if not sweep:  # no batch sweep for this card and shape: its batch panel stays empty
+            if ncols == 2:
+                ax_row[1].set_visible(False)
             continue
         by_model = {m: sorted(mine, key=lambda r: r["batch"]) for m in models
                     if (mine := [r for r in sweep if r["model"] == m])}

@@ -905,11 +905,12 @@ def check(device):
         ok &= _report(f"{tag} rel errors:", errs, tol)
         # the fused KL loss; ds is stored in s's dtype
         n, v = (5, 1000) if small else (64, 128256)
-        s, t = random_logits(n, v, device, dtype)
+        s_logits, t_logits = random_logits(n, v, device, dtype)
         dloss = torch.randn(n, device=device)
         for direction in ("forward", "reverse"):
-            s_ours, s_ref = s.clone().requires_grad_(), s.float().clone().requires_grad_()
-            loss, loss_r = fused_kl_div(s_ours, t, 2.0, direction), kl_div_ref(s_ref, t.float(), 2.0, direction)
+            s_ours, s_ref = s_logits.clone().requires_grad_(), s_logits.float().clone().requires_grad_()
+            loss = fused_kl_div(s_ours, t_logits, 2.0, direction)
+            loss_r = kl_div_ref(s_ref, t_logits.float(), 2.0, direction)
             errs = {"loss": _rel_err(loss, loss_r),
                     "ds": _rel_err(torch.autograd.grad(loss, s_ours, dloss)[0], torch.autograd.grad(loss_r, s_ref, dloss)[0])}
             ok &= _report(f"{tag} kl {direction:7s} (T = 2, N={n}, V={v}) rel errors:", errs,
@@ -929,8 +930,8 @@ def check(device):
         ring = torch.randn(b, w - 1, d, device=device, dtype=dtype)
         ring_r = ring.clone()
         errs = []
-        for t in range(5):
-            x, slot = torch.randn(b, d, device=device, dtype=dtype), torch.tensor([t], device=device)
+        for step in range(5):
+            x, slot = torch.randn(b, d, device=device, dtype=dtype), torch.tensor([step], device=device)
             errs.append(_rel_err(conv_step(ring, x, weight, bias, slot), conv_step_ref(ring_r, x, weight, bias, slot)))
         errs.append(0.0 if torch.equal(ring, ring_r) else math.inf)
         ok &= _report(f"{tag} conv step (b={b}, d={d}, w={w}, 5 steps) rel error", {"": max(errs)},
