@@ -1852,10 +1852,10 @@ def column_lines(a: int, b: int, sign: str) -> list[str]:
     """a + b or a - b (a >= b) worked column by column, as at school: a line per column with its digits,
     carry or borrow and the result so far, so that each line needs only the one above it."""
     da, db = [int(c) for c in reversed(str(a))], [int(c) for c in reversed(str(b))]
-    lines, flow, so_far = [], 0, ""
-    for i in range(len(da) + 1):
+    lines, flow, so_far, width = [], 0, "", max(len(da), len(db))  # b can be the longer in an addition
+    for i in range(width + 1):
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
-        if i == len(da) and not (sign == "+" and flow):
+        if i == width and not (sign == "+" and flow):
             break  # one more column only for the carry out of an addition
         if sign == "+":
             s = x + y + flow
@@ -1871,7 +1871,7 @@ def column_lines(a: int, b: int, sign: str) -> list[str]:
     return lines
 
 
-def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digits: int = 4) -> dict:
+def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digits: int = 4, slip: float = 0.0) -> dict:
     """A long-reasoning problem: n_people pass a tenth (rounded down) of what they hold round a circle for
     n_turns turns; what does the last one to receive hold at the end? The solution does every sum column
     by column, so it is long because the reasoning is, and one wrong digit gives a wrong answer. Every
@@ -1880,6 +1880,11 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
     come last in the question, each listing starts with the next turn's giver and receiver, the others'
     counts are restated between a turn's two sums ("X still has N"), the result lines repeat the turn
     count, and the answer repeats the first place of the last listing.
+    slip: the chance that a turn's tenth is rounded up instead of down, the rest of the solution following
+    the slip (its answer too). Chains of thought written by a model carry such mistakes; a teacher trained
+    on them makes them at that rate when sampled, at any turn, so that a longer chain fails more often,
+    one draw fails where another does not, and the wrong answers differ: the regime where more samples
+    help. The draws are made whatever slip is, so the questions do not depend on it.
     Returns {"question", "answer", "ops"}; ops = ["relay", [start amounts], n_turns, asked index]."""
     assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and 2 <= digits <= len(COLUMNS) - 1
     people = rng.sample(NAMES, n_people)
@@ -1902,7 +1907,7 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
     s = [f"At the start {listing(x)}."]
     for t in range(n_turns):
         g, r = t % n_people, (t + 1) % n_people
-        give = x[g] // 10
+        give = x[g] // 10 + (rng.random() < slip)
         s.append(f"Turn {t + 1} of {n_turns}: {names[g]} gives {names[r]} a tenth of {x[g]}, which is {give}.")
         others = [(r + j) % n_people for j in range(1, n_people - 1)]  # in the order of the next listing
         for who, sign in ((g, "-"), (r, "+")):
@@ -1929,8 +1934,11 @@ def split_of(question: str) -> str:
 def synthetic_split(split: str, n: int, seed: int = 0, task: str = "relay", min_steps: int = 0,
                     max_steps: int = 0, **knobs) -> list[dict]:
     """n distinct problems of `split` of a task in TASKS, steps uniform in [min_steps, max_steps] (0 = the
-    task's default), the same for the same arguments. knobs go to the generator (relay: n_people, digits)."""
+    task's default), the same for the same arguments. knobs go to the generator (relay: n_people, digits,
+    slip); the test split's solutions never slip."""
     assert split in ("train", "test"), split
+    if split == "test":
+        knobs.pop("slip", None)
     make, lo, hi = TASKS[task]
     lo, hi = min_steps or lo, max_steps or hi
     rng = random.Random(seed)
@@ -1945,7 +1953,7 @@ def synthetic_split(split: str, n: int, seed: int = 0, task: str = "relay", min_
 
 def synthetic_rows(cfg, split: str, n: int) -> list[dict]:
     """n problems of a split of the synthetic task the settings name."""
-    knobs = {"digits": cfg.digits} if cfg.task == "relay" else {}
+    knobs = {"digits": cfg.digits, "slip": cfg.slip} if cfg.task == "relay" else {}
     return synthetic_split(split, n, cfg.seed, cfg.task, cfg.min_steps, cfg.max_steps, **knobs)
 
 
@@ -2146,6 +2154,10 @@ class DistillConfig:
     max_steps: int = flag(0, "difficulty: most turns (relay) or steps (short) per problem; 0 = the task's default "
                              "(relay 10, short 8)", at_least=0)
     digits: int = flag(4, "relay: digits of the starting amounts", at_least=2, at_most=len(COLUMNS) - 1)
+    slip: float = flag(0.25, "relay: chance that a training solution rounds a turn's tenth up (a mistake the "
+                             "rest of the solution follows); a teacher learns to slip at that rate when sampled, "
+                             "so single samples fail and more samples help. Test solutions never slip",
+                       at_least=0, at_most=1)
     n_train: int = flag(20000, "synthetic training problems", at_least=1)
     n_test: int = flag(500, "synthetic test problems", at_least=1)
     vocab_size: int = flag(1024, "base BPE vocabulary of the project's tokenizer (+ 256 specials)", at_least=256)
