@@ -639,7 +639,10 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
     BLOCK_R, BLOCK_E = _blocks(r, e)
     nsplit = triton.next_power_of_2(triton.cdiv(s, ATTN_SPLIT))  # depends on the cache length alone
     acc = q.new_empty(b * g, nsplit, BLOCK_R, BLOCK_E, dtype=torch.float32)
-    m, l = q.new_empty(2, b * g, nsplit, BLOCK_R, dtype=torch.float32)  # running max, sum of exps
+    # separate tensors, not two views of one: this launcher runs inside the sampler's torch.compile'd step,
+    # whose functionalization of a Triton kernel's outputs does not reliably keep views of one tensor apart
+    m = q.new_empty(b * g, nsplit, BLOCK_R, dtype=torch.float32)  # running max
+    l = torch.empty_like(m)  # sum of exps
     _decode_attn_kernel[(b * g, nsplit)](q, k_cache, v_cache, t, pad, acc, m, l, g, r, e, scale or e ** -0.5,
                                          *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
                                          NSPLIT=nsplit, SPLIT=ATTN_SPLIT, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
