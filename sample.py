@@ -532,6 +532,9 @@ def _evaluate(cfg, device, group):
                       cfg.prefill_tokens, compile=cfg.compile, state_dtype=state_dtype, stop=stop)
     for n in sizes:  # compile and capture every batch size before the clock starts
         sampler.prepare(n)
+        if sampler.use_graphs:  # compiling can take minutes: say how far it got
+            print(f"{name}: decode step for {n} rows ready, {time.perf_counter() - t_setup:.0f}s into set-up",
+                  flush=True)
     setup_s = time.perf_counter() - t_setup
     mode = ("compiled, " if sampler.forward is not model else "") + ("CUDA graphs" if sampler.use_graphs else "eager")
     where = f" on {group.world} processes (this is rank {group.rank})" if group.world > 1 else ""
