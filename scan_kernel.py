@@ -639,8 +639,8 @@ def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
     BLOCK_R, BLOCK_E = _blocks(r, e)
     nsplit = triton.next_power_of_2(triton.cdiv(s, ATTN_SPLIT))  # depends on the cache length alone
     acc = q.new_empty(b * g, nsplit, BLOCK_R, BLOCK_E, dtype=torch.float32)
-    # separate tensors, not two views of one: this launcher runs inside the sampler's torch.compile'd step,
-    # whose functionalization of a Triton kernel's outputs does not reliably keep views of one tensor apart
+    # two tensors, not two views of one: the sampler torch.compiles the step that launches this kernel, and
+    # torch.compile's handling of a Triton kernel that writes into views of one tensor has known bugs
     m = q.new_empty(b * g, nsplit, BLOCK_R, dtype=torch.float32)  # running max
     l = torch.empty_like(m)  # sum of exps
     _decode_attn_kernel[(b * g, nsplit)](q, k_cache, v_cache, t, pad, acc, m, l, g, r, e, scale or e ** -0.5,
