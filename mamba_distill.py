@@ -1849,7 +1849,7 @@ COLUMNS = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-th
 
 
 def column_lines(a: int, b: int, sign: str) -> list[str]:
-    """a + b or a - b (a >= b) worked column by column, as at school: a line per column with its digits,
+    """a + b or a - b (then a >= b) worked column by column, as at school: a line per column with its digits,
     carry or borrow and the result so far, so that each line needs only the one above it."""
     da, db = [int(c) for c in reversed(str(a))], [int(c) for c in reversed(str(b))]
     lines, flow, so_far, width = [], 0, "", max(len(da), len(db))  # b can be the longer in an addition
