@@ -27,7 +27,7 @@ Run:
 Outputs, under --out_dir (read by sample.py and plot_scaling.py):
   data/train.jsonl, data/test.jsonl     the synthetic problems (GSM8K format)
   tokenizer.model                       the project's own BPE (tiktoken format), default run only
-  teacher/, hybrid/, pure/, pure_random/   HF-style model directories: config.json, model.safetensors,
+  teacher/, hybrid/, pure/, hybrid_random/ HF-style model directories: config.json, model.safetensors,
                                         tokenizer.model, provenance.json (the settings that made it)
   provenance.json                       the settings each of the above was made with; a run that finds
                                         one made with other settings stops and says which differ
@@ -2170,14 +2170,16 @@ class DistillConfig:
     teacher_lr: float = flag(2e-3, "default teacher: peak learning rate", above=0)
     # students
     students: str = flag("hybrid,pure", "students to distil: hybrid and/or pure (comma-separated; empty = none)")
-    attn_fraction: float = flag(0.25, "share of attention layers a hybrid keeps, spread over depth", at_least=0,
+    attn_fraction: float = flag(0.5, "share of attention layers a hybrid keeps, spread over depth (0.5: every other "
+                                      "layer; the relay task's copies need attention in many layers)", at_least=0,
                                 at_most=1)
     attn_layers: str = flag("", "the layers a hybrid keeps as attention, comma-separated (as MambaInLlama's "
                                 "attn_layers); empty = a share --attn_fraction spread over depth")
     init: str = flag("attention", "attention (MambaInLlama transfer) or random mixers", choices=("attention", "random"))
     conv_init: str = flag("identity", "transferred mixers' conv: identity (B, C, x start as silu of the teacher's "
                                       "K, Q, V) or mamba2 (random, as in MambaInLlama)", choices=("identity", "mamba2"))
-    random_baseline: str = flag("pure", "also distil this student from random mixers (empty = no baseline)",
+    random_baseline: str = flag("hybrid", "also distil this student from random mixers, the baseline that shows what "
+                                          "the transfer is worth (empty = no baseline)",
                                 choices=("", "hybrid", "pure"))
     orient_steps: int = flag(0, "stage 0: steps matching each mixer's matrix to its attention matrix (MOHAWK's "
                                 "matrix orientation; 0 = skip)", at_least=0)
@@ -2303,7 +2305,7 @@ SHAPES = {  # Meta's config.json values of Llama 3.2 1B and 3B, and the default 
 }
 
 
-def shape_config(shape, kind="teacher", attn_fraction=0.25) -> ModelConfig:
+def shape_config(shape, kind="teacher", attn_fraction=0.5) -> ModelConfig:
     """The config of a SHAPES entry as a teacher, hybrid or pure student."""
     if shape not in SHAPES:
         raise InputError(f"unknown model shape {shape!r} (known: {', '.join(SHAPES)})")

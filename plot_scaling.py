@@ -201,7 +201,7 @@ def read_logs(pattern):
 # Shared look: one colour per model in every figure, models in the paper's order
 
 
-MODEL_ORDER = ("teacher", "hybrid", "pure", "pure_random")
+MODEL_ORDER = ("teacher", "hybrid", "hybrid_random", "pure", "pure_random")
 STAGES = {"teacher": "teacher training (cross-entropy)", "orient": "stage 0: matrix orientation (MSE)",
           "align": "stage 1: layer alignment (MSE)",
           "kl": "stage 2: distillation (KL to teacher)", "sft": "stage 3: fine-tuning (cross-entropy)"}
