@@ -534,6 +534,11 @@ def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention", conv_
     return student
 
 
+# A hybrid keeps attention in every other layer by default: the relay task's copies need attention in
+# many layers, not in one or two.
+HYBRID_ATTN_FRACTION = 0.5
+
+
 def spread_layers(n_layers, n_keep) -> list:
     """n_keep layer indices spread evenly over depth (the attention layers a hybrid keeps)."""
     if n_keep <= 0:
@@ -2170,9 +2175,8 @@ class DistillConfig:
     teacher_lr: float = flag(2e-3, "default teacher: peak learning rate", above=0)
     # students
     students: str = flag("hybrid,pure", "students to distil: hybrid and/or pure (comma-separated; empty = none)")
-    attn_fraction: float = flag(0.5, "share of attention layers a hybrid keeps, spread over depth (0.5: every other "
-                                      "layer; the relay task's copies need attention in many layers)", at_least=0,
-                                at_most=1)
+    attn_fraction: float = flag(HYBRID_ATTN_FRACTION, "share of attention layers a hybrid keeps, spread over depth",
+                                at_least=0, at_most=1)
     attn_layers: str = flag("", "the layers a hybrid keeps as attention, comma-separated (as MambaInLlama's "
                                 "attn_layers); empty = a share --attn_fraction spread over depth")
     init: str = flag("attention", "attention (MambaInLlama transfer) or random mixers", choices=("attention", "random"))
@@ -2305,7 +2309,7 @@ SHAPES = {  # Meta's config.json values of Llama 3.2 1B and 3B, and the default 
 }
 
 
-def shape_config(shape, kind="teacher", attn_fraction=0.5) -> ModelConfig:
+def shape_config(shape, kind="teacher", attn_fraction=HYBRID_ATTN_FRACTION) -> ModelConfig:
     """The config of a SHAPES entry as a teacher, hybrid or pure student."""
     if shape not in SHAPES:
         raise InputError(f"unknown model shape {shape!r} (known: {', '.join(SHAPES)})")

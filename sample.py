@@ -94,7 +94,7 @@ class SampleConfig:
     max_batch: int = flag(4096, "--bench: the largest batch of a measurement at most", at_least=1)
     bench_e2e: bool = flag(False, "length sweep by full generate calls instead of timing the step at 8 points (slow)")
     bench_hf: bool = flag(True, "HF transformers generate side by side (batch 256, prompt 128, 512 new tokens)")
-    attn_fraction: float = flag(0.5, "share of attention layers the bench's hybrids keep (mamba_distill.py's default)",
+    attn_fraction: float = flag(md.HYBRID_ATTN_FRACTION, "share of attention layers the bench's hybrids keep",
                                 at_least=0, at_most=1)
 
 
