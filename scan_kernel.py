@@ -486,8 +486,7 @@ STEP_TILE, STEP_OPTS = 4096, dict(num_warps=4)
 def ssd_step(state, x, dt, A, B, C, D=None):
     """Triton ssd_step_ref: the state fp32, bf16 or fp16 (fp32 math). Shared x, B, C are read in place
     by each head of their group (no repeat to h heads). No host sync: safe inside a CUDA graph."""
-    b, h, p, n = state.shape
-    gx, gb, gc = x.shape[1], B.shape[1], C.shape[1]
+    (b, h, p, n), (gx, gb, gc) = state.shape, (x.shape[1], B.shape[1], C.shape[1])
     if state.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"scan_kernel.py: state must be fp32, bf16 or fp16, got {state.dtype}")
     _expect_shapes({"x": (x, (b, gx, p)), "dt": (dt, (b, h)), "A": (A, (h,)), "B": (B, (b, gb, n)),
@@ -512,8 +511,7 @@ def ssd_step(state, x, dt, A, B, C, D=None):
 def decode_attention_ref(q, k_cache, v_cache, t, pad, scale=None):
     """One decode step of grouped-query attention, fp32 math: q (b, h, e) against the cached keys
     k_cache, v_cache (b, g, s, e) at slots pad[i]..t of row i (t a 1-element tensor). (b, h, e)."""
-    b, h, e = q.shape
-    g, s = k_cache.shape[1], k_cache.shape[2]
+    (b, h, e), (g, s) = q.shape, k_cache.shape[1:3]
     slots = torch.arange(s, device=q.device)  # (s,)
     lo = pad.clamp(max=int(t))  # (b,) an all-padding row sees slot t alone, as the kernel does
     ok = (slots[None, :] >= lo[:, None]) & (slots[None, :] <= t)  # (b, s) the keys row i may see
@@ -597,8 +595,7 @@ ATTN_BLOCK_S, ATTN_SPLIT, ATTN_OPTS = 64, 1024, dict(num_warps=4)
 def decode_attention(q, k_cache, v_cache, t, pad, scale=None):
     """Triton decode_attention_ref (flash-decoding): row i attends to slots pad[i]..t of the cache, this
     step's key and value already written at t. fp32 inputs get exact (not tf32) dots."""
-    b, h, e = q.shape
-    g, s = k_cache.shape[1], k_cache.shape[2]
+    (b, h, e), (g, s) = q.shape, k_cache.shape[1:3]
     _expect_shapes({"k_cache": (k_cache, (b, g, s, e)), "v_cache": (v_cache, (b, g, s, e)), "t": (t, (1,)),
                     "pad": (pad, (b,))}, f"q {tuple(q.shape)}")
     if h % g:
