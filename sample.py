@@ -115,8 +115,7 @@ def topk_by_chunks(logits, k, size=TOPK_CHUNK_SIZE):
     if v % size or v < 4 * k * size:  # too small to gain (or ragged): the plain top-k
         return logits.topk(min(k, v), dim=-1)
     n = v // size
-    maxima = logits.view(b, size, n).amax(1)  # (b, n): chunk c's maximum
-    chunks = maxima.topk(k, dim=-1).indices  # (b, k)
+    chunks = logits.view(b, size, n).amax(1).topk(k, dim=-1).indices  # (b, k): the chunks of the k largest maxima
     ids = (chunks[:, :, None] + n * torch.arange(size, device=logits.device)).view(b, k * size)  # (b, k*size)
     vals, j = logits.gather(-1, ids).topk(k, dim=-1)  # (b, k) sorted, descending
     return vals, ids.gather(-1, j)  # (b, k), (b, k)
@@ -139,10 +138,8 @@ def sample_next(logits, temperature, top_k, top_p, seeds=None, step=0):
     temperature, randomness from row_uniforms(seeds, step) (None: torch's generator). No host sync."""
     if temperature == 0:
         return logits.argmax(-1)  # (b,)
-    if top_k > 0:  # top-k on the raw logits: dividing by a positive temperature keeps the order
-        vals, ids = topk_by_chunks(logits, top_k)  # (b, c) sorted, descending
-    else:
-        vals, ids = logits.sort(dim=-1, descending=True)  # (b, v)
+    # top-k on the raw logits: dividing by a positive temperature keeps the order (top_k 0: all, sorted)
+    vals, ids = topk_by_chunks(logits, top_k) if top_k > 0 else logits.sort(dim=-1, descending=True)  # (b, c) sorted
     vals = vals.float() / temperature
     if top_p < 1.0:
         probs = vals.softmax(-1)  # (b, c)
@@ -150,12 +147,9 @@ def sample_next(logits, temperature, top_k, top_p, seeds=None, step=0):
         vals = vals.masked_fill(probs.cumsum(-1) - probs > top_p, -math.inf)
     probs = vals.softmax(-1)  # (b, c)
     # exponential race: argmax p_i / E_i, E_i ~ Exp(1), picks i with probability p_i, with no host sync
-    if seeds is None:
-        race = torch.empty_like(probs).exponential_()  # (b, c)
-    else:
-        race = -torch.log(row_uniforms(seeds, step, probs.shape[1]))  # (b, c) Exp(1) by inversion
-    choice = (probs / race).argmax(-1)  # (b,)
-    return ids.gather(-1, choice[:, None])[:, 0]  # (b,)
+    race = (torch.empty_like(probs).exponential_() if seeds is None  # (b, c) from torch's generator
+            else -torch.log(row_uniforms(seeds, step, probs.shape[1])))  # (b, c) each row's own, Exp(1) by inversion
+    return ids.gather(-1, (probs / race).argmax(-1, keepdim=True))[:, 0]  # (b,)
 
 
 def clock(device):
@@ -184,8 +178,7 @@ def largest_batch(model, max_len, dtype, device, cap, prefill_tokens, state_dtyp
     m = next((blk.mixer for blk in model.model.layers if hasattr(blk, "mixer")), None)
     per_token = 2 * (12 * c.hidden_size + 4 * c.intermediate_size) + (0 if m is None else 4 * m.h * m.p * m.n // 16)
     free = torch.cuda.mem_get_info(device)[0] - prefill_tokens * per_token - (2 << 30)
-    fit = max(8, int(0.9 * free / per_row) // 8 * 8)
-    return min(cap, fit) if cap else fit
+    return min(cap or math.inf, max(8, int(0.9 * free / per_row) // 8 * 8))
 
 
 def fuse_qkv(model):
@@ -221,8 +214,7 @@ class Sampler:
         # an fp32 model computes under autocast in the cache's dtype (no weight cache: graph capture)
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != p.dtype,
                                        cache_enabled=False)
-        self.sampling = (temperature, top_k, top_p)
-        self.prefill_tokens = prefill_tokens
+        self.sampling, self.prefill_tokens = (temperature, top_k, top_p), prefill_tokens
         self.stop = stop or md.StopRule(model.cfg.vocab_size, device=self.device)
         fuse_qkv(model)  # one GEMM for q, k and v in every step (and prefill)
         # a captured graph (and the fused q, k, v) reads these addresses: generate() checks them
@@ -239,12 +231,15 @@ class Sampler:
         self.done = torch.zeros(batch, dtype=torch.bool, **dev)  # (b,) finished rows (StopRule)
         self.end = torch.zeros(batch, dtype=torch.long, **dev)  # (b,) tokens a finished row keeps
         self.phase = torch.zeros(batch, dtype=torch.long, **dev)  # (b,) answer-line watch
-        on_gpu = self.device.type == "cuda"
-        # compiled with a symbolic batch size: one compilation serves every row count
-        self.forward = torch.compile(model, dynamic=True) if compile and on_gpu else model
-        self.use_graphs = cuda_graph and on_gpu
-        self.graphs, self.pool = {}, None
-        self.capture_s = 0.0  # compilation included
+        # compiled (GPU only) with a symbolic batch size: one compilation serves every row count
+        self.forward = torch.compile(model, dynamic=True) if compile and self.device.type == "cuda" else model
+        self.use_graphs = cuda_graph and self.device.type == "cuda"
+        self.graphs, self.pool, self.capture_s = {}, None, 0.0  # capture_s: seconds, compilation included
+
+    def seek(self, t, col):
+        """Point the next step at cache slot t, as new token col (writes to the device, no sync)."""
+        self.t.fill_(t)
+        self.col.fill_(col)
 
     def _rows(self, rows):
         """The cache of some rows (a prefill chunk, or the first n rows of a step)."""
@@ -273,12 +268,10 @@ class Sampler:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # torch.compile may finish its work on the second call
-                self.t.fill_(self.max_len - 1)
-                self.col.fill_(0)
+                self.seek(self.max_len - 1, 0)
                 self._step(n)
         torch.cuda.current_stream().wait_stream(side)
-        self.t.fill_(self.max_len - 1)
-        self.col.fill_(0)
+        self.seek(self.max_len - 1, 0)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             self._step(n)
@@ -297,31 +290,27 @@ class Sampler:
         """Left-pad the prompts to length l, run the parallel forward into the cache, sample each first token."""
         n = len(prompts)
         dev = dict(dtype=torch.long, device=self.device)
-        pad = torch.tensor([l - len(r) for r in prompts], **dev)  # (n,)
+        self.pad[:n] = torch.tensor([l - len(r) for r in prompts], **dev)  # (n,)
         # the pad id does not matter: padding reaches neither attention nor the SSM state
         idx = torch.tensor([[0] * (l - len(r)) + list(r) for r in prompts], **dev)  # (n, l)
         self.seeds[:n] = torch.tensor(seeds, dtype=torch.long)
-        for c, blk in zip(self.cache, self.model.model.layers):
-            if hasattr(blk, "mixer"):  # a prefill continues from the state in the cache, so start from zero
-                for x in c:
-                    x[:n].zero_()
-        self.col.fill_(0)
-        for x in (self.done, self.end, self.phase):  # the stop rule's per-row state
+        # a prefill continues from the SSM and conv state in the cache, so start from zero; so does the stop rule
+        states = [x for c, blk in zip(self.cache, self.model.model.layers) if hasattr(blk, "mixer") for x in c]
+        for x in states + [self.done, self.end, self.phase]:
             x[:n] = 0
+        self.col.fill_(0)
         step = max(1, self.prefill_tokens // l)
         for i in range(0, n, step):
             rows = slice(i, min(i + step, n))
             with self.autocast:
-                hidden = self.model(idx[rows], self._rows(rows), start=0, pad=pad[rows],
+                hidden = self.model(idx[rows], self._rows(rows), start=0, pad=self.pad[rows],
                                     return_hidden=True)  # (r, l, d)
                 logits = self.model.lm_head(hidden[:, -1])  # (r, v): only the last position is needed
             self.tok[rows, 0] = sample_next(logits, *self.sampling, seeds=self.seeds[rows], step=self.col)
-        self.pad[:n] = pad
         self.out[:n, 0] = self.tok[:n, 0]
         if self.stop.active:
             self.stop.update(self.tok[:n, 0], self.col, self.phase[:n], self.done[:n], self.end[:n])
-        self.t.fill_(l)
-        self.col.fill_(1)
+        self.seek(l, 1)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, seed=0, stop_ids=None, tokenizer=None, check_every=16,
@@ -348,18 +337,16 @@ class Sampler:
         t0 = clock(self.device)
         self.prefill(prompts, seeds, l)
         t1 = clock(self.device)
-        steps = 1
-        for _ in range(1, max_new_tokens):
+        steps = 1  # tokens so far: prefill samples the first
+        for steps in range(2, max_new_tokens + 1):
             self.run_step(n)
-            steps += 1
             if self.stop.active and steps % check_every == 0 and bool(self.done[:n].all()):  # syncs
                 break
         out = self.out[:n, :steps].cpu().numpy()
-        done = self.done[:n].tolist()
         keep = torch.where(self.done[:n], self.end[:n], steps).tolist()
         rows = [out[i, :keep[i]].tolist() for i in range(n)]
         if tokenizer is not None:  # rows the rule did not stop: cut at an answer line it could not see
-            rows = [r if d else r[:md.answer_end(r, tokenizer)] for r, d in zip(rows, done)]
+            rows = [r if d else r[:md.answer_end(r, tokenizer)] for r, d in zip(rows, self.done[:n].tolist())]
         t2 = clock(self.device)
         return rows, {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "prompt_len": l}
 
@@ -372,9 +359,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of n samples, c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), a stable product."""
     if k > n:
         raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+    return 1.0 if n - c < k else 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def majority_answer(answers):
@@ -395,8 +380,7 @@ def summarize(samples, n_problems, k_max):
     for s in sorted(samples, key=lambda s: (s["problem"], s["sample"])):
         by_problem[s["problem"]].append(s)
     ks = ks_up_to(k_max)
-    coverage = [sum(pass_at_k(len(ss), sum(s["correct"] for s in ss), k) for ss in by_problem) / n_problems
-                for k in ks]
+    coverage = [sum(pass_at_k(len(ss), sum(s["correct"] for s in ss), k) for ss in by_problem) / n_problems for k in ks]
     majority = [sum(majority_answer([s["answer"] for s in ss[:k]]) == ss[0]["gold"] for ss in by_problem) / n_problems
                 for k in ks]
     busy = Counter()  # (round, run, rank) -> seconds that process spent on the round
@@ -416,10 +400,8 @@ def sample_seed(seed, problem, j):
 
 def plan_round(todo, fit):
     """A round's (problem, sample) pairs in as few equal batches as fit (one captured graph for all)."""
-    if not todo:
-        return []
-    n_batches = -(-len(todo) // fit)
-    size = -(-len(todo) // n_batches)
+    n_batches = -(-len(todo) // fit)  # ceiling division
+    size = -(-len(todo) // n_batches) if todo else 1
     return [todo[i:i + size] for i in range(0, len(todo), size)]
 
 
@@ -434,9 +416,8 @@ def merge_samples(out_dir, keep):
     path, parts = os.path.join(out_dir, "samples.jsonl"), rank_files(out_dir)
     merged = {}
     for f in [path] + parts:
-        for s in md.read_jsonl(f, {"problem": int, "sample": int}, lenient=True):
-            if keep(s):
-                merged.setdefault((s["problem"], s["sample"]), s)
+        for s in filter(keep, md.read_jsonl(f, {"problem": int, "sample": int}, lenient=True)):
+            merged.setdefault((s["problem"], s["sample"]), s)
     samples = [merged[key] for key in sorted(merged)]
     if os.path.exists(path) or samples:
         md.write_jsonl(samples, path)
@@ -488,16 +469,15 @@ def _evaluate(cfg, device, group):
     prompt_len = max(map(len, prompts))  # every batch is padded to it: a row's numbers never depend on its batch
     max_len = prompt_len + max_new_tokens
     state_dtype = dtype if cfg.state_dtype == "model" else torch.float32
+    # what a resumed run must match (a teacher has no SSM state: no state_dtype)
     meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "weights": md.weights_fingerprint(cfg.checkpoint),
             "data": os.path.abspath(cfg.data), "data_file": md.file_fingerprint(cfg.data), "seed": cfg.seed,
-            "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-            "max_new_tokens": max_new_tokens, "flexible_extract": cfg.flexible_extract,
-            "state_dtype": str(state_dtype) if model.cfg.ssm_layers else None}  # a teacher has no SSM state
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, "max_new_tokens": max_new_tokens,
+            "flexible_extract": cfg.flexible_extract, "state_dtype": str(state_dtype) if model.cfg.ssm_layers else None}
     path, meta_path = os.path.join(out_dir, "samples.jsonl"), os.path.join(out_dir, "meta.json")
     error = done = None
     if group.rank == 0:  # settings checked and finished samples gathered once, before any work
         try:
-            os.makedirs(out_dir, exist_ok=True)
             if (os.path.exists(path) or rank_files(out_dir)) and os.path.exists(meta_path):
                 # the defaults: what files written before these two flags existed were drawn with
                 old = {"state_dtype": "torch.float32" if model.cfg.ssm_layers else None, "flexible_extract": False,
@@ -522,10 +502,10 @@ def _evaluate(cfg, device, group):
         raise InputError(error)
     # each process at its own largest batch, bounded only by the rows its share of a round needs
     fit = cfg.batch_size or largest_batch(model, max_len, dtype, device, 0, cfg.prefill_tokens, state_dtype)
-    plans = {}  # round k takes every problem from k/2 samples to k (so time@k is measured); each process every world-th
-    for k in ks_up_to(cfg.k):
-        todo = [(p, j) for j in range(k // 2, k) for p in range(len(rows)) if (p, j) not in done]
-        plans[k] = plan_round(todo[group.rank::group.world], fit)
+    # round k takes every problem from k/2 samples to k (so time@k is measured); each process every world-th
+    todo = {k: [(p, j) for j in range(k // 2, k) for p in range(len(rows)) if (p, j) not in done]
+            for k in ks_up_to(cfg.k)}
+    plans = {k: plan_round(pairs[group.rank::group.world], fit) for k, pairs in todo.items()}
     sizes = sorted({len(b) for plan in plans.values() for b in plan})
     stop = md.StopRule(model.cfg.vocab_size, tokenizer.stop_ids, tokenizer, device)
     t_setup = time.perf_counter()
@@ -534,8 +514,7 @@ def _evaluate(cfg, device, group):
     for n in sizes:  # compile and capture every batch size before the clock starts
         sampler.prepare(n)
         if sampler.use_graphs:  # compiling can take minutes: say how far it got
-            print(f"{name}: decode step for {n} rows ready, {time.perf_counter() - t_setup:.0f}s into set-up",
-                  flush=True)
+            print(f"{name}: {n}-row decode step ready, {time.perf_counter() - t_setup:.0f}s into set-up", flush=True)
     setup_s = time.perf_counter() - t_setup
     mode = ("compiled, " if sampler.forward is not model else "") + ("CUDA graphs" if sampler.use_graphs else "eager")
     where = f" on {group.world} processes (this is rank {group.rank})" if group.world > 1 else ""
@@ -610,20 +589,17 @@ def bench_decode(model, batch, prompt_len, gen_len, cfg, state_dtype, points):
     if points:
         step_s = []
         for i in range(points):
-            t = prompt_len + int((gen_len - 1) * (i + 0.5) / points)
             times = []
             for _ in range(4):
-                sampler.t.fill_(t)
-                sampler.col.fill_(1)
+                sampler.seek(prompt_len + int((gen_len - 1) * (i + 0.5) / points), 1)
                 t0 = clock(sampler.device)
                 sampler.run_step(batch)
                 times.append(clock(sampler.device) - t0)
             step_s.append(sorted(times[1:])[1])  # median of 3 after one warm-up replay
         decode_s = (gen_len - 1) * sum(step_s) / points
     return {"tokens_per_s": batch * gen_len / (st["prefill_s"] + decode_s),
-            "decode_tokens_per_s": batch * (gen_len - 1) / decode_s, "prefill_s": st["prefill_s"],
-            "decode_s": decode_s, "graph_capture_s": sampler.capture_s,
-            "method": f"step times at {points} slots" if points else "generate"}
+            "decode_tokens_per_s": batch * (gen_len - 1) / decode_s, "prefill_s": st["prefill_s"], "decode_s": decode_s,
+            "graph_capture_s": sampler.capture_s, "method": f"step times at {points} slots" if points else "generate"}
 
 
 def bench_hf(shape, batch=256, prompt_len=128, gen_len=512):
@@ -642,17 +618,14 @@ def bench_hf(shape, batch=256, prompt_len=128, gen_len=512):
         model.generate(ids, **kw, **extra)  # warm-up (the static cache compiles here)
         t0 = clock("cuda")
         model.generate(ids, **kw, **extra)
-        dt = clock("cuda") - t0
         out.append({"cache": cache, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
-                    "tokens_per_s": batch * gen_len / dt})
+                    "tokens_per_s": batch * gen_len / (clock("cuda") - t0)})
         print(f"HF {cache:8s} cache: {out[-1]['tokens_per_s']:9.0f} tok/s", flush=True)
-    del model
-    torch.cuda.empty_cache()
     return out
 
 
 def bench(cfg: SampleConfig):
-    device = torch.device(cfg.device)  # "cuda" (main checks it): the current GPU
+    device = torch.device("cuda")  # main checks there is one: the current GPU
     path = os.path.join(cfg.out_dir, "bench", f"decode_{cfg.bench_shapes.replace(',', '+')}.json")
     if os.path.exists(path):
         raise InputError(f"{path} exists (an earlier benchmark): use another --out_dir, or delete it")
@@ -671,51 +644,47 @@ def bench(cfg: SampleConfig):
             except Exception as e:  # an oracle we cannot run must not cost the rest of the bench
                 print(f"HF generate failed: {type(e).__name__}: {e}", flush=True)
                 result["hf"] = [{"error": f"{type(e).__name__}: {e}"}]
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # HF's model is gone: give its memory back
         for kind in cfg.bench_models.split(","):
             with torch.device(device):  # .to(dtype) leaves RoPE frequencies fp32 (LM.inv_freq is no buffer)
                 model = md.LM(md.shape_config(shape, kind, cfg.attn_fraction)).to(dtype).eval()
-            runs = []  # (batch, new tokens, points: 0 = a full generate call, else step times at that many slots)
+            lens = [int(x) for x in cfg.bench_gen_lens.split(",") if x]
+            fit = {n: largest_batch(model, prompt_len + n, dtype, device, cfg.max_batch, cfg.prefill_tokens,
+                                    state_dtype) for n in {512, *lens}}  # the largest batch for n new tokens
             batches = [int(x) for x in cfg.bench_batches.split(",") if x]
-            if batches:  # the batch sweep at 512 new tokens, up to the largest batch that fits
-                fit = largest_batch(model, prompt_len + 512, dtype, device, cfg.max_batch, cfg.prefill_tokens,
-                                    state_dtype)
-                runs += [(b, 512, 0) for b in sorted({b for b in batches if b < fit} | {fit})]
-            for n in map(int, cfg.bench_gen_lens.split(",")):
-                b = largest_batch(model, prompt_len + n, dtype, device, cfg.max_batch, cfg.prefill_tokens, state_dtype)
-                if (b, n) not in {(r[0], r[1]) for r in runs}:
-                    runs.append((b, n, 0 if cfg.bench_e2e or not cfg.cuda_graph else 8))
-            for b, n, points in runs:
+            # (batch, new tokens) -> points: 0 = a full generate call, else step times at that many slots;
+            # first the batch sweep at 512 new tokens, up to the largest batch, then each length at its largest
+            runs = {(b, 512): 0 for b in sorted({b for b in batches if b < fit[512]} | {fit[512]})} if batches else {}
+            for n in lens:
+                runs.setdefault((fit[n], n), 0 if cfg.bench_e2e or not cfg.cuda_graph else 8)
+            for (b, n), points in runs.items():
                 try:
                     r = bench_decode(model, b, prompt_len, n, cfg, state_dtype, points)
                 except torch.OutOfMemoryError:
                     print(f"{shape} {kind} batch {b} gen {n}: out of memory", flush=True)
-                    torch.cuda.empty_cache()
-                    continue
-                roof = b / (step_bytes(model, b, prompt_len + n // 2, state_dtype) / (bw * 1e9))  # mean kv length
-                r = {"shape": shape, "model": kind, "batch": b, "prompt_len": prompt_len, "gen_len": n,
-                     "tokens_per_s": r.pop("tokens_per_s"), "roofline_tokens_per_s": roof,
-                     "roofline_frac": r["decode_tokens_per_s"] / roof,
-                     "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9, **r}
-                result["results"].append(r)
-                md.write_json(path, result)
-                print(f"{shape} {kind:7s} batch {b:5d} gen {n:5d}: {r['tokens_per_s']:9.0f} tok/s "
-                      f"(decode {r['decode_tokens_per_s']:9.0f}, {r['roofline_frac']:.0%} of roofline "
-                      f"{roof:9.0f}; {r['method']}) peak {r['peak_mem_GB']:.1f} GB", flush=True)
+                else:
+                    roof = b / (step_bytes(model, b, prompt_len + n // 2, state_dtype) / (bw * 1e9))  # mean kv length
+                    r = {"shape": shape, "model": kind, "batch": b, "prompt_len": prompt_len, "gen_len": n,
+                         "tokens_per_s": r.pop("tokens_per_s"), "roofline_tokens_per_s": roof,
+                         "roofline_frac": r["decode_tokens_per_s"] / roof,
+                         "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9, **r}
+                    result["results"].append(r)
+                    md.write_json(path, result)
+                    print(f"{shape} {kind:7s} batch {b:5d} gen {n:5d}: {r['tokens_per_s']:9.0f} tok/s "
+                          f"(decode {r['decode_tokens_per_s']:9.0f}, {r['roofline_frac']:.0%} of roofline "
+                          f"{roof:9.0f}; {r['method']}) peak {r['peak_mem_GB']:.1f} GB", flush=True)
                 torch.cuda.empty_cache()
             del model
             torch.cuda.empty_cache()
-    ratios = {}
+    ratios = result["ratios"] = {}  # the two ratios results/README.md reports
     hf = result["hf"][0].get("tokens_per_s") if result["hf"] else None  # HF static cache (None: off or failed)
-    for r in result["results"]:  # the two ratios results/README.md reports
+    teacher = {r["shape"]: r["tokens_per_s"] for r in result["results"]  # at 4096 new, the largest batch
+               if (r["model"], r["gen_len"]) == ("teacher", 4096)}
+    for r in result["results"]:
         if r["model"] == "teacher" and (r["batch"], r["gen_len"]) == (256, 512) and hf:
             ratios[f"{r['shape']} teacher / HF static, batch 256, 512 new"] = r["tokens_per_s"] / hf
-        if r["model"] == "pure" and r["gen_len"] == 4096:
-            teacher = [x["tokens_per_s"] for x in result["results"]
-                       if (x["shape"], x["model"], x["gen_len"]) == (r["shape"], "teacher", 4096)]
-            if teacher:
-                ratios[f"{r['shape']} pure / teacher, 4096 new, largest batches"] = r["tokens_per_s"] / teacher[0]
-    result["ratios"] = ratios
+        if r["model"] == "pure" and r["gen_len"] == 4096 and r["shape"] in teacher:
+            ratios[f"{r['shape']} pure / teacher, 4096 new, largest batches"] = r["tokens_per_s"] / teacher[r["shape"]]
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     md.write_json(path, result)
@@ -724,10 +693,6 @@ def bench(cfg: SampleConfig):
 
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv, description=__doc__.strip().splitlines()[0])
-    if cfg.device == "auto":
-        cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is visible")
     if cfg.k & (cfg.k - 1):
         raise InputError(f"--k: expected a power of two, got {cfg.k}")
     if cfg.name and (not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) or cfg.name in (".", "..")):
@@ -744,7 +709,7 @@ def main(argv=None):
         for shape in cfg.bench_shapes.split(","):
             for kind in cfg.bench_models.split(","):
                 md.shape_config(shape, kind)  # unknown names fail here, before any work
-        if cfg.device != "cuda":
+        if cfg.device == "cpu" or not torch.cuda.is_available():  # an evaluation's setup_env checks --device
             raise InputError("--bench needs a CUDA GPU (--device cuda)")
         return bench(cfg)
     return evaluate(cfg)
