@@ -231,8 +231,7 @@ class Attention(nn.Module):
                 y = decode_attention(q.view(b, self.h, self.e).to(k_cache.dtype), k_cache, v_cache, ctx.slots, ctx.pad)
                 y = y.view(b, self.h, 1, self.e)  # (b, h, 1, e)
             else:
-                kv = ctx.kv_len
-                y = F.scaled_dot_product_attention(q, k_cache[:, :, :kv], v_cache[:, :, :kv],
+                y = F.scaled_dot_product_attention(q, k_cache[:, :, :ctx.kv_len], v_cache[:, :, :ctx.kv_len],
                                                    attn_mask=ctx.mask, enable_gqa=True)  # (b, h, l, e)
         return self.o_proj(y.transpose(1, 2).reshape(b, l, self.h * self.e))  # (b, l, d)
 
@@ -509,8 +508,7 @@ def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention", conv_
         for i in cfg.ssm_layers:
             mixer = student.model.layers[i].mixer
             for t_name, s_name, block in ATTENTION_TO_SSM:
-                src = tsd[f"model.layers.{i}.{t_name}"]
-                dst = sd[f"model.layers.{i}.{s_name}"]
+                src, dst = tsd[f"model.layers.{i}.{t_name}"], sd[f"model.layers.{i}.{s_name}"]
                 rows = mixer.rows(block) if block else slice(None)
                 assert dst[rows].shape == src.shape, f"layer {i}: {t_name} {tuple(src.shape)} -> {s_name}[{block}] {tuple(dst[rows].shape)}"
                 dst[rows] = src
@@ -733,9 +731,7 @@ def kl_by_line(teacher, student, held_out, tok, cfg, env):
             piece = tok.token_bytes(targets[t])
             if targets[t] == tok.eot_id and lines[-1][2]:  # the end of the turn: a line of its own
                 lines.append([b"", 0.0, 0])
-            lines[-1][0] += piece
-            lines[-1][1] += kl[b][t]
-            lines[-1][2] += 1
+            lines[-1] = [have + add for have, add in zip(lines[-1], (piece, kl[b][t], 1))]
             lines += [[b"", 0.0, 0] for _ in range(piece.count(b"\n"))]  # a line ends: the next starts empty
         lines = [line for line in lines if line[2]]
         rows.append({"prompt": prompt, "lines": [text.decode("utf-8", "replace").strip("\n") for text, _, _ in lines],
@@ -1074,10 +1070,9 @@ class ModelRun:
         shown = "" if held_out is None else f" held-out {held_out:.4f}"
         print(f"{self.name:>12} {stage:>7} step {step + 1:5d}/{steps} loss {loss:.4f}{shown} lr {lr:.2e} "
               f"{tok_s / 1e3:7.1f}k tok/s  eta {eta / 60:5.1f} min", flush=True)
-        rec = {"model": self.name, "init": self.init, "stage": stage, "step": step + 1, "loss": round(loss, 6),
-               "lr": lr, "tokens": tokens, "time_s": round(time.time() - self.t0, 3),
-               **({} if held_out is None else {"held_out_loss": round(held_out, 6)})}
-        self._append(rec)
+        self._append({"model": self.name, "init": self.init, "stage": stage, "step": step + 1, "loss": round(loss, 6),
+                      "lr": lr, "tokens": tokens, "time_s": round(time.time() - self.t0, 3),
+                      **({} if held_out is None else {"held_out_loss": round(held_out, 6)})})
 
     def log_start(self, stage, steps, held_out, tokens):
         """The held-out loss before a stage's first step, logged as step 0 (a row without a training loss)."""
@@ -1324,8 +1319,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         # encode_ordinary: a "<|eot_id|>" typed in user text is plain text, never the control token
-        ids = self.model.encode_ordinary(text)
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return [self.bos_id] * bos + self.model.encode_ordinary(text) + [self.eos_id] * eos
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """encode() of many texts at once (tiktoken spreads them over threads)."""
@@ -1397,12 +1391,9 @@ def train_bpe(texts: list[str], vocab_size: int, path, single_digits: bool = Tru
                 pair_count[pair] -= f
             out, i = [], 0
             while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
+                pair = i + 1 < len(w) and (w[i], w[i + 1]) == best
+                out.append(new_id if pair else w[i])
+                i += 1 + pair
             words[wi] = out
             for pair in zip(out, out[1:]):  # ... and its new pairs back in
                 pair_count[pair] += f
@@ -1716,15 +1707,14 @@ save_teacher = save_model  # the public name for teachers: a teacher is an LM wi
 NAMES = [(name, *[("she", "her"), ("he", "his")][i % 2])  # (name, subject pronoun, possessive)
          for i, name in enumerate("Mia Liam Ava Noah Sofia Omar Priya Mateo Hana Kofi Elena Ravi Chloe Jamal Yuki "
                                   "Lucas Amara Ethan Zoe Diego Leila Felix Nadia Owen Grace Tariq Ines Samuel".split())]
-OBJECTS = [
-    ("apples", "bags", "market", "a pie"), ("marbles", "jars", "toy store", "a game"),
-    ("stickers", "sheets", "book fair", "a poster"), ("cookies", "boxes", "bakery", "a party"),
-    ("pencils", "packs", "school shop", "an art class"), ("stamps", "albums", "post office", "letters"),
-    ("seashells", "buckets", "beach", "a necklace"), ("coins", "purses", "bank", "the bus"),
-    ("cards", "decks", "game shop", "a card trick"), ("beads", "tubes", "craft store", "a bracelet"),
-    ("eggs", "cartons", "farm", "a cake"), ("crayons", "tins", "art shop", "a mural"),
-    ("books", "crates", "library sale", "a book club"), ("oranges", "nets", "fruit stand", "juice"),
-    ("toy cars", "cases", "flea market", "a race track"), ("flowers", "bunches", "garden center", "a vase")]
+OBJECTS = [("apples", "bags", "market", "a pie"), ("marbles", "jars", "toy store", "a game"),
+           ("stickers", "sheets", "book fair", "a poster"), ("cookies", "boxes", "bakery", "a party"),
+           ("pencils", "packs", "school shop", "an art class"), ("stamps", "albums", "post office", "letters"),
+           ("seashells", "buckets", "beach", "a necklace"), ("coins", "purses", "bank", "the bus"),
+           ("cards", "decks", "game shop", "a card trick"), ("beads", "tubes", "craft store", "a bracelet"),
+           ("eggs", "cartons", "farm", "a cake"), ("crayons", "tins", "art shop", "a mural"),
+           ("books", "crates", "library sale", "a book club"), ("oranges", "nets", "fruit stand", "juice"),
+           ("toy cars", "cases", "flea market", "a race track"), ("flowers", "bunches", "garden center", "a vase")]
 
 
 # the short task's one-step events: op -> (question sentence, solution sentence) pairs, one picked at random
