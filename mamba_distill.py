@@ -1704,7 +1704,7 @@ save_teacher = save_model  # the public name for teachers: a teacher is an LM wi
 # -----------------------------------------------------------------------------
 # Appendix D. Data: the synthetic tasks (GSM8K's format), GSM8K files, prompts, answers, stopping
 
-NAMES = [(name, *[("she", "her"), ("he", "his")][i % 2])  # (name, subject pronoun, possessive)
+NAMES = [(name, *[("she", "her"), ("he", "his")][i % 2])  # (name, subject pronoun, possessive): she, he in turn
          for i, name in enumerate("Mia Liam Ava Noah Sofia Omar Priya Mateo Hana Kofi Elena Ravi Chloe Jamal Yuki "
                                   "Lucas Amara Ethan Zoe Diego Leila Felix Nadia Owen Grace Tariq Ines Samuel".split())]
 OBJECTS = [("apples", "bags", "market", "a pie"), ("marbles", "jars", "toy store", "a game"),
