@@ -124,18 +124,14 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise InputError(f"{path}: expected a JSON object")
         cfg = cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
-        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings", "d_conv", "head_dim")
-        for name in sizes:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "d_conv", "head_dim", "rms_norm_eps",
+                     "rope_theta"):
             if name == "head_dim" and d.get("head_dim") is None:  # older Llama configs leave it implicit
                 cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-            v = getattr(cfg, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"{path}: {name} must be a positive whole number, got {v!r}")
-        for name in ("rms_norm_eps", "rope_theta"):
-            v = getattr(cfg, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise InputError(f"{path}: {name} must be a positive number, got {v!r}")
+            v, whole = getattr(cfg, name), name not in ("rms_norm_eps", "rope_theta")  # sizes are whole numbers
+            if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) or not 0 < v < math.inf:
+                raise InputError(f"{path}: {name} must be a positive {'whole ' * whole}number, got {v!r}")
         if cfg.num_attention_heads % cfg.num_key_value_heads or cfg.head_dim % 2:
             raise InputError(f"{path}: num_attention_heads={cfg.num_attention_heads} must be a multiple of "
                              f"num_key_value_heads={cfg.num_key_value_heads}, and head_dim={cfg.head_dim} even")
@@ -221,10 +217,9 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache=None, ctx=None):
         b, l, _ = x.shape
         q, k, v = self.qkv(x)
-        q = q.view(b, l, self.h, self.e).transpose(1, 2)  # (b, h, l, e)
-        k = k.view(b, l, self.g, self.e).transpose(1, 2)  # (b, g, l, e)
+        q = apply_rope(q.view(b, l, self.h, self.e).transpose(1, 2), *rope)  # (b, h, l, e)
+        k = apply_rope(k.view(b, l, self.g, self.e).transpose(1, 2), *rope)  # (b, g, l, e)
         v = v.view(b, l, self.g, self.e).transpose(1, 2)  # (b, g, l, e)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:  # training / plain forward: causal over this sequence only
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (b, h, l, e)
         else:
@@ -236,8 +231,7 @@ class Attention(nn.Module):
                 y = decode_attention(q.view(b, self.h, self.e).to(k_cache.dtype), k_cache, v_cache, ctx.slots, ctx.pad)
                 y = y.view(b, self.h, 1, self.e)  # (b, h, 1, e)
             else:
-                kv = ctx.kv_len
-                y = F.scaled_dot_product_attention(q, k_cache[:, :, :kv], v_cache[:, :, :kv],
+                y = F.scaled_dot_product_attention(q, k_cache[:, :, :ctx.kv_len], v_cache[:, :, :ctx.kv_len],
                                                    attn_mask=ctx.mask, enable_gqa=True)  # (b, h, l, e)
         return self.o_proj(y.transpose(1, 2).reshape(b, l, self.h * self.e))  # (b, l, d)
 
@@ -422,8 +416,7 @@ class LM(nn.Module):
 
     def rope(self, pos, dtype):
         """cos, sin (b, 1, l, e) for integer positions pos (b, l), computed in fp32."""
-        if self.inv_freq.device != pos.device:  # moved once, on the first call on a new device
-            self.inv_freq = self.inv_freq.to(pos.device)
+        self.inv_freq = self.inv_freq.to(pos.device)  # moved once, on the first call on a new device (else a no-op)
         ang = pos[..., None].float() * self.inv_freq  # (b, l, e/2)
         ang = torch.cat([ang, ang], dim=-1)[:, None]  # (b, 1, l, e)
         return ang.cos().to(dtype), ang.sin().to(dtype)
@@ -442,8 +435,7 @@ class LM(nn.Module):
                               torch.zeros(batch, m.h, m.p, m.n, dtype=state_dtype, device=device)))
             else:
                 shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
-                cache.append((torch.zeros(shape, dtype=dtype, device=device),
-                              torch.zeros(shape, dtype=dtype, device=device)))
+                cache.append(tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)))  # k, v
         return cache
 
     def forward(self, idx, cache=None, start=0, pad=None, collect=None, return_hidden=False):
@@ -466,11 +458,9 @@ class LM(nn.Module):
         s = max([kv[0].shape[2] for kv, blk in zip(cache, self.model.layers) if not hasattr(blk, "mixer")] or [0])
         if torch.is_tensor(start):  # decode step (graph-safe: start lives on the device)
             assert l == 1, "a tensor start is for one-token decode steps"
-            slots = start.view(1)  # (1,)
-            kv_len = s
+            slots, kv_len = start.view(1), s  # (1,)
         else:
-            slots = torch.arange(start, start + l, device=device)  # (l,)
-            kv_len = start + l
+            slots, kv_len = torch.arange(start, start + l, device=device), start + l  # (l,)
         pad = torch.zeros(b, dtype=torch.long, device=device) if pad is None else pad
         pos = (slots[None, :] - pad[:, None]).clamp(min=0)  # (b, l) positions from each row's start
         mask = None
@@ -479,9 +469,7 @@ class LM(nn.Module):
             mask = (key[None, None, :] <= slots[None, :, None]) & (key[None, None, :] >= pad[:, None, None])
             # a padding query sees itself: an empty row gives NaN, which poisons real queries via 0 * NaN
             mask = (mask | (key[None, None, :] == slots[None, :, None]))[:, None]  # (b, 1, l, kv_len)
-        valid = None
-        if l > 1 and bool(pad.any()):  # only a prefill can contain padding
-            valid = (slots[None, :] >= pad[:, None]).float()  # (b, l)
+        valid = (slots[None, :] >= pad[:, None]).float() if l > 1 and bool(pad.any()) else None  # (b, l) prefill
         return StepContext(slots, kv_len, mask, valid, pad), pos
 
     def num_params(self):
@@ -495,8 +483,7 @@ ATTENTION_TO_SSM = [
     ("self_attn.q_proj.weight", "mixer.in_proj.weight", "C"),  # (h*e, d): the query reads the state
     ("self_attn.k_proj.weight", "mixer.in_proj.weight", "B"),  # (g*e, d): the key writes it
     ("self_attn.v_proj.weight", "mixer.in_proj.weight", "x"),  # (g*e, d): the value is written
-    ("self_attn.o_proj.weight", "mixer.out_proj.weight", None),  # (d, h*e)
-]
+    ("self_attn.o_proj.weight", "mixer.out_proj.weight", None)]  # (d, h*e)
 
 
 @torch.no_grad()
@@ -521,8 +508,7 @@ def transfer_attention_to_mamba(teacher: LM, ssm_layers, init="attention", conv_
         for i in cfg.ssm_layers:
             mixer = student.model.layers[i].mixer
             for t_name, s_name, block in ATTENTION_TO_SSM:
-                src = tsd[f"model.layers.{i}.{t_name}"]
-                dst = sd[f"model.layers.{i}.{s_name}"]
+                src, dst = tsd[f"model.layers.{i}.{t_name}"], sd[f"model.layers.{i}.{s_name}"]
                 rows = mixer.rows(block) if block else slice(None)
                 assert dst[rows].shape == src.shape, f"layer {i}: {t_name} {tuple(src.shape)} -> {s_name}[{block}] {tuple(dst[rows].shape)}"
                 dst[rows] = src
@@ -745,9 +731,7 @@ def kl_by_line(teacher, student, held_out, tok, cfg, env):
             piece = tok.token_bytes(targets[t])
             if targets[t] == tok.eot_id and lines[-1][2]:  # the end of the turn: a line of its own
                 lines.append([b"", 0.0, 0])
-            lines[-1][0] += piece
-            lines[-1][1] += kl[b][t]
-            lines[-1][2] += 1
+            lines[-1] = [have + add for have, add in zip(lines[-1], (piece, kl[b][t], 1))]
             lines += [[b"", 0.0, 0] for _ in range(piece.count(b"\n"))]  # a line ends: the next starts empty
         lines = [line for line in lines if line[2]]
         rows.append({"prompt": prompt, "lines": [text.decode("utf-8", "replace").strip("\n") for text, _, _ in lines],
@@ -780,10 +764,9 @@ def main(argv=None):
         return bench(cfg, env)
     n_layers = read_config(cfg.teacher).num_hidden_layers if cfg.teacher else cfg.n_layers
     keep = parse_layers(cfg.attn_layers, n_layers)
-    runs = [(s, student_layers(s, n_layers, cfg.attn_fraction, keep), cfg.init) for s in filter(None, cfg.students.split(","))]
-    if cfg.random_baseline:
-        runs.append((f"{cfg.random_baseline}_random", student_layers(cfg.random_baseline, n_layers, cfg.attn_fraction, keep),
-                     "random"))
+    kinds = [(s, s, cfg.init) for s in filter(None, cfg.students.split(","))]  # (name, hybrid or pure, init)
+    kinds += [(f"{cfg.random_baseline}_random", cfg.random_baseline, "random")] if cfg.random_baseline else []
+    runs = [(name, student_layers(kind, n_layers, cfg.attn_fraction, keep), init) for name, kind, init in kinds]
     want = wanted_artifacts(cfg, runs)  # the settings each artifact of this run is made with
     if cfg.fresh and env.main:
         start_over(cfg.out_dir, [name for name, _, _ in runs])
@@ -996,8 +979,7 @@ def run_stage(stage, model, loss_fn, steps, peak_lr, cfg, env, batches, tok, run
         lr = lr_at(step, steps, peak_lr, cfg.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=env.device)
-        count = torch.zeros((), device=env.device)
+        loss_sum, count = torch.zeros((), device=env.device), torch.zeros((), device=env.device)
         real = 0  # input tokens that are not padding, this rank
         for micro in range(cfg.grad_accum):
             *xym, n_real = batches.get(stage, step, cfg.batch_size, env.rank, env.world, micro, cfg.grad_accum)
@@ -1088,11 +1070,9 @@ class ModelRun:
         shown = "" if held_out is None else f" held-out {held_out:.4f}"
         print(f"{self.name:>12} {stage:>7} step {step + 1:5d}/{steps} loss {loss:.4f}{shown} lr {lr:.2e} "
               f"{tok_s / 1e3:7.1f}k tok/s  eta {eta / 60:5.1f} min", flush=True)
-        rec = {"model": self.name, "init": self.init, "stage": stage, "step": step + 1, "loss": round(loss, 6),
-               "lr": lr, "tokens": tokens, "time_s": round(time.time() - self.t0, 3)}
-        if held_out is not None:
-            rec["held_out_loss"] = round(held_out, 6)
-        self._append(rec)
+        self._append({"model": self.name, "init": self.init, "stage": stage, "step": step + 1, "loss": round(loss, 6),
+                      "lr": lr, "tokens": tokens, "time_s": round(time.time() - self.t0, 3),
+                      **({} if held_out is None else {"held_out_loss": round(held_out, 6)})})
 
     def log_start(self, stage, steps, held_out, tokens):
         """The held-out loss before a stage's first step, logged as step 0 (a row without a training loss)."""
@@ -1130,12 +1110,10 @@ class ModelRun:
             return
         flat = load_safetensors(os.path.join(path, "optimizer.safetensors"))
         sd = optimizer.state_dict()
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        for i, p in enumerate(params):
+        for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
             if f"{i}.step" in flat:
                 sd["state"][i] = {"step": flat[f"{i}.step"].reshape(()),
-                                  "exp_avg": flat[f"{i}.exp_avg"].view_as(p).to(p),
-                                  "exp_avg_sq": flat[f"{i}.exp_avg_sq"].view_as(p).to(p)}
+                                  **{k: flat[f"{i}.{k}"].view_as(p).to(p) for k in ("exp_avg", "exp_avg_sq")}}
         optimizer.load_state_dict(sd)
 
 
@@ -1280,14 +1258,12 @@ def finish_model(model, tok, cfg, env, name, settings, times):
 
 LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 LLAMA3_SPECIAL_TOKENS = [  # <|eom_id|>: end of message (tool calls); <|eot_id|>: end of turn
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
-    "<|eot_id|>", "<|python_tag|>", "<|image|>",
-]
+    "<|eot_id|>", "<|python_tag|>", "<|image|>"]
 LLAMA3_SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIAL_TOKENS))]
 
 
@@ -1343,8 +1319,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         # encode_ordinary: a "<|eot_id|>" typed in user text is plain text, never the control token
-        ids = self.model.encode_ordinary(text)
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return [self.bos_id] * bos + self.model.encode_ordinary(text) + [self.eos_id] * eos
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """encode() of many texts at once (tiktoken spreads them over threads)."""
@@ -1416,12 +1391,9 @@ def train_bpe(texts: list[str], vocab_size: int, path, single_digits: bool = Tru
                 pair_count[pair] -= f
             out, i = [], 0
             while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
+                pair = i + 1 < len(w) and (w[i], w[i + 1]) == best
+                out.append(new_id if pair else w[i])
+                i += 1 + pair
             words[wi] = out
             for pair in zip(out, out[1:]):  # ... and its new pairs back in
                 pair_count[pair] += f
@@ -1444,8 +1416,7 @@ def atomic_write(path, data):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
-                f.write(chunk)
+            f.writelines([data] if isinstance(data, (bytes, bytearray)) else data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1535,11 +1506,9 @@ def weights_fingerprint(path):
     return hashlib.sha256("".join(file_fingerprint(f) for f in files).encode()).hexdigest()[:16]
 
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 _DTYPE_NAMES = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors spec's own limit
 
@@ -1553,10 +1522,9 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     offset = 0
     for name in names:
         t = tensors[name]
-        nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
 
@@ -1736,25 +1704,17 @@ save_teacher = save_model  # the public name for teachers: a teacher is an LM wi
 # -----------------------------------------------------------------------------
 # Appendix D. Data: the synthetic tasks (GSM8K's format), GSM8K files, prompts, answers, stopping
 
-NAMES = [  # (name, subject pronoun, possessive)
-    ("Mia", "she", "her"), ("Liam", "he", "his"), ("Ava", "she", "her"), ("Noah", "he", "his"),
-    ("Sofia", "she", "her"), ("Omar", "he", "his"), ("Priya", "she", "her"), ("Mateo", "he", "his"),
-    ("Hana", "she", "her"), ("Kofi", "he", "his"), ("Elena", "she", "her"), ("Ravi", "he", "his"),
-    ("Chloe", "she", "her"), ("Jamal", "he", "his"), ("Yuki", "she", "her"), ("Lucas", "he", "his"),
-    ("Amara", "she", "her"), ("Ethan", "he", "his"), ("Zoe", "she", "her"), ("Diego", "he", "his"),
-    ("Leila", "she", "her"), ("Felix", "he", "his"), ("Nadia", "she", "her"), ("Owen", "he", "his"),
-    ("Grace", "she", "her"), ("Tariq", "he", "his"), ("Ines", "she", "her"), ("Samuel", "he", "his"),
-]
-OBJECTS = [
-    ("apples", "bags", "market", "a pie"), ("marbles", "jars", "toy store", "a game"),
-    ("stickers", "sheets", "book fair", "a poster"), ("cookies", "boxes", "bakery", "a party"),
-    ("pencils", "packs", "school shop", "an art class"), ("stamps", "albums", "post office", "letters"),
-    ("seashells", "buckets", "beach", "a necklace"), ("coins", "purses", "bank", "the bus"),
-    ("cards", "decks", "game shop", "a card trick"), ("beads", "tubes", "craft store", "a bracelet"),
-    ("eggs", "cartons", "farm", "a cake"), ("crayons", "tins", "art shop", "a mural"),
-    ("books", "crates", "library sale", "a book club"), ("oranges", "nets", "fruit stand", "juice"),
-    ("toy cars", "cases", "flea market", "a race track"), ("flowers", "bunches", "garden center", "a vase"),
-]
+NAMES = [(name, *[("she", "her"), ("he", "his")][i % 2])  # (name, subject pronoun, possessive): she, he in turn
+         for i, name in enumerate("Mia Liam Ava Noah Sofia Omar Priya Mateo Hana Kofi Elena Ravi Chloe Jamal Yuki "
+                                  "Lucas Amara Ethan Zoe Diego Leila Felix Nadia Owen Grace Tariq Ines Samuel".split())]
+OBJECTS = [("apples", "bags", "market", "a pie"), ("marbles", "jars", "toy store", "a game"),
+           ("stickers", "sheets", "book fair", "a poster"), ("cookies", "boxes", "bakery", "a party"),
+           ("pencils", "packs", "school shop", "an art class"), ("stamps", "albums", "post office", "letters"),
+           ("seashells", "buckets", "beach", "a necklace"), ("coins", "purses", "bank", "the bus"),
+           ("cards", "decks", "game shop", "a card trick"), ("beads", "tubes", "craft store", "a bracelet"),
+           ("eggs", "cartons", "farm", "a cake"), ("crayons", "tins", "art shop", "a mural"),
+           ("books", "crates", "library sale", "a book club"), ("oranges", "nets", "fruit stand", "juice"),
+           ("toy cars", "cases", "flea market", "a race track"), ("flowers", "bunches", "garden center", "a vase")]
 
 
 # the short task's one-step events: op -> (question sentence, solution sentence) pairs, one picked at random
@@ -1781,8 +1741,7 @@ SHORT_EVENTS = {
     "/": [("{He} splits the {obj} into {b} equal groups and keeps one group.",
            "{He} splits {his} {x} {obj} into {b} equal groups of {x} / {b} = {y} {obj} and keeps one group."),
           ("{He} shares the {obj} equally with {others} friends and keeps {his} share.",
-           "With {b} people sharing, each one gets {x} / {b} = {y} {obj}, and that is what {he} keeps.")],
-}
+           "With {b} people sharing, each one gets {x} / {b} = {y} {obj}, and that is what {he} keeps.")]}
 TIMES = {2: "twice", 3: "three times", 4: "four times"}
 
 
@@ -2159,10 +2118,9 @@ class DistillConfig:
     max_steps: int = flag(0, "difficulty: most turns (relay) or steps (short) per problem; 0 = the task's default "
                              "(relay 10, short 8)", at_least=0)
     digits: int = flag(4, "relay: digits of the starting amounts", at_least=2, at_most=len(COLUMNS) - 1)
-    slip: float = flag(0.25, "relay: chance that a training solution rounds a turn's tenth up (a mistake the "
-                             "rest of the solution follows); a teacher learns to slip at that rate when sampled, "
-                             "so single samples fail and more samples help. Test solutions never slip",
-                       at_least=0, at_most=1)
+    slip: float = flag(0.25, "relay: chance that a training solution rounds a turn's tenth up (a mistake the rest of "
+                             "the solution follows); a teacher learns to slip at that rate when sampled, so single "
+                             "samples fail and more samples help. Test solutions never slip", at_least=0, at_most=1)
     n_train: int = flag(20000, "synthetic training problems", at_least=1)
     n_test: int = flag(500, "synthetic test problems", at_least=1)
     vocab_size: int = flag(1024, "base BPE vocabulary of the project's tokenizer (+ 256 specials)", at_least=256)
@@ -2183,8 +2141,7 @@ class DistillConfig:
     conv_init: str = flag("identity", "transferred mixers' conv: identity (B, C, x start as silu of the teacher's "
                                       "K, Q, V) or mamba2 (random, as in MambaInLlama)", choices=("identity", "mamba2"))
     random_baseline: str = flag("hybrid", "also distil this student from random mixers, the baseline that shows what "
-                                          "the transfer is worth (empty = no baseline)",
-                                choices=("", "hybrid", "pure"))
+                                          "the transfer is worth (empty = no baseline)", choices=("", "hybrid", "pure"))
     orient_steps: int = flag(0, "stage 0: steps matching each mixer's matrix to its attention matrix (MOHAWK's "
                                 "matrix orientation; 0 = skip)", at_least=0)
     orient_lr: float = flag(1e-3, "stage 0: peak learning rate", above=0)
@@ -2225,8 +2182,7 @@ PRESETS = {  # fields that a preset changes, unless the command line set them
                   eval_n=100, d_model=256, n_layers=6, n_heads=4, d_ff=768, ckpt_every=0, max_steps=6),
     "tiny": dict(task="short", n_train=64, n_test=8, vocab_size=300, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1,
                  d_ff=64, teacher_steps=4, align_steps=2, kl_steps=3, sft_steps=2, batch_size=4, grad_accum=2,
-                 seq_len=320, eval_n=2, max_new_tokens=8, log_every=1, ckpt_every=2),
-}
+                 seq_len=320, eval_n=2, max_new_tokens=8, log_every=1, ckpt_every=2)}
 
 
 # --bench: 16 x 2048 tokens a step per GPU in 4 micro-batches (weak scaling), compiled
@@ -2305,8 +2261,7 @@ SHAPES = {  # Meta's config.json values of Llama 3.2 1B and 3B, and the default 
                          num_key_value_heads=8, head_dim=128),
     "default": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
                     num_key_value_heads=2, head_dim=64, vocab_size=1280, rope_theta=10000.0, rope_scaling=None,
-                    max_position_embeddings=16384),
-}
+                    max_position_embeddings=16384)}
 
 
 def shape_config(shape, kind="teacher", attn_fraction=HYBRID_ATTN_FRACTION) -> ModelConfig:
@@ -2353,13 +2308,12 @@ def bench(cfg, env, warmup=2, steps=8):
         student = transfer_attention_to_mamba(teacher, ssm).float().to(env.device).train()
         loss_fn = kl_loss_fn(compiled(teacher, cfg, env), "forward", 1.0)
         torch.cuda.reset_peak_memory_stats(env.device)
-        run_stage("kl", student, loss_fn, warmup, 1e-5, cfg, env, batches, None)
+        for n in (warmup, steps):  # the warm-up (compiling, autotuning), then the timed steps
+            torch.cuda.synchronize(env.device)
+            t0 = time.time()
+            run_stage("kl", student, loss_fn, n, 1e-5, cfg, env, batches, None)
         torch.cuda.synchronize(env.device)
-        t0 = time.time()
-        run_stage("kl", student, loss_fn, steps, 1e-5, cfg, env, batches, None)
-        torch.cuda.synchronize(env.device)
-        dt = time.time() - t0
-        tok_s = steps * cfg.batch_size * cfg.seq_len / dt  # all GPUs together
+        tok_s = steps * cfg.batch_size * cfg.seq_len / (time.time() - t0)  # all GPUs together
         # FLOPs per token; the embeddings are tied, so every parameter is in one matmul (lm_head's included)
         flops = 6 * student.num_params() + 2 * teacher.num_params()
         mfu = flops * tok_s / env.world / peak if peak else float("nan")
