@@ -216,7 +216,8 @@ def model_colours(names):
     return {name: f"C{i % 10}" for i, name in enumerate((*MODEL_ORDER, *extra))}
 
 
-def _one_or_many(values):
+def _distinct(values):
+    """The distinct values, sorted, as one string: "a" or "a / b"."""
     return " / ".join(sorted({str(v) for v in values}))
 
 
@@ -293,7 +294,7 @@ def plot_accuracy(runs, x_key, path, cfg):
         else:
             ax.set_xticks(sorted({k for r in runs for k in r["k"]}))
     counts = {r["n_problems"] for r in runs} - {None}
-    details = ([f"{_one_or_many(counts)} problems"] if counts else []) + [runs[0]["device"]] * (not several_devices)
+    details = ([f"{_distinct(counts)} problems"] if counts else []) + [runs[0]["device"]] * (not several_devices)
     if by_time:
         title = headline(runs) or "Accuracy against wall-clock time"
         sub = "points left to right: k = 1, 2, 4, ...; a faster model reaches a larger k in the same time"
@@ -305,24 +306,22 @@ def plot_accuracy(runs, x_key, path, cfg):
         fig.canvas.draw()  # the final layout: labels are placed in points
         for ax, metric in panels:
             for j, side in ((0, "left"), (-1, "right")):
-                place_labels(ax, [(r["time_s"][j], 100 * r[metric][j], f"k={r['k'][j]}", colours[r["name"]])
-                                  for r in runs], side,
-                             [(t, 100 * v) for r in runs for t, v in zip(r["time_s"], r[metric])])
+                ends = [(r["time_s"][j], 100 * r[metric][j], f"k={r['k'][j]}", colours[r["name"]]) for r in runs]
+                place_labels(ax, ends, side, [(t, 100 * v) for r in runs for t, v in zip(r["time_s"], r[metric])])
     save_png(fig, path, cfg.dpi)
 
 
-def place_labels(ax, labels, side, markers=(), size=(34, 11)):
+def place_labels(ax, labels, side, markers, size=(34, 11)):
     """Write each (x, y, text, colour) beside its point, on the given side, moved up or down just enough
     (whichever is less) that it covers no label written before it and no other marker (markers: (x, y)
     of every point drawn); the lowest point's label goes first. A label is about `size` points (w, h)."""
-    to_points = 72 / ax.figure.dpi
     w, h = size
 
-    def pts(x, y):
-        return ax.transData.transform((x, y)) * to_points  # (2,) in points
+    def pts(xys):
+        return ax.transData.transform([xy[:2] for xy in xys]) * 72 / ax.figure.dpi  # (n, 2) in points
 
-    boxes = [(mx - 4, mx + 4, my - 4, my + 4) for mx, my in (pts(x, y) for x, y in markers)]  # x0, x1, y0, y1
-    for px, py, x, y, text, colour in sorted(((*pts(x, y), x, y, t, c) for x, y, t, c in labels), key=lambda r: r[1]):
+    boxes = [(mx - 4, mx + 4, my - 4, my + 4) for mx, my in pts(markers)]  # x0, x1, y0, y1
+    for (px, py), (x, y, text, colour) in sorted(zip(pts(labels), labels), key=lambda r: r[0][1]):
         x0 = px + 5 if side == "right" else px - 5 - w
         mine = (px - 4, px + 4, py - 4, py + 4)
 
@@ -357,8 +356,7 @@ def equal_time_table(runs):
     if teacher is None:
         return []
     return [(r["name"], teacher["time_s"][-1] / r["time_s"][-1] if r["k"][-1] == teacher["k"][-1] else None,
-             share_above(r, teacher, "coverage"), share_above(r, teacher, "majority"))
-            for r in runs if r is not teacher]
+             *(share_above(r, teacher, metric) for metric in METRICS)) for r in runs if r is not teacher]
 
 
 def headline(runs):
@@ -368,9 +366,8 @@ def headline(runs):
         return None
     name, speed, cov, maj = max(rows, key=lambda r: r[2] + r[3])
     verdict = "beats" if min(cov, maj) > 0.5 else "does not beat"
-    return (f"At equal wall-clock time the {name} student {verdict} its teacher: it draws its samples "
-            f"{speed:.1f}x faster and is ahead for {100 * cov:.0f}% (coverage) / {100 * maj:.0f}% (majority vote) "
-            f"of the time range")
+    return (f"At equal wall-clock time the {name} student {verdict} its teacher: it draws its samples {speed:.1f}x "
+            f"faster and is ahead for {100 * cov:.0f}% (coverage) / {100 * maj:.0f}% (majority vote) of the time range")
 
 
 def gpu_pairs(runs):
@@ -390,7 +387,7 @@ def plot_gpus(pairs, path, cfg):
                         label=f"{one['name']}, {run['gpus']} GPU{'s' * (run['gpus'] > 1)}")
     speedups = ", ".join(f"{one['name']} {s:.2f}x" for one, _, s in pairs)
     fig.suptitle(f"The same draw on 1 GPU (solid) and on several GPUs of one host (dashed, torchrun): {speedups} at "
-                 f"the largest k\n({_one_or_many(r['device'] for one, many, _ in pairs for r in (one, many))})")
+                 f"the largest k\n({_distinct(r['device'] for one, many, _ in pairs for r in (one, many))})")
     fig.legend(handles=panels[0][0].lines, loc="outside lower center", ncol=min(2 * len(pairs), 8))
     save_png(fig, path, cfg.dpi)
 
@@ -527,13 +524,13 @@ def plot_decode(benches, path, cfg):
     models = sorted({r["model"] for _, _, rows in panels for r in rows}, key=paper_order)
     colours = model_colours(models)
     markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
-    sweeps = [batch_sweep(rows) for _, _, rows in panels]
-    ncols = 2 if any(sweeps) else 1
-    fig, axes = plt.subplots(len(panels), ncols, figsize=(6.5 * ncols, 4.6 * len(panels) + 1.2),
-                             layout="constrained", squeeze=False)
+    ncols = 2 if any(batch_sweep(rows) for _, _, rows in panels) else 1
+    fig = plt.figure(figsize=(6.5 * ncols, 4.6 * len(panels) + 1.2), layout="constrained")
 
-    def draw_rates(ax, x_key, rows, title, xlabel):
-        """Each model's tokens/s (solid) and its roofline (dashed) against x_key."""
+    def draw_rates(cell, x_key, rows, title, xlabel):
+        """A new panel in grid cell `cell` (1, 2, ... row by row): each model's tokens/s (solid) and its
+        roofline (dashed) against x_key."""
+        ax = fig.add_subplot(len(panels), ncols, cell)
         for model in models:
             rs = sorted((r for r in rows if r["model"] == model), key=lambda r: r[x_key])
             xs = [r[x_key] for r in rs]
@@ -541,35 +538,35 @@ def plot_decode(benches, path, cfg):
             ax.plot(xs, [r["roofline_tokens_per_s"] for r in rs], "--", color=colours[model], alpha=0.5, lw=1)
         style_axes(ax, title, xlabel, "generated tokens/s (log scale)", xbase=2, ybase=10, fontsize=10)
         ax.margins(x=0.06, y=0.08)
+        return ax
 
-    for (bench, shape, rows), sweep, ax_row in zip(panels, sweeps, axes):
+    for i, (bench, shape, rows) in enumerate(panels):
         method = length_method(rows)
         lengths = {m: _length_sweep(rs) for m in models
                    if (rs := [r for r in rows if r["model"] == m and _method(r) == method])}
         drawn = [r for rs in lengths.values() for r in rs]
         step = {True: "compiled step", False: "eager step"}.get(bench.get("compile"), "step")
-        draw_rates(ax_row[0], "gen_len", drawn, f"{shape} on {bench.get('device', '?')}, {bench.get('date', '?')}: "
-                   f"against generation length\n(batch {_one_or_many(r['batch'] for r in drawn)}; {method}; {step})",
-                   "generated tokens per sequence, gen_len (log2 scale)")
+        ax = draw_rates(ncols * i + 1, "gen_len", drawn, f"{shape} on {bench.get('device', '?')}, "
+                        f"{bench.get('date', '?')}: against generation length\n"
+                        f"(batch {_distinct(r['batch'] for r in drawn)}; {method}; {step})",
+                        "generated tokens per sequence, gen_len (log2 scale)")
         notes = [f"{s}: faster than the teacher from {c:g} new tokens" for s, rs in lengths.items()
                  if s != "teacher" and "teacher" in lengths and (c := crossover(rs, lengths["teacher"]))]
         if notes:  # as a legend without handles: "best" keeps it off the points and lines
-            ax_row[0].legend([Line2D([], [], linestyle="none")] * len(notes), notes, loc="best", fontsize=8,
-                             handlelength=0, handletextpad=0, framealpha=0.75)
-        if not sweep:  # no batch sweep for this card and shape: its batch panel stays empty (hidden below)
+            ax.legend([Line2D([], [], linestyle="none")] * len(notes), notes, loc="best", fontsize=8,
+                      handlelength=0, handletextpad=0, framealpha=0.75)
+        if not (sweep := batch_sweep(rows)):  # no batch sweep for this card and shape: its batch cell stays empty
             continue
-        draw_rates(ax_row[1], "batch", sweep, f"{shape}: against batch size\n(prompt {sweep[0]['prompt_len']:g}, "
-                   f"{sweep[0]['gen_len']:g} new tokens; whole generate calls)",
-                   "batch size b = sequences decoded together (log2 scale)")
+        ax = draw_rates(ncols * i + 2, "batch", sweep, f"{shape}: against batch size\n(prompt "
+                        f"{sweep[0]['prompt_len']:g}, {sweep[0]['gen_len']:g} new tokens; whole generate calls)",
+                        "batch size b = sequences decoded together (log2 scale)")
         # sample.py runs HF transformers' generate on llama-3.2-1b only, at one batch and length
         hf = [h for h in bench.get("hf_rows", []) if h["gen_len"] == sweep[0]["gen_len"] and shape == "llama-3.2-1b"]
         for h in hf:
-            ax_row[1].plot([h["batch"]], [h["tokens_per_s"]], "kX" if h.get("cache") == "static" else "kP", ms=9,
-                           label=f"HF generate, {h.get('cache', '?')} cache")
+            ax.plot([h["batch"]], [h["tokens_per_s"]], "kX" if h.get("cache") == "static" else "kP", ms=9,
+                    label=f"HF generate, {h.get('cache', '?')} cache")
         if hf:
-            ax_row[1].legend(fontsize=8, loc="upper left")
-    for ax in axes.flat:
-        ax.set_visible(ax.has_data())
+            ax.legend(fontsize=8, loc="upper left")
     handles = [Line2D([], [], color=colours[m], marker=markers[m], label=m) for m in models]
     handles.append(Line2D([], [], color="grey", linestyle="--",
                           label="roofline: bytes a step must move / measured copy bandwidth"))
@@ -693,7 +690,7 @@ def make_plots(cfg):
                 *breaks_table(greedy_runs(cfg.out_dir)))
     one_gpu = [r for r in runs if r["gpus"] == 1]  # the headline compares models on one GPU each
     if one_gpu:
-        print_table(f"accuracy per k ({summaries}; {_one_or_many(r['device'] for r in runs)})",
+        print_table(f"accuracy per k ({summaries}; {_distinct(r['device'] for r in runs)})",
                     ("model", "GPUs", "k", "coverage %", "majority %", "time s"),
                     [(r["name"], r["gpus"], k, f"{100 * c:.1f}", f"{100 * m:.1f}", f"{t:.1f}")
                      for r in runs for k, c, m, t in zip(r["k"], r["coverage"], r["majority"], r["time_s"])])
