@@ -39,7 +39,6 @@ sequence, coverage@k = pass@k, majority@k = accuracy of the most frequent extrac
 import argparse
 import glob
 import json
-import math
 import os
 import re
 import sys
@@ -66,8 +65,7 @@ class PlotConfig:
     out_dir: str = field(default="out", metadata={"help": "directory mamba_distill.py and sample.py wrote"})
     plots_dir: str = field(default="", metadata={"help": "where the PNGs go (empty: <out_dir>/plots)"})
     dpi: int = field(default=150, metadata={"help": "resolution of the PNGs (dots per inch)"})
-    smooth: int = field(default=1, metadata={"help": "loss curves: trailing moving average over this many "
-                                                     "logged steps (1 = raw)"})
+    smooth: int = field(default=1, metadata={"help": "loss curves: trailing mean over this many logged steps (1: raw)"})
     label_k: bool = field(default=True, metadata={"help": "accuracy-vs-time figure: write k next to each point"})
 
 
@@ -158,7 +156,7 @@ def read_eval_summaries(pattern):
                    checkpoint=os.path.normpath(str(s.get("checkpoint", path))), data=s.get("data"),
                    samples=os.path.join(os.path.dirname(path), "samples.jsonl"))
         runs.append(run)
-    return sorted(runs, key=lambda r: model_order(r["name"]))
+    return sorted(runs, key=lambda r: paper_order(r["name"]))
 
 
 def read_decode_bench(path):
@@ -207,12 +205,9 @@ STAGES = {"teacher": "teacher training (cross-entropy)", "orient": "stage 0: mat
           "kl": "stage 2: distillation (KL to teacher)", "sft": "stage 3: fine-tuning (cross-entropy)"}
 
 
-def stage_order(stage):
-    return (list(STAGES).index(stage) if stage in STAGES else len(STAGES), stage)
-
-
-def model_order(name):
-    return (MODEL_ORDER.index(name), name) if name in MODEL_ORDER else (len(MODEL_ORDER), name)
+def paper_order(name, known=MODEL_ORDER):
+    """Sort key: the known models (or, known=STAGES, stages) in the paper's order, then the others by name."""
+    return (list(known).index(name), name) if name in known else (len(known), name)
 
 
 def model_colours(names):
@@ -221,9 +216,9 @@ def model_colours(names):
     return {name: f"C{i % 10}" for i, name in enumerate((*MODEL_ORDER, *extra))}
 
 
-def _one_or_many(values):
-    values = sorted({str(v) for v in values})
-    return values[0] if len(values) == 1 else " / ".join(values)
+def _distinct(values):
+    """The distinct values, sorted, as one string: "a" or "a / b"."""
+    return " / ".join(sorted({str(v) for v in values}))
 
 
 class PlainLogFormatter(LogFormatterSciNotation):
@@ -246,13 +241,13 @@ def style_axes(ax, title, xlabel, ylabel, xbase=None, ybase=None, grid="major", 
             axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
             axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
     ax.set_title(title, **title_kw)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(True, which=grid, alpha=0.3)
 
 
 MARKERS, LINESTYLES = "os^vDP", ("-", "--", "-.", ":")
-METRIC_TITLES = {"coverage": "coverage: any of k samples correct", "majority": "majority vote over k samples"}
+METRICS = {"coverage": ("coverage: any of k samples correct", "coverage@k = pass@k (% of problems)"),  # title, y label
+           "majority": ("majority vote over k samples", "majority-vote accuracy@k (% of problems)")}
 TIME_LABEL = "wall-clock time to draw k samples for every problem (s, log scale)"
 
 
@@ -272,65 +267,61 @@ def save_png(fig, path, dpi):
 # Figures 1 and 2: coverage and majority-vote accuracy against time and against k
 
 
-def metric_panels(height):
+def metric_panels(height, xlabel, xbase):
     """The figure and its [(panel, metric)]: coverage left, majority vote right, one y axis labelled on both."""
     fig, axes = plt.subplots(1, 2, figsize=(13, height), sharey=True, layout="constrained")
     axes[1].yaxis.set_tick_params(labelleft=True)
-    return fig, list(zip(axes, ("coverage", "majority")))
+    for ax, (title, ylabel) in zip(axes, METRICS.values()):
+        style_axes(ax, title, xlabel, ylabel, xbase=xbase)
+    return fig, list(zip(axes, METRICS))
 
 
 def plot_accuracy(runs, x_key, path, cfg):
     """Coverage and majority vote against time (x_key "time_s", the headline figure) or against k."""
     colours = model_colours(r["name"] for r in runs)
     several_devices = len({r["device"] for r in runs}) > 1  # then each line names its own card
-    fig, panels = metric_panels(5.8)
+    by_time = x_key == "time_s"
+    fig, panels = metric_panels(5.8, TIME_LABEL if by_time else "k = samples per problem (log2 scale)",
+                                10 if by_time else 2)
     for ax, metric in panels:
         for i, run in enumerate(runs):
-            label = f"{run['name']} ({run['device']})" if several_devices else run["name"]
             # distinct markers and dashes, drawn in model order: a line under another still shows
             ax.plot(run[x_key], [100 * v for v in run[metric]], linestyle=LINESTYLES[i % len(LINESTYLES)],
-                    marker=MARKERS[i % len(MARKERS)], color=colours[run["name"]],
-                    label=label if metric == "coverage" else None, lw=1.6, ms=6, alpha=0.9, zorder=3 + i)
-        ylabel = {"coverage": "coverage@k = pass@k (% of problems)",
-                  "majority": "majority-vote accuracy@k (% of problems)"}[metric]
-        if x_key == "time_s":
-            style_axes(ax, METRIC_TITLES[metric], TIME_LABEL, ylabel, xbase=10)
+                    marker=MARKERS[i % len(MARKERS)], color=colours[run["name"]], lw=1.6, ms=6, alpha=0.9,
+                    zorder=3 + i, label=f"{run['name']} ({run['device']})" if several_devices else run["name"])
+        if by_time:
             ax.margins(x=0.18)  # room for the k labels at both ends
         else:
-            style_axes(ax, METRIC_TITLES[metric], "k = samples per problem (log2 scale)", ylabel, xbase=2)
             ax.set_xticks(sorted({k for r in runs for k in r["k"]}))
-    counts = [r["n_problems"] for r in runs if r["n_problems"] is not None]
-    details = [f"{_one_or_many(counts)} problems"] if counts else []
-    details += [] if several_devices else [runs[0]["device"]]
-    if x_key == "time_s":
+    counts = {r["n_problems"] for r in runs} - {None}
+    details = ([f"{_distinct(counts)} problems"] if counts else []) + [runs[0]["device"]] * (not several_devices)
+    if by_time:
         title = headline(runs) or "Accuracy against wall-clock time"
         sub = "points left to right: k = 1, 2, 4, ...; a faster model reaches a larger k in the same time"
     else:
         title, sub = "Accuracy against samples per problem k", "what each model's samples are worth, whatever they cost"
-    fig.suptitle("\n".join(textwrap.wrap(title, 120)) + f"\n{sub} ({', '.join(details)})", fontsize=11)
-    fig.legend(loc="outside lower center", ncol=min(len(runs), 6), title="model")
-    if x_key == "time_s" and cfg.label_k:  # k only at both ends of each line
+    fig.suptitle(textwrap.fill(title, 120) + f"\n{sub} ({', '.join(details)})", fontsize=11)
+    fig.legend(handles=panels[0][0].lines, loc="outside lower center", ncol=min(len(runs), 6), title="model")
+    if by_time and cfg.label_k:  # k only at both ends of each line
         fig.canvas.draw()  # the final layout: labels are placed in points
         for ax, metric in panels:
             for j, side in ((0, "left"), (-1, "right")):
-                place_labels(ax, [(r["time_s"][j], 100 * r[metric][j], f"k={r['k'][j]}", colours[r["name"]])
-                                  for r in runs], side,
-                             [(t, 100 * v) for r in runs for t, v in zip(r["time_s"], r[metric])])
+                ends = [(r["time_s"][j], 100 * r[metric][j], f"k={r['k'][j]}", colours[r["name"]]) for r in runs]
+                place_labels(ax, ends, side, [(t, 100 * v) for r in runs for t, v in zip(r["time_s"], r[metric])])
     save_png(fig, path, cfg.dpi)
 
 
-def place_labels(ax, labels, side, markers=(), size=(34, 11)):
+def place_labels(ax, labels, side, markers, size=(34, 11)):
     """Write each (x, y, text, colour) beside its point, on the given side, moved up or down just enough
     (whichever is less) that it covers no label written before it and no other marker (markers: (x, y)
     of every point drawn); the lowest point's label goes first. A label is about `size` points (w, h)."""
-    to_points = 72 / ax.figure.dpi
     w, h = size
 
-    def pts(x, y):
-        return ax.transData.transform((x, y)) * to_points  # (2,) in points
+    def pts(xys):
+        return ax.transData.transform([xy[:2] for xy in xys]) * 72 / ax.figure.dpi  # (n, 2) in points
 
-    boxes = [(mx - 4, mx + 4, my - 4, my + 4) for mx, my in (pts(x, y) for x, y in markers)]  # x0, x1, y0, y1
-    for px, py, x, y, text, colour in sorted(((*pts(x, y), x, y, t, c) for x, y, t, c in labels), key=lambda r: r[1]):
+    boxes = [(mx - 4, mx + 4, my - 4, my + 4) for mx, my in pts(markers)]  # x0, x1, y0, y1
+    for (px, py), (x, y, text, colour) in sorted(zip(pts(labels), labels), key=lambda r: r[0][1]):
         x0 = px + 5 if side == "right" else px - 5 - w
         mine = (px - 4, px + 4, py - 4, py + 4)
 
@@ -352,8 +343,8 @@ def share_above(student, teacher, metric, points=400):
         done = [v for v, tk in zip(run[metric], run["time_s"]) if tk <= t]
         return done[-1] if done else None
 
-    lo, hi = math.log(teacher["time_s"][0]), math.log(teacher["time_s"][-1])
-    times = [math.exp(lo + (hi - lo) * (i + 0.5) / points) for i in range(points)]
+    # the midpoints of `points` equal steps of log(time): every other one of 2 * points + 1 points
+    times = np.geomspace(teacher["time_s"][0], teacher["time_s"][-1], 2 * points + 1)[1::2]
     pairs = [(at(student, t), at(teacher, t)) for t in times]
     return sum(s is not None and tc is not None and s > tc for s, tc in pairs) / points
 
@@ -365,8 +356,7 @@ def equal_time_table(runs):
     if teacher is None:
         return []
     return [(r["name"], teacher["time_s"][-1] / r["time_s"][-1] if r["k"][-1] == teacher["k"][-1] else None,
-             share_above(r, teacher, "coverage"), share_above(r, teacher, "majority"))
-            for r in runs if r is not teacher]
+             *(share_above(r, teacher, metric) for metric in METRICS)) for r in runs if r is not teacher]
 
 
 def headline(runs):
@@ -376,42 +366,29 @@ def headline(runs):
         return None
     name, speed, cov, maj = max(rows, key=lambda r: r[2] + r[3])
     verdict = "beats" if min(cov, maj) > 0.5 else "does not beat"
-    return (f"At equal wall-clock time the {name} student {verdict} its teacher: it draws its samples "
-            f"{speed:.1f}x faster and is ahead for {100 * cov:.0f}% (coverage) / {100 * maj:.0f}% (majority vote) "
-            f"of the time range")
-
-
-def accuracy_table(runs):
-    rows = [(r["name"], r["gpus"], k, f"{100 * c:.1f}", f"{100 * m:.1f}", f"{t:.1f}")
-            for r in runs for k, c, m, t in zip(r["k"], r["coverage"], r["majority"], r["time_s"])]
-    return format_table(("model", "GPUs", "k", "coverage %", "majority %", "time s"), rows)
+    return (f"At equal wall-clock time the {name} student {verdict} its teacher: it draws its samples {speed:.1f}x "
+            f"faster and is ahead for {100 * cov:.0f}% (coverage) / {100 * maj:.0f}% (majority vote) of the time range")
 
 
 def gpu_pairs(runs):
-    """[(1-GPU run, N-GPU run)] of the same checkpoint and sampling settings."""
-    return [(one, many) for one in runs if one["gpus"] == 1 for many in runs
+    """[(1-GPU run, N-GPU run, speed-up at the largest k)] of the same checkpoint and sampling settings."""
+    return [(one, many, one["time_s"][-1] / many["time_s"][-1]) for one in runs if one["gpus"] == 1 for many in runs
             if many["gpus"] > 1 and many["checkpoint"] == one["checkpoint"] and many["k"] == one["k"]]
-
-
-def gpu_speedups(pairs):
-    return [(one["name"], one["time_s"][-1] / many["time_s"][-1], many["gpus"]) for one, many in pairs]
 
 
 def plot_gpus(pairs, path, cfg):
     """Each model drawn on 1 GPU and on N GPUs (torchrun): the same accuracies, sooner."""
-    colours = model_colours(one["name"] for one, _ in pairs)
-    fig, panels = metric_panels(5.5)
+    colours = model_colours(one["name"] for one, _, _ in pairs)
+    fig, panels = metric_panels(5.5, TIME_LABEL, 10)
     for ax, metric in panels:
-        for one, many in pairs:
+        for one, many, _ in pairs:
             for run, style in ((one, "-o"), (many, "--s")):
                 ax.plot(run["time_s"], [100 * v for v in run[metric]], style, color=colours[one["name"]],
-                        label=f"{one['name']}, {run['gpus']} GPU{'s' * (run['gpus'] > 1)}"
-                        if metric == "coverage" else None)
-        style_axes(ax, METRIC_TITLES[metric], TIME_LABEL, f"{metric}@k (% of problems)", xbase=10)
-    fig.suptitle("The same draw on 1 GPU (solid) and on several GPUs of one host (dashed, torchrun): "
-                 f"{', '.join(f'{o[0]} {o[1]:.2f}x' for o in gpu_speedups(pairs))} at the largest k\n"
-                 f"({_one_or_many(r['device'] for pair in pairs for r in pair)})")
-    fig.legend(loc="outside lower center", ncol=min(2 * len(pairs), 8))
+                        label=f"{one['name']}, {run['gpus']} GPU{'s' * (run['gpus'] > 1)}")
+    speedups = ", ".join(f"{one['name']} {s:.2f}x" for one, _, s in pairs)
+    fig.suptitle(f"The same draw on 1 GPU (solid) and on several GPUs of one host (dashed, torchrun): {speedups} at "
+                 f"the largest k\n({_distinct(r['device'] for one, many, _ in pairs for r in (one, many))})")
+    fig.legend(handles=panels[0][0].lines, loc="outside lower center", ncol=min(2 * len(pairs), 8))
     save_png(fig, path, cfg.dpi)
 
 
@@ -452,15 +429,13 @@ def chain_breaks(run):
         names = question_names(gold[s["problem"]]["question"])
         kinds[line_kind(lines[i], names) if i < len(lines) else "(after the end)"] += 1
     wrong = sum(tenths)
-    if not wrong:
-        return None
     return (run["name"], wrong, " ".join(f"{100 * (t / wrong):.0f}" for t in tenths),
-            ", ".join(f"'{kind}' {100 * n / wrong:.0f}%" for kind, n in kinds.most_common(3)))
+            ", ".join(f"'{kind}' {100 * n / wrong:.0f}%" for kind, n in kinds.most_common(3))) if wrong else None
 
 
 def breaks_table(runs):
-    return format_table(("model", "wrong samples", "% in each tenth of the solution", "commonest first wrong lines"),
-                        [row for row in map(chain_breaks, runs) if row])
+    return (("model", "wrong samples", "% in each tenth of the solution", "commonest first wrong lines"),
+            [row for row in map(chain_breaks, runs) if row])
 
 
 def greedy_runs(out_dir):
@@ -473,14 +448,14 @@ def greedy_runs(out_dir):
         raise InputError(f"{path}: expected an object with a 'models' object")
     test = (summary.get("config") or {}).get("test_data") or os.path.join(out_dir, "data", "test.jsonl")
     return [{"name": m, "data": test, "samples": os.path.join(out_dir, "greedy", f"{m}.jsonl")}
-            for m in sorted(summary["models"], key=model_order)]
+            for m in sorted(summary["models"], key=paper_order)]
 
 
 def kl_lines_table(pattern):
     """Where each student's held-out KL to its teacher lies (mamba_distill.py's kl_by_line/<model>.jsonl):
     its KL per solution token, and the kinds of line holding most of it, with their share and KL per token."""
     rows = []
-    for path in sorted(glob.glob(pattern), key=lambda p: model_order(os.path.basename(p)[:-len(".jsonl")])):
+    for path in sorted(glob.glob(pattern), key=lambda p: paper_order(os.path.basename(p)[:-len(".jsonl")])):
         kl, tokens = Counter(), Counter()
         for lineno, r in read_jsonl(path):
             where = f"{path}:{lineno}"
@@ -496,7 +471,7 @@ def kl_lines_table(pattern):
         top = ", ".join(f"'{kind}' {100 * k / total:.0f}% ({k / max(tokens[kind], 1):.3f})"
                         for kind, k in kl.most_common(4)) if total > 0 else "-"
         rows.append((os.path.basename(path)[:-len(".jsonl")], f"{total / max(sum(tokens.values()), 1):.4f}", top))
-    return format_table(("model", "KL per token", "lines holding most of it: kind, share (KL per token there)"), rows)
+    return ("model", "KL per token", "lines holding most of it: kind, share (KL per token there)"), rows
 
 
 # -----------------------------------------------------------------------------
@@ -546,75 +521,70 @@ def plot_decode(benches, path, cfg):
     and against batch size where a batch sweep was measured."""
     panels = [(bench, shape, [r for r in bench["results"] if r["shape"] == shape])  # (bench, shape, its rows)
               for bench in benches for shape in sorted({r["shape"] for r in bench["results"]})]
-    models = sorted({r["model"] for _, _, rows in panels for r in rows}, key=model_order)
+    models = sorted({r["model"] for _, _, rows in panels for r in rows}, key=paper_order)
     colours = model_colours(models)
     markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
-    sweeps = [batch_sweep(rows) for _, _, rows in panels]
-    ncols = 2 if any(sweeps) else 1
-    fig, axes = plt.subplots(len(panels), ncols, figsize=(6.5 * ncols, 4.6 * len(panels) + 1.2),
-                             layout="constrained", squeeze=False)
+    ncols = 2 if any(batch_sweep(rows) for _, _, rows in panels) else 1
+    fig = plt.figure(figsize=(6.5 * ncols, 4.6 * len(panels) + 1.2), layout="constrained")
 
-    def draw_rates(ax, x_key, by_model, title, xlabel):
-        """Each model's tokens/s (solid) and its roofline (dashed) against x_key."""
-        for model, rs in by_model.items():
+    def draw_rates(cell, x_key, rows, title, xlabel):
+        """A new panel in grid cell `cell` (1, 2, ... row by row): each model's tokens/s (solid) and its
+        roofline (dashed) against x_key."""
+        ax = fig.add_subplot(len(panels), ncols, cell)
+        for model in models:
+            rs = sorted((r for r in rows if r["model"] == model), key=lambda r: r[x_key])
             xs = [r[x_key] for r in rs]
             ax.plot(xs, [r["tokens_per_s"] for r in rs], marker=markers[model], color=colours[model], lw=1.6)
             ax.plot(xs, [r["roofline_tokens_per_s"] for r in rs], "--", color=colours[model], alpha=0.5, lw=1)
         style_axes(ax, title, xlabel, "generated tokens/s (log scale)", xbase=2, ybase=10, fontsize=10)
         ax.margins(x=0.06, y=0.08)
+        return ax
 
-    for (bench, shape, rows), sweep, ax_row in zip(panels, sweeps, axes):
+    for i, (bench, shape, rows) in enumerate(panels):
         method = length_method(rows)
         lengths = {m: _length_sweep(rs) for m in models
                    if (rs := [r for r in rows if r["model"] == m and _method(r) == method])}
-        batches = _one_or_many(r["batch"] for rs in lengths.values() for r in rs)
-        methods = _one_or_many(_method(r) for rs in lengths.values() for r in rs)
+        drawn = [r for rs in lengths.values() for r in rs]
         step = {True: "compiled step", False: "eager step"}.get(bench.get("compile"), "step")
-        draw_rates(ax_row[0], "gen_len", lengths, f"{shape} on {bench.get('device', '?')}, {bench.get('date', '?')}: "
-                   f"against generation length\n(batch {batches}; {methods}; {step})",
-                   "generated tokens per sequence, gen_len (log2 scale)")
+        ax = draw_rates(ncols * i + 1, "gen_len", drawn, f"{shape} on {bench.get('device', '?')}, "
+                        f"{bench.get('date', '?')}: against generation length\n"
+                        f"(batch {_distinct(r['batch'] for r in drawn)}; {method}; {step})",
+                        "generated tokens per sequence, gen_len (log2 scale)")
         notes = [f"{s}: faster than the teacher from {c:g} new tokens" for s, rs in lengths.items()
                  if s != "teacher" and "teacher" in lengths and (c := crossover(rs, lengths["teacher"]))]
         if notes:  # as a legend without handles: "best" keeps it off the points and lines
-            ax_row[0].legend([Line2D([], [], linestyle="none")] * len(notes), notes, loc="best", fontsize=8,
-                             handlelength=0, handletextpad=0, framealpha=0.75)
-        if not sweep:  # no batch sweep for this card and shape: its batch panel stays empty
-            if ncols == 2:
-                ax_row[1].set_visible(False)
+            ax.legend([Line2D([], [], linestyle="none")] * len(notes), notes, loc="best", fontsize=8,
+                      handlelength=0, handletextpad=0, framealpha=0.75)
+        if not (sweep := batch_sweep(rows)):  # no batch sweep for this card and shape: its batch cell stays empty
             continue
-        by_model = {m: sorted(mine, key=lambda r: r["batch"]) for m in models
-                    if (mine := [r for r in sweep if r["model"] == m])}
-        draw_rates(ax_row[1], "batch", by_model, f"{shape}: against batch size\n(prompt {sweep[0]['prompt_len']:g}, "
-                   f"{sweep[0]['gen_len']:g} new tokens; whole generate calls)",
-                   "batch size b = sequences decoded together (log2 scale)")
-        for hf in bench.get("hf_rows", []):
-            if hf["gen_len"] == sweep[0]["gen_len"] and shape == "llama-3.2-1b":
-                ax_row[1].plot([hf["batch"]], [hf["tokens_per_s"]], "kX" if hf.get("cache") == "static" else "kP",
-                               ms=9, label=f"HF generate, {hf.get('cache', '?')} cache")
-        if bench.get("hf_rows"):
-            ax_row[1].legend(fontsize=8, loc="upper left")
+        ax = draw_rates(ncols * i + 2, "batch", sweep, f"{shape}: against batch size\n(prompt "
+                        f"{sweep[0]['prompt_len']:g}, {sweep[0]['gen_len']:g} new tokens; whole generate calls)",
+                        "batch size b = sequences decoded together (log2 scale)")
+        # sample.py runs HF transformers' generate on llama-3.2-1b only, at one batch and length
+        hf = [h for h in bench.get("hf_rows", []) if h["gen_len"] == sweep[0]["gen_len"] and shape == "llama-3.2-1b"]
+        for h in hf:
+            ax.plot([h["batch"]], [h["tokens_per_s"]], "kX" if h.get("cache") == "static" else "kP", ms=9,
+                    label=f"HF generate, {h.get('cache', '?')} cache")
+        if hf:
+            ax.legend(fontsize=8, loc="upper left")
     handles = [Line2D([], [], color=colours[m], marker=markers[m], label=m) for m in models]
-    handles.append(Line2D([], [], color="grey", linestyle="--", label="roofline: bytes a step must move / measured "
-                                                                      "copy bandwidth"))
+    handles.append(Line2D([], [], color="grey", linestyle="--",
+                          label="roofline: bytes a step must move / measured copy bandwidth"))
     fig.suptitle("Decode throughput: whole batches, prefill and decode, random weights, bf16")
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
     save_png(fig, path, cfg.dpi)
 
 
 def decode_table(rows, hf):
-    """tokens/s of whole generate calls; the decode steps' own rates where sample.py recorded them."""
-    def optional(row, key, fmt):
-        return format(row[key], fmt) if isinstance(row.get(key), (int, float)) else "-"
-
-    table = [(r["model"], r["shape"], f"{r['batch']:g}", f"{r['prompt_len']:g}", f"{r['gen_len']:g}",
-              f"{r['tokens_per_s']:.0f}", optional(r, "decode_tokens_per_s", ".0f"),
-              f"{r['roofline_tokens_per_s']:.0f}", optional(r, "roofline_frac", ".2f"),
-              optional(r, "peak_mem_GB", ".1f"))
-             for r in sorted(rows, key=lambda r: (r["shape"], model_order(r["model"]), r["gen_len"], r["batch"]))]
-    table += [(f"HF {r.get('cache', '?')}", "", f"{r['batch']:g}", f"{r['prompt_len']:g}", f"{r['gen_len']:g}",
-               f"{r['tokens_per_s']:.0f}", "-", "-", "-", "-") for r in hf]
-    return format_table(("model", "shape", "batch", "prompt", "gen_len", "tokens/s", "decode tok/s",
-                         "roofline tok/s", "of roofline", "peak mem GB"), table)
+    """tokens/s of whole generate calls; the decode steps' own rates where sample.py recorded them. HF
+    transformers' runs (hf) come last, named by their cache."""
+    numbers = {"batch": "g", "prompt_len": "g", "gen_len": "g", "tokens_per_s": ".0f", "decode_tokens_per_s": ".0f",
+               "roofline_tokens_per_s": ".0f", "roofline_frac": ".2f", "peak_mem_GB": ".1f"}  # key: format
+    table = [(r.get("model", f"HF {r.get('cache', '?')}"), r.get("shape", ""),
+              *(_cell(r.get(key), spec) for key, spec in numbers.items()))
+             for r in sorted(rows, key=lambda r: (r["shape"], paper_order(r["model"]), r["gen_len"], r["batch"])) + hf]
+    return (("model", "shape", "batch", "prompt", "gen_len", "tokens/s", "decode tok/s", "roofline tok/s",
+             "of roofline", "peak mem GB"), table)
 
 
 # -----------------------------------------------------------------------------
@@ -623,37 +593,29 @@ def decode_table(rows, hf):
 
 def _moving_average(values, window):
     """Trailing mean over `window` points (fewer at the start), so a curve starts where the log starts."""
-    values = np.asarray(values, dtype=float)
-    csum = np.cumsum(np.insert(values, 0, 0.0))
-    lo = np.maximum(np.arange(1, len(values) + 1) - window, 0)
-    return (csum[1:] - csum[lo]) / (np.arange(1, len(values) + 1) - lo)
+    return [np.mean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
 
 
 def plot_losses(curves, path, cfg):
-    stages = sorted({s for _, _, s in curves}, key=stage_order)
-    models = sorted({m for m, _, _ in curves}, key=model_order)
+    stages = sorted({s for _, _, s in curves}, key=lambda s: paper_order(s, STAGES))
+    models = sorted({m for m, _, _ in curves}, key=paper_order)
     # the init flag is about the students' mixers: the teacher's own training is drawn solid whatever it logs
     inits = sorted({i for _, i, s in curves if s != "teacher"}, key=lambda i: (i != "attention", i))
     colours = model_colours(models)
-    dashes = {init: ["-", "--", ":", "-."][i % 4] for i, init in enumerate(inits)}
+    dashes = {init: LINESTYLES[i % len(LINESTYLES)] for i, init in enumerate(inits)}
     ncols = len(stages) if len(stages) <= 3 else 2  # four panels as 2 x 2 stay readable when shrunk
-    nrows = math.ceil(len(stages) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(7, 5.5 * ncols), 0.8 + 4.2 * nrows),
-                             layout="constrained", squeeze=False)
-    for ax in axes.flat[len(stages):]:
-        ax.set_visible(False)
-    for ax, stage in zip(axes.flat, stages):
-        positive = True
-        for (model, init, s), points in sorted(curves.items(), key=lambda kv: model_order(kv[0][0])):
-            if s != stage:
-                continue
-            times, losses = [p[0] for p in points if p[1] is not None], [p[1] for p in points if p[1] is not None]
-            held = [(p[0], p[4]) for p in points if p[4] is not None]
-            positive &= all(v > 0 for v in losses + [v for _, v in held])
-            ax.plot(times, _moving_average(losses, cfg.smooth), "-" if s == "teacher" else dashes[init],
-                    color=colours[model], lw=1.5)
-            if held:  # the held-out loss as open markers on the training curve's colour
-                ax.plot(*zip(*held), "o", color=colours[model], mfc="white", ms=5, zorder=3)
+    nrows = -(-len(stages) // ncols)  # rounded up
+    fig = plt.figure(figsize=(max(7, 5.5 * ncols), 0.8 + 4.2 * nrows), layout="constrained")
+    panel = {stage: fig.add_subplot(nrows, ncols, i + 1) for i, stage in enumerate(stages)}
+    for (model, init, stage), points in sorted(curves.items(), key=lambda kv: paper_order(kv[0][0])):
+        times, losses = [p[0] for p in points if p[1] is not None], [p[1] for p in points if p[1] is not None]
+        held = [(p[0], p[4]) for p in points if p[4] is not None]
+        panel[stage].plot(times, _moving_average(losses, cfg.smooth), "-" if stage == "teacher" else dashes[init],
+                          color=colours[model], lw=1.5)
+        if held:  # the held-out loss as open markers on the training curve's colour
+            panel[stage].plot(*zip(*held), "o", color=colours[model], mfc="white", ms=5, zorder=3)
+    for stage, ax in panel.items():
+        positive = ax.dataLim.ymin > 0  # every loss drawn is positive: a log axis
         style_axes(ax, STAGES.get(stage, f"stage '{stage}'"), "wall-clock time since the model's run started (s)",
                    "loss (log scale)" if positive else "loss", ybase=10 if positive else None, grid="both")
     handles = [Line2D([], [], color=colours[m], lw=2, label=m) for m in models]
@@ -669,38 +631,36 @@ def plot_losses(curves, path, cfg):
 
 def loss_table(curves):
     rows = []
-    show = lambda v: "-" if v is None else f"{v:.4g}"
-    order = lambda kv: (model_order(kv[0][0]), kv[0][1], stage_order(kv[0][2]))  # kv: ((model, init, stage), points)
-    for (model, init, stage), points in sorted(curves.items(), key=order):
+    for model, init, stage in sorted(curves, key=lambda k: (paper_order(k[0]), k[1], paper_order(k[2], STAGES))):
+        points = curves[model, init, stage]
         t, loss, step, tokens, _ = points[-1]
         losses = [p[1] for p in points if p[1] is not None]
         held = [p[4] for p in points if p[4] is not None and p[1] is not None]  # during training
         start = points[0][4] if points[0][1] is None else None  # the step-0 line: held-out before training
-        rows.append((model, init, stage, len(losses), step, f"{tokens:g}" if isinstance(tokens, (int, float))
-                     else "-", show(start), show(losses[0] if losses else None), show(loss),
-                     show(held[-1] if held else None), f"{t:.1f}"))
-    return format_table(("model", "init", "stage", "logged", "last step", "tokens", "held-out at start",
-                         "first loss", "final loss", "held-out", "time s"), rows)
+        rows.append((model, init, stage, len(losses), step, _cell(tokens, "g"), *(_cell(v, ".4g") for v in (
+            start, losses[0] if losses else None, loss, held[-1] if held else None)), f"{t:.1f}"))
+    return (("model", "init", "stage", "logged", "last step", "tokens", "held-out at start", "first loss",
+             "final loss", "held-out", "time s"), rows)
 
 
 # -----------------------------------------------------------------------------
 # Tables and the main routine
 
 
-def format_table(headers, rows):
-    """The rows under their headers in aligned columns ("" without rows)."""
+def _cell(value, spec):
+    """A table cell: value in format spec, or "-" where it is not a number (absent, None)."""
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def print_table(title, headers, rows):
+    """The title, then the rows under their headers in aligned columns (nothing without rows)."""
     if not rows:
-        return ""
+        return
     cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in cells]
-    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
-
-
-def print_table(title, table):
-    if table:
-        print(f"== {title} ==\n{table}", end="\n\n")
+    print(f"== {title} ==", lines[0], "-" * len(lines[0]), *lines[1:], sep="\n", end="\n\n")
 
 
 def make_plots(cfg):
@@ -725,33 +685,37 @@ def make_plots(cfg):
         return written[-1]
 
     print_table("where each student's held-out KL to the teacher lies, by kind of solution line",
-                kl_lines_table(os.path.join(cfg.out_dir, "kl_by_line", "*.jsonl")))
+                *kl_lines_table(os.path.join(cfg.out_dir, "kl_by_line", "*.jsonl")))
     print_table("where the wrong greedy solutions of mamba_distill.py first leave the gold solution",
-                breaks_table(greedy_runs(cfg.out_dir)))
+                *breaks_table(greedy_runs(cfg.out_dir)))
     one_gpu = [r for r in runs if r["gpus"] == 1]  # the headline compares models on one GPU each
     if one_gpu:
-        print_table(f"accuracy per k ({summaries}; {_one_or_many(r['device'] for r in runs)})", accuracy_table(runs))
-        print_table("at equal time: each student against the teacher (one GPU each)", format_table(
-            ("model", "samples drawn x faster", "coverage above teacher", "majority above teacher"),
-            [(n, "-" if s is None else f"{s:.2f}", f"{100 * c:.0f}% of the time range", f"{100 * m:.0f}%")
-             for n, s, c, m in equal_time_table(one_gpu)]))
-        print_table("where the wrong samples first leave the gold solution", breaks_table(one_gpu))
+        print_table(f"accuracy per k ({summaries}; {_distinct(r['device'] for r in runs)})",
+                    ("model", "GPUs", "k", "coverage %", "majority %", "time s"),
+                    [(r["name"], r["gpus"], k, f"{100 * c:.1f}", f"{100 * m:.1f}", f"{t:.1f}")
+                     for r in runs for k, c, m, t in zip(r["k"], r["coverage"], r["majority"], r["time_s"])])
+        print_table("at equal time: each student against the teacher (one GPU each)",
+                    ("model", "samples drawn x faster", "coverage above teacher", "majority above teacher"),
+                    [(n, _cell(s, ".2f"), f"{100 * c:.0f}% of the time range", f"{100 * m:.0f}%")
+                     for n, s, c, m in equal_time_table(one_gpu)])
+        print_table("where the wrong samples first leave the gold solution", *breaks_table(one_gpu))
         plot_accuracy(one_gpu, "time_s", target("accuracy_vs_time.png"), cfg)
         plot_accuracy(one_gpu, "k", target("accuracy_vs_k.png"), cfg)
     else:
         note(f"skipped accuracy_vs_time.png and accuracy_vs_k.png: no one-GPU {summaries} found (run sample.py)")
     if pairs := gpu_pairs(runs):
-        print_table("1 GPU against several (same checkpoint, same samples)", format_table(
-            ("model", "GPUs", "speed-up at the largest k"), [(n, g, f"{s:.2f}x") for n, s, g in gpu_speedups(pairs)]))
+        print_table("1 GPU against several (same checkpoint, same samples)",
+                    ("model", "GPUs", "speed-up at the largest k"),
+                    [(one["name"], many["gpus"], f"{s:.2f}x") for one, many, s in pairs])
         plot_gpus(pairs, target("accuracy_vs_time_gpus.png"), cfg)
     if rows := [r for b in benches for r in b["results"]]:
         hf_rows = [h for b in benches for h in b["hf_rows"]]
-        print_table(f"decode throughput ({bench_paths})", decode_table(rows, hf_rows))
-        plot_decode([b for b in benches if b["results"]], target("decode_throughput.png"), cfg)
+        print_table(f"decode throughput ({bench_paths})", *decode_table(rows, hf_rows))
+        plot_decode(benches, target("decode_throughput.png"), cfg)
     else:
         note(f"skipped decode_throughput.png: no rows in {bench_paths} (run sample.py --bench)")
     if curves:
-        print_table(f"distillation losses ({logs})", loss_table(curves))
+        print_table(f"distillation losses ({logs})", *loss_table(curves))
         plot_losses(curves, target("distill_loss.png"), cfg)
     else:
         note(f"skipped distill_loss.png: no log lines in {logs} (run mamba_distill.py)")
@@ -773,8 +737,7 @@ def main(argv=None):
     if not written:
         note(f"error: nothing to plot: no usable input under {cfg.out_dir}/ (see the notes above)")
         return 1
-    for path in written:
-        print(f"wrote {path}")
+    print("\n".join(f"wrote {path}" for path in written))
     return 0
 
 
