@@ -1555,9 +1555,10 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
                          "(truncated or not safetensors)")
     try:
         header = json.loads(buf[8:8 + n])
-        assert isinstance(header, dict)
-    except (ValueError, AssertionError):
-        raise InputError(f"{path}: header is not a JSON object (corrupt or not safetensors)") from None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):  # an if, not an assert: python -O drops asserts
+        raise InputError(f"{path}: header is not a JSON object (corrupt or not safetensors)")
     header.pop("__metadata__", None)
     data_start, data_len = 8 + n, len(buf) - 8 - n
     tensors, spans = {}, []

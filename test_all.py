@@ -501,6 +501,9 @@ def test_safetensors_truncated_and_corrupt(tmp_path):
     path.write_bytes(data[:8] + b"{oops" + data[13:])
     with pytest.raises(InputError, match=r"w\.safetensors: header is not a JSON"):
         load_safetensors(path)
+    path.write_bytes((2).to_bytes(8, "little") + b"[]" + data[8:])  # JSON, but not an object
+    with pytest.raises(InputError, match=r"w\.safetensors: header is not a JSON object"):
+        load_safetensors(path)
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     header["b"]["data_offsets"] = [0, 12]  # overlaps "a"
