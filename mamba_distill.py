@@ -124,14 +124,18 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise InputError(f"{path}: expected a JSON object")
         cfg = cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings", "d_conv", "head_dim", "rms_norm_eps",
-                     "rope_theta"):
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "d_conv", "head_dim")
+        for name in sizes:
             if name == "head_dim" and d.get("head_dim") is None:  # older Llama configs leave it implicit
                 cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-            v, whole = getattr(cfg, name), name not in ("rms_norm_eps", "rope_theta")  # sizes are whole numbers
-            if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) or not 0 < v < math.inf:
-                raise InputError(f"{path}: {name} must be a positive {'whole ' * whole}number, got {v!r}")
+            v = getattr(cfg, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{path}: {name} must be a positive whole number, got {v!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(cfg, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise InputError(f"{path}: {name} must be a positive number, got {v!r}")
         if cfg.num_attention_heads % cfg.num_key_value_heads or cfg.head_dim % 2:
             raise InputError(f"{path}: num_attention_heads={cfg.num_attention_heads} must be a multiple of "
                              f"num_key_value_heads={cfg.num_key_value_heads}, and head_dim={cfg.head_dim} even")
@@ -416,7 +420,8 @@ class LM(nn.Module):
 
     def rope(self, pos, dtype):
         """cos, sin (b, 1, l, e) for integer positions pos (b, l), computed in fp32."""
-        self.inv_freq = self.inv_freq.to(pos.device)  # moved once, on the first call on a new device (else a no-op)
+        if self.inv_freq.device != pos.device:  # moved once, on the first call on a new device
+            self.inv_freq = self.inv_freq.to(pos.device)
         ang = pos[..., None].float() * self.inv_freq  # (b, l, e/2)
         ang = torch.cat([ang, ang], dim=-1)[:, None]  # (b, 1, l, e)
         return ang.cos().to(dtype), ang.sin().to(dtype)
@@ -731,7 +736,9 @@ def kl_by_line(teacher, student, held_out, tok, cfg, env):
             piece = tok.token_bytes(targets[t])
             if targets[t] == tok.eot_id and lines[-1][2]:  # the end of the turn: a line of its own
                 lines.append([b"", 0.0, 0])
-            lines[-1] = [have + add for have, add in zip(lines[-1], (piece, kl[b][t], 1))]
+            lines[-1][0] += piece
+            lines[-1][1] += kl[b][t]
+            lines[-1][2] += 1
             lines += [[b"", 0.0, 0] for _ in range(piece.count(b"\n"))]  # a line ends: the next starts empty
         lines = [line for line in lines if line[2]]
         rows.append({"prompt": prompt, "lines": [text.decode("utf-8", "replace").strip("\n") for text, _, _ in lines],
@@ -1391,9 +1398,12 @@ def train_bpe(texts: list[str], vocab_size: int, path, single_digits: bool = Tru
                 pair_count[pair] -= f
             out, i = [], 0
             while i < len(w):
-                pair = i + 1 < len(w) and (w[i], w[i + 1]) == best
-                out.append(new_id if pair else w[i])
-                i += 1 + pair
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
             words[wi] = out
             for pair in zip(out, out[1:]):  # ... and its new pairs back in
                 pair_count[pair] += f
@@ -1705,9 +1715,14 @@ save_teacher = save_model  # the public name for teachers: a teacher is an LM wi
 # -----------------------------------------------------------------------------
 # Appendix D. Data: the synthetic tasks (GSM8K's format), GSM8K files, prompts, answers, stopping
 
-NAMES = [(name, *[("she", "her"), ("he", "his")][i % 2])  # (name, subject pronoun, possessive): she, he in turn
-         for i, name in enumerate("Mia Liam Ava Noah Sofia Omar Priya Mateo Hana Kofi Elena Ravi Chloe Jamal Yuki "
-                                  "Lucas Amara Ethan Zoe Diego Leila Felix Nadia Owen Grace Tariq Ines Samuel".split())]
+NAMES = [  # (name, subject pronoun, possessive)
+    ("Mia", "she", "her"), ("Liam", "he", "his"), ("Ava", "she", "her"), ("Noah", "he", "his"),
+    ("Sofia", "she", "her"), ("Omar", "he", "his"), ("Priya", "she", "her"), ("Mateo", "he", "his"),
+    ("Hana", "she", "her"), ("Kofi", "he", "his"), ("Elena", "she", "her"), ("Ravi", "he", "his"),
+    ("Chloe", "she", "her"), ("Jamal", "he", "his"), ("Yuki", "she", "her"), ("Lucas", "he", "his"),
+    ("Amara", "she", "her"), ("Ethan", "he", "his"), ("Zoe", "she", "her"), ("Diego", "he", "his"),
+    ("Leila", "she", "her"), ("Felix", "he", "his"), ("Nadia", "she", "her"), ("Owen", "he", "his"),
+    ("Grace", "she", "her"), ("Tariq", "he", "his"), ("Ines", "she", "her"), ("Samuel", "he", "his")]
 OBJECTS = [("apples", "bags", "market", "a pie"), ("marbles", "jars", "toy store", "a game"),
            ("stickers", "sheets", "book fair", "a poster"), ("cookies", "boxes", "bakery", "a party"),
            ("pencils", "packs", "school shop", "an art class"), ("stamps", "albums", "post office", "letters"),

@@ -400,8 +400,10 @@ def sample_seed(seed, problem, j):
 
 def plan_round(todo, fit):
     """A round's (problem, sample) pairs in as few equal batches as fit (one captured graph for all)."""
+    if not todo:
+        return []
     n_batches = -(-len(todo) // fit)  # ceiling division
-    size = -(-len(todo) // n_batches) if todo else 1
+    size = -(-len(todo) // n_batches)
     return [todo[i:i + size] for i in range(0, len(todo), size)]
 
 

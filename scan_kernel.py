@@ -1055,11 +1055,17 @@ def check_bounds(cfg):
     """Every field within the bounds its flag() declared; floats finite. Returns cfg."""
     for f in dataclasses.fields(cfg):
         v, m = getattr(cfg, f.name), f.metadata
-        bad = ("a finite number" if isinstance(v, float) and not math.isfinite(v)
-               else f"one of {', '.join(map(repr, m['choices']))}" if "choices" in m and v not in m["choices"]
-               else f"at least {m['at_least']}" if "at_least" in m and v < m["at_least"]
-               else f"more than {m['above']}" if "above" in m and v <= m["above"]
-               else f"at most {m['at_most']}" if "at_most" in m and v > m["at_most"] else None)
+        bad = None
+        if isinstance(v, float) and not math.isfinite(v):
+            bad = "a finite number"
+        elif "choices" in m and v not in m["choices"]:
+            bad = f"one of {', '.join(map(repr, m['choices']))}"
+        elif "at_least" in m and v < m["at_least"]:
+            bad = f"at least {m['at_least']}"
+        elif "above" in m and v <= m["above"]:
+            bad = f"more than {m['above']}"
+        elif "at_most" in m and v > m["at_most"]:
+            bad = f"at most {m['at_most']}"
         if bad:
             raise InputError(f"--{f.name}: expected {bad}, got {v!r}")
     return cfg
