@@ -640,7 +640,8 @@ def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, hel
     plan = [("orient", cfg.orient_steps if ssm_layers else 0, cfg.orient_lr,
              orient_loss_fn(teacher, ssm_layers, tok.pad_id, cfg.orient_len)),
             ("align", cfg.align_steps if ssm_layers else 0, cfg.align_lr, align_loss_fn(teacher, ssm_layers, tok.pad_id)),
-            ("kl", cfg.kl_steps, cfg.kl_lr, kl_loss_fn(compiled(teacher, cfg, env), cfg.kl, cfg.temperature)),
+            ("kl", kl_steps_of(cfg, ssm_layers, teacher.cfg.num_hidden_layers), cfg.kl_lr,
+             kl_loss_fn(compiled(teacher, cfg, env), cfg.kl, cfg.temperature)),
             ("sft", cfg.sft_steps, cfg.sft_lr, ce_loss)]
     # stage 0 trains what makes a mixer's matrix (DDP wants no trainable parameter without a gradient),
     # stage 1 the mixers alone (the rest is the teacher's); stage 2 everything, so that the MLPs and a
@@ -774,7 +775,7 @@ def main(argv=None):
     kinds = [(s, s, cfg.init) for s in filter(None, cfg.students.split(","))]  # (name, hybrid or pure, init)
     kinds += [(f"{cfg.random_baseline}_random", cfg.random_baseline, "random")] if cfg.random_baseline else []
     runs = [(name, student_layers(kind, n_layers, cfg.attn_fraction, keep), init) for name, kind, init in kinds]
-    want = wanted_artifacts(cfg, runs)  # the settings each artifact of this run is made with
+    want = wanted_artifacts(cfg, runs, n_layers)  # the settings each artifact of this run is made with
     if cfg.fresh and env.main:
         start_over(cfg.out_dir, [name for name, _, _ in runs])
     barrier(env)
@@ -1160,7 +1161,12 @@ STUDENT_SETTINGS = ("conv_init", "orient_steps", "orient_lr", "orient_len", "ali
 OPTIM_SETTINGS = ("batch_size", "grad_accum", "seq_len", "warmup", "weight_decay", "grad_clip", "seed")
 
 
-def wanted_artifacts(cfg, runs):
+def kl_steps_of(cfg, ssm_layers, n_layers):
+    """Stage 2's steps for a student: --kl_steps, times --pure_kl_factor for a pure one."""
+    return round(cfg.kl_steps * cfg.pure_kl_factor) if len(ssm_layers) == n_layers else cfg.kl_steps
+
+
+def wanted_artifacts(cfg, runs, n_layers):
     """{artifact: the settings that make it} for data, tokenizer, teacher and each student (runs: (name,
     ssm_layers, init)). A student's settings hold its teacher's: a new teacher makes every student stale."""
     pick = lambda names: {k: getattr(cfg, k) for k in names if k != "digits" or cfg.task == "relay"}
@@ -1175,8 +1181,8 @@ def wanted_artifacts(cfg, runs):
         want["tokenizer.model"] = {**train, "vocab_size": cfg.vocab_size}
         want["teacher"] = teacher = {**train, **pick(TEACHER_SETTINGS + OPTIM_SETTINGS)}
     for name, layers, init in runs:
-        want[name] = {**train, **pick(STUDENT_SETTINGS + OPTIM_SETTINGS), "teacher": teacher, "ssm_layers": layers,
-                      "init": init}
+        want[name] = {**train, **pick(STUDENT_SETTINGS + OPTIM_SETTINGS), "kl_steps": kl_steps_of(cfg, layers, n_layers),
+                      "teacher": teacher, "ssm_layers": layers, "init": init}
     return want
 
 
@@ -2165,6 +2171,8 @@ class DistillConfig:
     align_steps: int = flag(800, "stage 1: layer-wise mixer alignment steps (0 = skip)", at_least=0)
     align_lr: float = flag(2e-3, "stage 1: peak learning rate", above=0)
     kl_steps: int = flag(1400, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
+    pure_kl_factor: float = flag(1.6, "stage 2 of a pure student runs this many times --kl_steps: with no attention "
+                                      "left to copy with, it learns the task's copies later than a hybrid", above=0)
     kl_lr: float = flag(1e-3, "stage 2: peak learning rate", above=0)
     kl: str = flag("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)",
                    choices=("forward", "reverse"))

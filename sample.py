@@ -78,8 +78,10 @@ class SampleConfig:
     seed: int = flag(0, "sampling seed (each sample derives its own from it)", at_least=0)
     cuda_graph: bool = flag(True, "run the decode step as captured CUDA graphs (GPU only)")
     compile: bool = flag(True, "torch.compile the decode step before capturing it (GPU only; ~30 s per model)")
-    state_dtype: str = flag("model", "SSM state while decoding: model (the sampling dtype, bf16 on GPU, as "
-                                     "mamba_ssm's inference cache) or float32", choices=("model", "float32"))
+    state_dtype: str = flag("float32", "SSM state kept between decode steps: float32 (as vLLM's "
+                                       "mamba_ssm_cache_dtype=float32), or model (the sampling dtype, bf16 on GPU, as "
+                                       "mamba_ssm's inference cache: half the bytes, but a decay within 2^-9 of 1 "
+                                       "rounds away, so slow heads stop forgetting)", choices=("float32", "model"))
     prefill_tokens: int = flag(32768, "prefill this many tokens at a time (rows are split to fit)", at_least=1)
     flexible_extract: bool = flag(False, "score a sample with no '####' line or \\boxed{} by the last number in its "
                                          "text (GSM8K's flexible extraction); off: it is unanswered")
@@ -157,6 +159,13 @@ def clock(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def decode_state_dtype(cfg, dtype):
+    """The SSM state's dtype between decode steps. fp32 by default: the state is a running sum, and in
+    bf16 (8 mantissa bits) multiplying by a decay above 1 - 2^-9 gives back the same number, so a head
+    with a memory of thousands of tokens stops forgetting while sums of small updates drift."""
+    return dtype if cfg.state_dtype == "model" else torch.float32
 
 
 def cache_bytes(model, batch, max_len, dtype, state_dtype):
@@ -470,7 +479,7 @@ def _evaluate(cfg, device, group):
     max_new_tokens = cfg.max_new_tokens or md.auto_max_new_tokens(tokenizer, rows)
     prompt_len = max(map(len, prompts))  # every batch is padded to it: a row's numbers never depend on its batch
     max_len = prompt_len + max_new_tokens
-    state_dtype = dtype if cfg.state_dtype == "model" else torch.float32
+    state_dtype = decode_state_dtype(cfg, dtype)
     # what a resumed run must match (a teacher has no SSM state: no state_dtype)
     meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "weights": md.weights_fingerprint(cfg.checkpoint),
             "data": os.path.abspath(cfg.data), "data_file": md.file_fingerprint(cfg.data), "seed": cfg.seed,
@@ -632,7 +641,7 @@ def bench(cfg: SampleConfig):
     if os.path.exists(path):
         raise InputError(f"{path} exists (an earlier benchmark): use another --out_dir, or delete it")
     dtype = torch.bfloat16
-    state_dtype = dtype if cfg.state_dtype == "model" else torch.float32
+    state_dtype = decode_state_dtype(cfg, dtype)
     bw = copy_bandwidth(device)
     result = {"device": md.device_name(device), "copy_GBps": bw, "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__, "state_dtype": str(state_dtype), "compile": cfg.compile,

@@ -10,6 +10,7 @@ e head dim, p SSM head dim, n SSM state dim, g groups of B and C, v vocabulary, 
 """
 import copy
 import json
+import math
 import os
 import random
 import sys
@@ -997,6 +998,25 @@ def test_step_with_low_precision_state(state_dtype):
     assert_rel_close("y vs fp32 recurrence", y_r, y_exact, 1e-5 if state_dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("state_dtype, left", [(torch.float32, math.exp(-0.5)), (torch.bfloat16, 1.0)])
+def test_slow_decay_survives_only_an_fp32_state(state_dtype, left):
+    """Why sample.py keeps the SSM state in fp32 unless told otherwise: with dt * A = -1e-3 (a memory of
+    ~1,000 tokens) and no input, 500 steps leave exp(-0.5) of the state; rounded to bf16 after every
+    step, state * 0.999 is the state again, and the head never forgets."""
+    b, h, p, n = 1, 2, 4, 4
+    state = torch.ones(b, h, p, n, dtype=state_dtype)
+    x, B, C = torch.zeros(b, h, p), torch.zeros(b, h, n), torch.zeros(b, h, n)
+    dt, A = torch.full((b, h), 1e-3), -torch.ones(h)
+    for _ in range(500):
+        ssd_step_ref(state, x, dt, A, B, C)
+    want = torch.full((b, h, p, n), left)  # (b, h, p, n)
+    assert_rel_close(f"state after 500 steps in {state_dtype}", state.float(), want, 1e-4)
+    cfg = sample.SampleConfig()
+    assert sample.decode_state_dtype(cfg, torch.bfloat16) == torch.float32, "the sampler's default state is fp32"
+    cfg.state_dtype = "model"
+    assert sample.decode_state_dtype(cfg, torch.bfloat16) == torch.bfloat16
+
+
 def conv_dtypes():
     return [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])  # the interpreter's bf16 is wrong
 
@@ -1798,8 +1818,11 @@ def test_kl_by_line_takes_the_stage_2_loss_apart(tmp_path):
     out = str(tmp_path / "out")
     argv = ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--kl_steps", "2", "--sft_steps", "0",
             "--temperature", "2", "--kl", "reverse", "--seq_len", "1024", "--eval_n", "0", "--device", "cpu",
-            "--out_dir", out]  # sequences long enough for whole solutions
+            "--pure_kl_factor", "1.5", "--out_dir", out]  # sequences long enough for whole solutions
     md.main(argv)
+    kl_log = [r for r in map(json.loads, open(os.path.join(out, "logs", "pure.jsonl"))) if r["stage"] == "kl"]
+    assert kl_log[-1]["step"] == 3, "a pure student's stage 2 runs --pure_kl_factor times --kl_steps"
+    assert md.read_provenance(out)["pure"]["settings"]["kl_steps"] == 3
     cfg = md.apply_preset(md.parse_config(md.DistillConfig, argv), argv)
     teacher, tok = md.load_teacher(os.path.join(out, "teacher"))
     student = md.load_model(os.path.join(out, "pure"))
@@ -1845,7 +1868,7 @@ def test_a_changed_generator_makes_its_data_and_models_stale(tmp_path, monkeypat
     argv = ["--preset", "tiny", "--out_dir", str(tmp_path)]
     cfg = md.apply_preset(md.parse_config(md.DistillConfig, argv), argv)
     runs = [("pure", list(range(cfg.n_layers)), "attention")]
-    old = md.wanted_artifacts(cfg, runs)
+    old = md.wanted_artifacts(cfg, runs, cfg.n_layers)
     md.record_artifact(str(tmp_path), "data", old["data"])
     md.write_jsonl(md.synthetic_rows(cfg, "train", 3), tmp_path / "data" / "train.jsonl")
     md.check_artifacts(cfg, None, old)  # the same generator: nothing to say
@@ -1856,7 +1879,7 @@ def test_a_changed_generator_makes_its_data_and_models_stale(tmp_path, monkeypat
         return {**p, "answer": p["answer"] + "."}
 
     monkeypatch.setitem(md.TASKS, cfg.task, (reworded, lo, hi))
-    new = md.wanted_artifacts(cfg, runs)
+    new = md.wanted_artifacts(cfg, runs, cfg.n_layers)
     assert all(new[name] != old[name] for name in ("data", "tokenizer.model", "teacher", "pure"))
     with pytest.raises(InputError, match=r"train.jsonl was made with other settings \(generator "):
         md.check_artifacts(cfg, None, new)
@@ -1879,7 +1902,9 @@ def test_pipeline_tiny(tmp_path):
     stages = {json.loads(line)["stage"] for line in open(os.path.join(out, "logs", "pure.jsonl"))}
     assert stages == {"align", "kl", "sft"}
     kept = json.load(open(os.path.join(out, "pure", "provenance.json")))  # travels with the directory
-    assert kept["settings"]["kl_steps"] == 3 and kept["settings"]["teacher"]["teacher_steps"] == 4
+    # the preset's 3 stage-2 steps, times --pure_kl_factor for this pure student
+    assert kept["settings"]["kl_steps"] == round(3 * md.DistillConfig.pure_kl_factor)
+    assert kept["settings"]["teacher"]["teacher_steps"] == 4
     assert kept == md.read_provenance(out)["pure"] and set(kept["times"]) == {"align", "kl", "sft"}
     with open(os.path.join(out, "distill_summary.json")) as fh:
         assert set(json.load(fh)["models"]) == {"teacher", "hybrid", "pure", "hybrid_random"}
@@ -1891,7 +1916,7 @@ def test_resume_after_nan_matches_uninterrupted(tmp_path, monkeypatch, nan_step)
     uninterrupted run ends (same batches, same schedule, same optimizer moments), and the log reads as
     one run: no step twice, time going forward."""
     base = ["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--align_steps", "2",
-            "--sft_steps", "0", "--kl_steps", "4", "--ckpt_every", "2", "--eval_n", "0"]
+            "--sft_steps", "0", "--kl_steps", "4", "--pure_kl_factor", "1", "--ckpt_every", "2", "--eval_n", "0"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     md.main(base + ["--out_dir", a])  # uninterrupted
     for rel in ("teacher", "tokenizer.model", "data", "provenance.json"):  # b reuses a's teacher
@@ -2379,6 +2404,16 @@ def plot_fake_out(root, eval_=True, bench=True, logs=True):
                                     "loss": round((3.0 + offset) / (1 + step / 40) + 0.05 * (step % 20 == 0), 4),
                                     "lr": 3e-4, "tokens": step * 4096, "time_s": round(t, 2)})
             plot_write_jsonl(os.path.join(root, "logs", f"{name}.jsonl"), records)
+
+
+def test_plot_headline_speaks_of_a_transferred_student_not_the_random_baseline():
+    ks, teacher_times = [1, 2, 4], [10.0, 20.0, 40.0]
+    run = lambda name, speed, acc: {"name": name, "k": ks, "time_s": [t / speed for t in teacher_times],
+                                    "coverage": [acc] * 3, "majority": [acc] * 3}
+    runs = [run("teacher", 1, 0.5), run("hybrid", 1.5, 0.4), run("hybrid_random", 2, 0.6)]
+    assert "the hybrid student does not beat" in ps.headline(runs)
+    assert "the hybrid_random student beats" in ps.headline([runs[0], runs[2]])  # alone, it is the student
+    assert ps.headline(runs[1:]) is None  # no teacher
 
 
 def test_plot_length_panel_keeps_the_method_that_measured_most_lengths():
