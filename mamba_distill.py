@@ -1665,7 +1665,10 @@ def load_model(path, device="cpu", dtype=torch.float32) -> LM:
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise InputError(f"{path}: weight {k} holds NaN or infinite values")
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    # a mixer's decay rates, step bias and skip stay fp32 (as in mamba_ssm): in bf16 a slow head's decay
+    # rate would move by a few percent, which thousands of decode steps compound
+    keep = lambda k: k.endswith((".mixer.A_log", ".mixer.dt_bias", ".mixer.D"))
+    sd = {k: (v.to(dtype) if v.is_floating_point() and not keep(k) else v) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -262,6 +262,22 @@ def test_fused_qkv_equals_three_projections(tmp_path):
         assert_close(md.load_model(str(tmp_path / "m"))(idx), plain(idx), what="reloaded")
 
 
+def test_bf16_load_keeps_the_mixers_decay_parameters_in_fp32(tmp_path):
+    """load_model in bf16 (the sampler's) rounds the weights but keeps each mixer's A_log, dt_bias and D
+    exactly as saved, and the model still decodes (the mixer reads them in fp32 either way)."""
+    pure = tiny_models()["pure"]
+    md.save_model(pure, byte_tokenizer(tmp_path / "tok.model"), str(tmp_path / "m"))
+    loaded = md.load_model(str(tmp_path / "m"), dtype=torch.bfloat16)
+    kept = {k: v for k, v in loaded.state_dict().items() if k.endswith((".A_log", ".dt_bias", ".D"))}
+    assert len(kept) == 3 * pure.cfg.num_hidden_layers
+    saved = pure.state_dict()
+    for k, v in kept.items():
+        assert v.dtype == torch.float32 and torch.equal(v, saved[k]), k
+    assert loaded.model.layers[0].mixer.in_proj.weight.dtype == torch.bfloat16
+    outs = sample.Sampler(loaded, 3, 32, temperature=0).generate(PROMPTS, 4)[0]
+    assert [len(o) for o in outs] == [4, 4, 4]
+
+
 def test_fused_qkv_is_never_stale():
     """Writes in place (load_state_dict) reach the stacked weight; a weight given new storage leaves it
     behind, and a Sampler built before then refuses to run."""
