@@ -259,6 +259,9 @@ class MambaMixer(nn.Module):
     in_proj rows: [z (h*p) | x (g*p) | B (g*n) | C (h*n) | dt (h)]
     """
     MATRIX_PARAMS = ("in_proj", "conv1d", "dt_bias", "A_log")  # what makes B, C and dt: matrix() depends on these
+    # kept fp32 when the model is loaded in bf16 (as in mamba_ssm): rounded, a slow head's decay rate would
+    # move by a few percent, which thousands of decode steps compound
+    FP32_PARAMS = ("A_log", "dt_bias", "D")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -1665,9 +1668,7 @@ def load_model(path, device="cpu", dtype=torch.float32) -> LM:
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise InputError(f"{path}: weight {k} holds NaN or infinite values")
-    # a mixer's decay rates, step bias and skip stay fp32 (as in mamba_ssm): in bf16 a slow head's decay
-    # rate would move by a few percent, which thousands of decode steps compound
-    keep = lambda k: k.endswith((".mixer.A_log", ".mixer.dt_bias", ".mixer.D"))
+    keep = lambda k: ".mixer." in k and k.rsplit(".", 1)[1] in MambaMixer.FP32_PARAMS  # stays fp32
     sd = {k: (v.to(dtype) if v.is_floating_point() and not keep(k) else v) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_word_embeddings:

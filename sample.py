@@ -162,9 +162,8 @@ def clock(device):
 
 
 def decode_state_dtype(cfg, dtype):
-    """The SSM state's dtype between decode steps. fp32 by default: the state is a running sum, and in
-    bf16 (8 mantissa bits) multiplying by a decay above 1 - 2^-9 gives back the same number, so a head
-    with a memory of thousands of tokens stops forgetting while sums of small updates drift."""
+    """The SSM state's dtype between decode steps (--state_dtype). fp32 by default: in bf16 (8 significant
+    bits) a decay above 1 - 2^-9 gives back the same number, so a slow head stops forgetting."""
     return dtype if cfg.state_dtype == "model" else torch.float32
 
 
