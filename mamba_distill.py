@@ -750,6 +750,16 @@ def kl_by_line(teacher, student, held_out, tok, cfg, env):
     return rows
 
 
+def unlearnt(models, out_dir):
+    """A warning line for each student whose greedy accuracy is under half its teacher's: distillation did
+    not carry the task over, so sampling it cannot show the paper's result (models: the summary's)."""
+    teacher = models.get("teacher", {}).get("greedy_acc")
+    return [f"{name}: has not learnt the task (greedy accuracy {100 * e['greedy_acc']:.1f} % against the teacher's "
+            f"{100 * teacher:.1f} %); {os.path.join(out_dir, 'kl_by_line', name + '.jsonl')} shows the lines it "
+            f"gets wrong (plot_scaling.py sums them by kind)"
+            for name, e in models.items() if name != "teacher" and teacher and e.get("greedy_acc", 1) < 0.5 * teacher]
+
+
 @torch.no_grad()
 def greedy_solutions(model, tok, rows, cfg, env):
     """Each test problem's greedy solution, in the form of sample.py's samples.jsonl (one sample per
@@ -829,6 +839,8 @@ def main(argv=None):
         print("stage wall times (s): " + ", ".join(f"{m}/{s} {t:.0f}" for m, e in summary["models"].items()
                                                     for s, t in e["stage_times_s"].items())
               + f"; evaluation {times['eval']:.0f}, this run {times['total']:.0f}")
+        for line in unlearnt(summary["models"], cfg.out_dir):
+            print(line)
     if env.world > 1:
         dist.destroy_process_group()
     return summary

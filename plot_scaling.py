@@ -367,6 +367,10 @@ def headline(runs):
     if not rows:
         return None
     name, speed, cov, maj = max(rows, key=lambda r: r[2] + r[3])
+    first = {r["name"]: r["coverage"][0] for r in runs}  # each model's share of right answers at the smallest k
+    if first[name] < 0.5 * first["teacher"]:  # a student that failed to learn the task: no comparison to draw
+        return (f"The {name} student has not learnt the task: {100 * first[name]:.1f}% of its samples are right "
+                f"against the teacher's {100 * first['teacher']:.1f}% (it draws them {speed:.1f}x faster)")
     verdict = "beats" if min(cov, maj) > 0.5 else "does not beat"
     return (f"At equal wall-clock time the {name} student {verdict} its teacher: it draws its samples {speed:.1f}x "
             f"faster and is ahead for {100 * cov:.0f}% (coverage) / {100 * maj:.0f}% (majority vote) of the time range")

@@ -1926,6 +1926,16 @@ def test_pipeline_tiny(tmp_path):
         assert set(json.load(fh)["models"]) == {"teacher", "hybrid", "pure", "hybrid_random"}
 
 
+def test_run_names_the_students_that_did_not_learn_the_task():
+    models = {"teacher": {"greedy_acc": 0.935}, "hybrid": {"greedy_acc": 0.005}, "pure": {"greedy_acc": 0.5},
+              "hybrid_random": {}}  # no greedy evaluation (--eval_n 0): nothing to say
+    lines = md.unlearnt(models, "out")
+    assert lines == [f"hybrid: has not learnt the task (greedy accuracy 0.5 % against the teacher's 93.5 %); "
+                     f"{os.path.join('out', 'kl_by_line', 'hybrid.jsonl')} shows the lines it gets wrong "
+                     f"(plot_scaling.py sums them by kind)"]
+    assert md.unlearnt({"hybrid": {"greedy_acc": 0.0}}, "out") == []  # no teacher to compare with
+
+
 @pytest.mark.parametrize("nan_step", [1, 3])  # 1: the last checkpoint ends stage 1; 3: it is inside stage 2
 def test_resume_after_nan_matches_uninterrupted(tmp_path, monkeypatch, nan_step):
     """A NaN stops the run and keeps the last checkpoint; --resume then ends exactly where an
@@ -2430,6 +2440,9 @@ def test_plot_headline_speaks_of_a_transferred_student_not_the_random_baseline()
     assert "the hybrid student does not beat" in ps.headline(runs)
     assert "the hybrid_random student beats" in ps.headline([runs[0], runs[2]])  # alone, it is the student
     assert ps.headline(runs[1:]) is None  # no teacher
+    failed = [run("teacher", 1, 0.5), run("hybrid", 1.7, 0.002)]  # fast, but it has not learnt the task
+    assert ps.headline(failed) == ("The hybrid student has not learnt the task: 0.2% of its samples are right "
+                                   "against the teacher's 50.0% (it draws them 1.7x faster)")
 
 
 def test_plot_length_panel_keeps_the_method_that_measured_most_lengths():
