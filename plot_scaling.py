@@ -360,7 +360,8 @@ def equal_time_table(runs):
 
 
 def headline(runs):
-    """The headline figure's title: its takeaway, computed from the runs (None without a teacher)."""
+    """The headline figure's title: its takeaway, computed from the runs (None without a teacher): the best
+    transferred student against the teacher at equal time, or that it has not learnt the task."""
     rows = [r for r in equal_time_table(runs) if r[1] is not None]
     # the takeaway is about the students the paper makes; a random-init baseline only when there is nothing else
     rows = [r for r in rows if not r[0].endswith("_random")] or rows
