@@ -780,7 +780,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = apply_preset(parse_config(DistillConfig, argv, __doc__.strip().splitlines()[0]), argv)
     check_config(cfg)  # every flag, and every file a flag names, before any work
-    env = setup_env(cfg.device)
+    env = setup_env(cfg.device, cfg.deterministic)
     if cfg.bench:
         return bench(cfg, env)
     n_layers = read_config(cfg.teacher).num_hidden_layers if cfg.teacher else cfg.n_layers
@@ -867,8 +867,13 @@ class Env:
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
 
-def setup_env(device: str) -> Env:
-    """device is auto, cuda or cpu (check_config has seen to that)."""
+def setup_env(device: str, deterministic: bool = False) -> Env:
+    """device is auto, cuda or cpu (check_config has seen to that). deterministic: kernels that add in a
+    fixed order (before any CUDA work, as cuBLAS reads its workspace setting when it starts)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's documented deterministic setting
+        # strict mode: with warn_only, flash attention's backward keeps its non-deterministic dq sum
+        torch.use_deterministic_algorithms(True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -2148,6 +2153,10 @@ class DistillConfig:
     test_data: str = flag("", "a GSM8K-format jsonl for the greedy accuracy; empty = the synthetic test split")
     device: str = flag("auto", "auto, cuda or cpu", choices=("auto", "cuda", "cpu"))
     seed: int = flag(0, "seed of the data, the initialisation and the batch order", at_least=0)
+    deterministic: bool = flag(False, "kernels that add in a fixed order (PyTorch's deterministic algorithms, strict: "
+                                      "an op without one stops the run; a fixed cuBLAS workspace), for GPU reruns "
+                                      "that repeat a run bit for bit; by default the order of the GPU's additions "
+                                      "varies between runs. May be slower")
     # synthetic data and the default teacher
     task: str = flag("relay", "synthetic task: relay (long chains of thought, about 2,000 solution tokens) or "
                               "short (GSM8K-sized, 60-200 tokens)", choices=tuple(TASKS))

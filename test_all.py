@@ -2022,6 +2022,26 @@ def test_ddp_matches_one_process(tmp_path):
 # bad inputs: one line naming the culprit, exit status 2, nothing written; runs killed at any point
 
 
+def test_deterministic_flag_turns_on_deterministic_kernels_and_repeats_the_run(tmp_path, monkeypatch):
+    """--deterministic switches PyTorch's deterministic algorithms on (strict, as flash attention's
+    backward needs) before any work, and two runs with it log the same losses. (A CPU adds in a fixed
+    order anyway: the GPU repeats are measured on the GPU, see results/README.md.)"""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # restored after the test
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        losses = []
+        for run in ("a", "b"):
+            md.main(["--preset", "tiny", "--students", "pure", "--random_baseline", "", "--eval_n", "0",
+                     "--deterministic", "true", "--out_dir", str(tmp_path / run)])
+            assert torch.are_deterministic_algorithms_enabled()
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+            rows = md.read_jsonl(str(tmp_path / run / "logs" / "pure.jsonl"), required={})
+            losses.append([(r["stage"], r["step"], r.get("loss"), r.get("held_out_loss")) for r in rows])
+        assert any(loss is not None for *_, loss, _ in losses[0]) and losses[0] == losses[1]
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished tiny run (teacher and a pure student) with a finished 2-sample evaluation of the
