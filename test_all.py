@@ -2018,14 +2018,10 @@ def test_ddp_matches_one_process(tmp_path):
             assert_close(wb[k], wa[k], atol=2e-4, rtol=1e-3, what=f"{name} {k}")
 
 
-# -----------------------------------------------------------------------------
-# bad inputs: one line naming the culprit, exit status 2, nothing written; runs killed at any point
-
-
 def test_deterministic_flag_turns_on_deterministic_kernels_and_repeats_the_run(tmp_path, monkeypatch):
     """--deterministic switches PyTorch's deterministic algorithms on (strict, as flash attention's
     backward needs) before any work, and two runs with it log the same losses. (A CPU adds in a fixed
-    order anyway: the GPU repeats are measured on the GPU, see results/README.md.)"""
+    order anyway: whether a GPU rerun repeats is a measurement, kept in results/README.md.)"""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # restored after the test
     assert not torch.are_deterministic_algorithms_enabled()
     try:
@@ -2040,6 +2036,10 @@ def test_deterministic_flag_turns_on_deterministic_kernels_and_repeats_the_run(t
         assert any(loss is not None for *_, loss, _ in losses[0]) and losses[0] == losses[1]
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: one line naming the culprit, exit status 2, nothing written; runs killed at any point
 
 
 @pytest.fixture(scope="module")
