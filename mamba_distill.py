@@ -3,14 +3,14 @@ Thinking Slow, Fast (Paliotta et al. 2025), the distillation half: a Llama 3 tea
 pure Mamba students whose mixers start from the teacher's attention weights, then learn to imitate it.
 
 The paper's loop: teacher -> students (attention weights transferred into Mamba-2 mixers, as in
-MambaInLlama / MOHAWK, then distilled in three stages) -> many chain-of-thought samples from the fast
+MambaInLlama / MOHAWK, then distilled on the teacher's logits) -> many chain-of-thought samples from the fast
 students (sample.py) -> accuracy against wall-clock time (plot_scaling.py).
 
 Reading path, in the paper's order (the appendices after `main` hold everything that is not the paper):
   LM, MambaMixer                 the model: a Llama decoder whose layers in cfg.ssm_layers hold a mixer
   transfer_attention_to_mamba    attention -> SSM weight transfer, an explicit table with shape asserts
-  align_loss_fn, kl_loss_fn      the stage losses: 1 layer alignment, 2 KL to the teacher (3 is ce_loss;
-                                 orient_loss_fn, an optional stage 0, matches whole mixing matrices)
+  align_loss_fn, kl_loss_fn      the stage losses: 1 (optional) layer alignment, 2 KL to the teacher (3
+                                 is ce_loss; orient_loss_fn, an optional stage 0, matches mixing matrices)
   distill_student                the stage plan
   main                           data -> teacher -> students -> greedy accuracy
   Appendix A training loop, checkpoints, resume, provenance; B tokenizer; C files (safetensors, HF
@@ -27,7 +27,7 @@ Run:
 Outputs, under --out_dir (read by sample.py and plot_scaling.py):
   data/train.jsonl, data/test.jsonl     the synthetic problems (GSM8K format)
   tokenizer.model                       the project's own BPE (tiktoken format), default run only
-  teacher/, hybrid/, pure/, hybrid_random/ HF-style model directories: config.json, model.safetensors,
+  teacher/, hybrid/, pure/, pure_random/ HF-style model directories: config.json, model.safetensors,
                                         tokenizer.model, provenance.json (the settings that made it)
   provenance.json                       the settings each of the above was made with; a run that finds
                                         one made with other settings stops and says which differ
@@ -62,7 +62,7 @@ Attention -> Mamba (a mixer replaces self_attn in layer i; everything else is co
 With no decay (A = 0), dt = 1, identity conv, no gate and D = 0 the mixer computes exactly causal
 *linear* attention y_t = sum_{s<=t} (C_t . B_s) x_s: softmax attention without softmax and RoPE. The conv
 starts as the identity (--conv_init; Mamba-2's random conv would scramble the transferred scores); the
-rest of the mixer (dt, A, D, the gate) keeps Mamba-2's init and is learnt in stage 1.
+rest of the mixer (dt, A, D, the gate) keeps Mamba-2's init and is learnt in distillation.
 """
 import base64
 import binascii
@@ -632,9 +632,9 @@ STAGES = ("teacher", "orient", "align", "kl", "sft")  # in the order a model's r
 
 
 def distill_student(name, teacher, tok, ssm_layers, init, cfg, env, batches, held_out, want):
-    """Transfer, then the stages: 0 (optional) orient the mixers' matrices, 1 align the mixers' outputs,
-    2 KL to the teacher, 3 (optional) fine-tune on the solutions; each checkpoints, so a run resumes where
-    it stopped. Returns (student, stage times)."""
+    """Transfer, then the stages: 0 (optional) orient the mixers' matrices, 1 (optional) align the mixers'
+    outputs, 2 KL to the teacher, 3 (optional) fine-tune on the solutions; each checkpoints, so a run
+    resumes where it stopped. Returns (student, stage times)."""
     torch.manual_seed(cfg.seed + zlib.crc32(name.encode()))  # the same init whatever ran before
     student = transfer_attention_to_mamba(teacher, ssm_layers, init, cfg.conv_init).float().to(env.device)
     if env.main:
@@ -752,11 +752,14 @@ def kl_by_line(teacher, student, held_out, tok, cfg, env):
 
 def unlearnt(models, out_dir):
     """A warning line for each student whose greedy accuracy is under half its teacher's: distillation did
-    not carry the task over, so sampling it cannot show the paper's result (models: the summary's)."""
+    not carry the task over, so sampling it cannot show the paper's result. For the random-init baseline
+    that is the expected outcome, the gap the transfer closes; the line says which it is (models: the
+    summary's)."""
     teacher = models.get("teacher", {}).get("greedy_acc")
-    return [f"{name}: has not learnt the task (greedy accuracy {100 * e['greedy_acc']:.1f} % against the teacher's "
-            f"{100 * teacher:.1f} %); {os.path.join(out_dir, 'kl_by_line', name + '.jsonl')} shows the lines it "
-            f"gets wrong (plot_scaling.py sums them by kind)"
+    label = lambda name: name + (" (random mixers, the baseline)" if name.endswith("_random") else "")
+    return [f"{label(name)}: has not learnt the task (greedy accuracy {100 * e['greedy_acc']:.1f} % against the "
+            f"teacher's {100 * teacher:.1f} %); {os.path.join(out_dir, 'kl_by_line', name + '.jsonl')} shows the "
+            f"lines it gets wrong (plot_scaling.py sums them by kind)"
             for name, e in models.items() if name != "teacher" and teacher and e.get("greedy_acc", 1) < 0.5 * teacher]
 
 
@@ -2187,13 +2190,17 @@ class DistillConfig:
     init: str = flag("attention", "attention (MambaInLlama transfer) or random mixers", choices=("attention", "random"))
     conv_init: str = flag("identity", "transferred mixers' conv: identity (B, C, x start as silu of the teacher's "
                                       "K, Q, V) or mamba2 (random, as in MambaInLlama)", choices=("identity", "mamba2"))
-    random_baseline: str = flag("hybrid", "also distil this student from random mixers, the baseline that shows what "
-                                          "the transfer is worth (empty = no baseline)", choices=("", "hybrid", "pure"))
+    random_baseline: str = flag("pure", "also distil this student from random mixers, the baseline that shows what "
+                                        "the transfer is worth (empty = no baseline); a hybrid's attention layers can "
+                                        "do its random mixers' work", choices=("", "hybrid", "pure"))
     orient_steps: int = flag(0, "stage 0: steps matching each mixer's matrix to its attention matrix (MOHAWK's "
                                 "matrix orientation; 0 = skip)", at_least=0)
     orient_lr: float = flag(1e-3, "stage 0: peak learning rate", above=0)
     orient_len: int = flag(512, "stage 0: the (l, l) matrices cover this many first tokens of a sequence", at_least=1)
-    align_steps: int = flag(800, "stage 1: layer-wise mixer alignment steps (0 = skip)", at_least=0)
+    align_steps: int = flag(0, "stage 1: layer-wise mixer alignment steps (MOHAWK's hidden-state alignment; 0 = "
+                               "skip). Off by default, as in MambaInLlama: transferred mixers learn as well "
+                               "without it, and it teaches random mixers what the transfer would have given "
+                               "them", at_least=0)
     align_lr: float = flag(2e-3, "stage 1: peak learning rate", above=0)
     kl_steps: int = flag(1400, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
     pure_kl_factor: float = flag(1.6, "stage 2 of a pure student runs this many times --kl_steps: with no attention "
@@ -2227,7 +2234,7 @@ class DistillConfig:
 
 PRESETS = {  # fields that a preset changes, unless the command line set them
     "default": {},
-    "smoke": dict(n_train=4000, n_test=200, teacher_steps=300, align_steps=40, kl_steps=120,
+    "smoke": dict(n_train=4000, n_test=200, teacher_steps=300, kl_steps=120,
                   eval_n=100, d_model=256, n_layers=6, n_heads=4, d_ff=768, ckpt_every=0, max_steps=6),
     "tiny": dict(task="short", n_train=64, n_test=8, vocab_size=300, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1,
                  d_ff=64, teacher_steps=4, align_steps=2, kl_steps=3, sft_steps=2, batch_size=4, grad_accum=2,

@@ -1905,11 +1905,11 @@ def test_pipeline_tiny(tmp_path):
     out = str(tmp_path / "out")
     summary = md.main(["--preset", "tiny", "--out_dir", out])
     for rel in ("data/train.jsonl", "data/test.jsonl", "tokenizer.model", "teacher/config.json",
-                "logs/teacher.jsonl", "logs/hybrid.jsonl", "logs/hybrid_random.jsonl", "distill_summary.json"):
+                "logs/teacher.jsonl", "logs/hybrid.jsonl", "logs/pure_random.jsonl", "distill_summary.json"):
         assert os.path.isfile(os.path.join(out, rel)), rel
     teacher, tok = md.load_teacher(os.path.join(out, "teacher"))
     assert teacher.cfg.ssm_layers == [] and tok.n_words == teacher.cfg.vocab_size
-    for name, n_ssm in (("hybrid", 2), ("pure", 4), ("hybrid_random", 2)):
+    for name, n_ssm in (("hybrid", 2), ("pure", 4), ("pure_random", 4)):
         assert len(md.load_model(os.path.join(out, name)).cfg.ssm_layers) == n_ssm
         acc = summary["models"][name]["greedy_acc"]
         assert acc * 2 in (0, 1, 2)  # a share of the preset's 2 test problems
@@ -1923,16 +1923,19 @@ def test_pipeline_tiny(tmp_path):
     assert kept["settings"]["teacher"]["teacher_steps"] == 4
     assert kept == md.read_provenance(out)["pure"] and set(kept["times"]) == {"align", "kl", "sft"}
     with open(os.path.join(out, "distill_summary.json")) as fh:
-        assert set(json.load(fh)["models"]) == {"teacher", "hybrid", "pure", "hybrid_random"}
+        assert set(json.load(fh)["models"]) == {"teacher", "hybrid", "pure", "pure_random"}
 
 
 def test_run_names_the_students_that_did_not_learn_the_task():
     models = {"teacher": {"greedy_acc": 0.935}, "hybrid": {"greedy_acc": 0.005}, "pure": {"greedy_acc": 0.5},
-              "hybrid_random": {}}  # no greedy evaluation (--eval_n 0): nothing to say
+              "hybrid_random": {}, "pure_random": {"greedy_acc": 0.0}}  # hybrid_random: not evaluated (--eval_n 0)
     lines = md.unlearnt(models, "out")
     assert lines == [f"hybrid: has not learnt the task (greedy accuracy 0.5 % against the teacher's 93.5 %); "
                      f"{os.path.join('out', 'kl_by_line', 'hybrid.jsonl')} shows the lines it gets wrong "
-                     f"(plot_scaling.py sums them by kind)"]
+                     f"(plot_scaling.py sums them by kind)",
+                     f"pure_random (random mixers, the baseline): has not learnt the task (greedy accuracy 0.0 % "
+                     f"against the teacher's 93.5 %); {os.path.join('out', 'kl_by_line', 'pure_random.jsonl')} shows "
+                     f"the lines it gets wrong (plot_scaling.py sums them by kind)"]
     assert md.unlearnt({"hybrid": {"greedy_acc": 0.0}}, "out") == []  # no teacher to compare with
 
 
