@@ -3,8 +3,8 @@ Thinking Slow, Fast (Paliotta et al. 2025), the distillation half: a Llama 3 tea
 pure Mamba students whose mixers start from the teacher's attention weights, then learn to imitate it.
 
 The paper's loop: teacher -> students (attention weights transferred into Mamba-2 mixers, as in
-MambaInLlama / MOHAWK, then distilled on the teacher's logits) -> many chain-of-thought samples from the fast
-students (sample.py) -> accuracy against wall-clock time (plot_scaling.py).
+MambaInLlama / MOHAWK, then distilled on the teacher's logits) -> many chain-of-thought samples from
+the fast students (sample.py) -> accuracy against wall-clock time (plot_scaling.py).
 
 Reading path, in the paper's order (the appendices after `main` hold everything that is not the paper):
   LM, MambaMixer                 the model: a Llama decoder whose layers in cfg.ssm_layers hold a mixer
