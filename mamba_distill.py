@@ -2203,8 +2203,9 @@ class DistillConfig:
                                "them", at_least=0)
     align_lr: float = flag(2e-3, "stage 1: peak learning rate", above=0)
     kl_steps: int = flag(1400, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
-    pure_kl_factor: float = flag(1.6, "stage 2 of a pure student runs this many times --kl_steps: with no attention "
-                                      "left to copy with, it learns the task's copies later than a hybrid", above=0)
+    pure_kl_factor: float = flag(2.0, "stage 2 of a pure student runs this many times --kl_steps: with no attention "
+                                      "left to copy with, it learns the task's copies, and when to stop, later than "
+                                      "a hybrid", above=0)
     kl_lr: float = flag(1e-3, "stage 2: peak learning rate", above=0)
     kl: str = flag("forward", "stage 2: forward KL(teacher || student) or reverse KL(student || teacher)",
                    choices=("forward", "reverse"))
