@@ -1945,7 +1945,8 @@ def synthetic_split(split: str, n: int, seed: int = 0, task: str = "relay", min_
                     max_steps: int = 0, **knobs) -> list[dict]:
     """n distinct problems of `split` of a task in TASKS, steps uniform in [min_steps, max_steps] (0 = the
     task's default), the same for the same arguments. knobs go to the generator (relay: n_people, digits,
-    slip); the test split's solutions never slip."""
+    slip); the test split's solutions never slip. Each row also says its number of steps ("steps"), by
+    which plot_scaling.py splits accuracy."""
     assert split in ("train", "test"), split
     if split == "test":
         knobs.pop("slip", None)
@@ -1954,10 +1955,11 @@ def synthetic_split(split: str, n: int, seed: int = 0, task: str = "relay", min_
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < n:
-        p = make(rng, rng.randint(lo, hi), **knobs)
+        steps = rng.randint(lo, hi)
+        p = make(rng, steps, **knobs)
         if split_of(p["question"]) == split and p["question"] not in seen:
             seen.add(p["question"])
-            rows.append(p)
+            rows.append({**p, "steps": steps})
     return rows
 
 

@@ -27,8 +27,9 @@ Figures (a figure whose input files are absent is skipped with a one-line note n
 Tables on stdout: the same numbers; the equal-time comparison; where the wrong samples (a model's
 samples.jsonl, on the data file its summary names) and the greedy solutions of mamba_distill.py
 (<out_dir>/greedy/*.jsonl, on the test file distill_summary.json names: so a run that sampled nothing yet
-says where its chains break) first leave the gold solution; and the kinds of solution line that hold most
-of each student's held-out KL (<out_dir>/kl_by_line/).
+says where its chains break) first leave the gold solution; their accuracy by the number of steps a
+problem takes (where the data rows say it, as the synthetic tasks' do); and the kinds of solution line
+that hold most of each student's held-out KL (<out_dir>/kl_by_line/).
 
 Bad input (a malformed json/jsonl line, a missing key, a bad flag) stops with one line naming file:line
 or the flag, exit status 2; if no figure at all could be drawn the script exits with status 1.
@@ -420,13 +421,10 @@ def chain_breaks(run):
     model's own format, as in the synthetic tasks): the first line whose numbers differ from the gold's (a
     name slip that leaves every number right does not change the answer). A table row: the wrong samples,
     their share in each tenth of the gold solution, the commonest kinds of line where they break; or None."""
-    if not (run["data"] and os.path.isfile(run["data"]) and os.path.isfile(run["samples"])):
+    if not (gold := gold_rows(run)):
         return None
-    gold = [row for _, row in read_jsonl(run["data"])]
     tenths, kinds = [0] * 10, Counter()
-    for lineno, s in read_jsonl(run["samples"]):
-        if not isinstance(s.get("problem"), int) or not 0 <= s["problem"] < len(gold) or "text" not in s:
-            raise InputError(f"{run['samples']}:{lineno}: needs 'problem' (a row of {run['data']}) and 'text'")
+    for s in run_samples(run, gold):
         if s.get("correct"):
             continue
         lines, text = gold[s["problem"]]["answer"].split("\n"), s["text"].split("\n")
@@ -438,6 +436,51 @@ def chain_breaks(run):
     wrong = sum(tenths)
     return (run["name"], wrong, " ".join(f"{100 * (t / wrong):.0f}" for t in tenths),
             ", ".join(f"'{kind}' {100 * n / wrong:.0f}%" for kind, n in kinds.most_common(3))) if wrong else None
+
+
+def gold_rows(run):
+    """The data rows a run's samples answer, or [] where its data or samples file is not here."""
+    if not (run["data"] and os.path.isfile(run["data"]) and os.path.isfile(run["samples"])):
+        return []
+    return [row for _, row in read_jsonl(run["data"])]
+
+
+def run_samples(run, gold):
+    """A run's samples, each checked to name a row of gold ('problem') and to hold its 'text'."""
+    for lineno, s in read_jsonl(run["samples"]):
+        if not isinstance(s.get("problem"), int) or not 0 <= s["problem"] < len(gold) or "text" not in s:
+            raise InputError(f"{run['samples']}:{lineno}: needs 'problem' (a row of {run['data']}) and 'text'")
+        yield s
+
+
+def by_steps(run):
+    """A run's accuracy split by the number of steps its problems take (the synthetic tasks' rows say it,
+    'steps'): {steps: (share of samples right, share of problems with a right sample)}; None where the
+    data rows do not say it. Mistakes compound with length: the first share falls as steps grow, and the
+    second shows how much more samples win back."""
+    gold = gold_rows(run)
+    if not gold or not all(isinstance(row.get("steps"), int) for row in gold):
+        return None
+    drawn, right, solved = Counter(), Counter(), {}
+    for s in run_samples(run, gold):
+        n = gold[s["problem"]]["steps"]
+        drawn[n] += 1
+        right[n] += bool(s.get("correct"))
+        solved[s["problem"]] = solved.get(s["problem"], False) or bool(s.get("correct"))
+    problems = Counter(gold[p]["steps"] for p in solved)
+    wins = Counter(gold[p]["steps"] for p, ok in solved.items() if ok)
+    return {n: (right[n] / drawn[n], wins[n] / problems[n]) for n in drawn}
+
+
+def steps_table(runs):
+    """Accuracy by the number of steps, a row per run: the % of samples right, and where a problem had
+    several samples, / the % of problems that any of them solved."""
+    split = [(run, shares) for run in runs if (shares := by_steps(run))]
+    steps = sorted({n for _, shares in split for n in shares})
+    rows = [(run["name"], *(("-" if n not in shares else f"{100 * shares[n][0]:.0f}" if run.get("greedy")
+                             else f"{100 * shares[n][0]:.0f} / {100 * shares[n][1]:.0f}") for n in steps))
+            for run, shares in split]
+    return ("model", *(f"{n} steps" for n in steps)), rows
 
 
 def breaks_table(runs):
@@ -454,7 +497,7 @@ def greedy_runs(out_dir):
     if not isinstance(summary.get("models"), dict):
         raise InputError(f"{path}: expected an object with a 'models' object")
     test = (summary.get("config") or {}).get("test_data") or os.path.join(out_dir, "data", "test.jsonl")
-    return [{"name": m, "data": test, "samples": os.path.join(out_dir, "greedy", f"{m}.jsonl")}
+    return [{"name": m, "data": test, "samples": os.path.join(out_dir, "greedy", f"{m}.jsonl"), "greedy": True}
             for m in sorted(summary["models"], key=paper_order)]
 
 
@@ -693,8 +736,10 @@ def make_plots(cfg):
 
     print_table("where each student's held-out KL to the teacher lies, by kind of solution line",
                 *kl_lines_table(os.path.join(cfg.out_dir, "kl_by_line", "*.jsonl")))
+    greedy = greedy_runs(cfg.out_dir)
     print_table("where the wrong greedy solutions of mamba_distill.py first leave the gold solution",
-                *breaks_table(greedy_runs(cfg.out_dir)))
+                *breaks_table(greedy))
+    print_table("% of greedy solutions right, by the number of steps a problem takes", *steps_table(greedy))
     one_gpu = [r for r in runs if r["gpus"] == 1]  # the headline compares models on one GPU each
     if one_gpu:
         print_table(f"accuracy per k ({summaries}; {_distinct(r['device'] for r in runs)})",
@@ -706,6 +751,8 @@ def make_plots(cfg):
                     [(n, _cell(s, ".2f"), f"{100 * c:.0f}% of the time range", f"{100 * m:.0f}%")
                      for n, s, c, m in equal_time_table(one_gpu)])
         print_table("where the wrong samples first leave the gold solution", *breaks_table(one_gpu))
+        print_table("% of samples right / % of problems solved by any sample, by the number of steps a problem "
+                    "takes", *steps_table(one_gpu))
         plot_accuracy(one_gpu, "time_s", target("accuracy_vs_time.png"), cfg)
         plot_accuracy(one_gpu, "k", target("accuracy_vs_k.png"), cfg)
     else:

@@ -739,6 +739,10 @@ def test_synthetic_split_deterministic_and_disjoint():
         test = synthetic_split("test", 100, seed=0, task=task)
         assert train[:50] == synthetic_split("train", 50, seed=0, task=task)
         assert synthetic_split("test", 50, seed=1, task=task) != test[:50]
+        lo, hi = md.TASKS[task][1:]
+        assert {r["steps"] for r in train} == set(range(lo, hi + 1))  # every count the task's range allows
+        if task == "relay":
+            assert all(r["steps"] == r["ops"][2] for r in train)  # a relay problem's steps are its turns
         train_q = {r["question"] for r in train}
         assert len(train_q) == len(train)
         assert not train_q & {r["question"] for r in synthetic_split("test", 100, seed=5, task=task)}
@@ -2606,6 +2610,33 @@ def test_plot_reports_where_greedy_solutions_leave_the_gold_solution(tmp_path, c
     hybrid = next(line for line in table.splitlines() if line.startswith("hybrid "))
     assert regex.search(r"hybrid\s+1\s+100 0 0 0 0 0 0 0 0 0\s+'At the start X' 100%", hybrid), hybrid
     assert "teacher " not in table.split("\n\n")[0]  # no greedy file: left out
+
+
+def test_plot_reports_accuracy_by_number_of_steps(tmp_path, capsys):
+    """Sampled and greedy solutions of problems whose rows say their steps: per step count, the % of
+    samples right and (sampled runs) the % of problems any sample solved; data without steps: no table."""
+    plot_fake_out(tmp_path, bench=False, logs=False)
+    rows = [{**r, "steps": n} for r, n in zip(synthetic_split("test", 3, seed=3), (2, 5, 5))]
+    write_jsonl(rows, tmp_path / "data" / "test.jsonl")
+    summary_path = tmp_path / "eval" / "pure" / "summary.json"
+    summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()),
+                                        "data": str(tmp_path / "data" / "test.jsonl")}))
+    right = {0: [True, True, False, True], 1: [False, False, False, False], 2: [False, True, False, False]}
+    write_jsonl([{"problem": p, "sample": j, "text": "x", "correct": ok} for p, oks in right.items()
+                 for j, ok in enumerate(oks)], tmp_path / "eval" / "pure" / "samples.jsonl")
+    plot_write_json(str(tmp_path / "distill_summary.json"), {"config": {"test_data": ""}, "models": {"hybrid": {}}})
+    write_jsonl([{"problem": p, "sample": 0, "text": "x", "correct": p == 1} for p in range(3)],
+                tmp_path / "greedy" / "hybrid.jsonl")
+    rc, out, err = plot_run(tmp_path, capsys)
+    assert rc == 0, err
+    sampled = out.split("% of problems solved by any sample, by the number of steps a problem takes ==")[1]
+    assert regex.search(r"model\s+2 steps\s+5 steps", sampled), sampled
+    assert regex.search(r"pure\s+75 / 100\s+12 / 50", sampled.split("\n\n")[0]), sampled  # 1 of 8; 1 of 2 problems
+    greedy = out.split("== % of greedy solutions right, by the number of steps a problem takes ==")[1]
+    assert regex.search(r"hybrid\s+0\s+50\n", greedy), greedy
+    write_jsonl([{k: v for k, v in r.items() if k != "steps"} for r in rows], tmp_path / "data" / "test.jsonl")
+    rc, out, err = plot_run(tmp_path, capsys)
+    assert rc == 0 and "by the number of steps" not in out, out
 
 
 def test_plot_reports_where_the_students_kl_lies(tmp_path, capsys):
