@@ -477,9 +477,14 @@ def steps_table(runs):
     several samples, / the % of problems that any of them solved."""
     split = [(run, shares) for run in runs if (shares := by_steps(run))]
     steps = sorted({n for _, shares in split for n in shares})
-    rows = [(run["name"], *(("-" if n not in shares else f"{100 * shares[n][0]:.0f}" if run.get("greedy")
-                             else f"{100 * shares[n][0]:.0f} / {100 * shares[n][1]:.0f}") for n in steps))
-            for run, shares in split]
+
+    def cell(run, shares, n):
+        if n not in shares:
+            return "-"
+        right, solved = shares[n]
+        return f"{100 * right:.0f}" if run.get("greedy") else f"{100 * right:.0f} / {100 * solved:.0f}"
+
+    rows = [(run["name"], *(cell(run, shares, n) for n in steps)) for run, shares in split]
     return ("model", *(f"{n} steps" for n in steps)), rows
 
 

@@ -1,6 +1,6 @@
 """How much of each attention layer's output a freshly transferred mixer reproduces, before any training.
 
-Run from the repository root on a CPU: python results/cpu_init_error/init_error.py TEACHER_DIR [SEED]
+Run from the repository root on a CPU: python results/cpu_transfer/init_error.py TEACHER_DIR [SEED]
 (the teacher is a directory written by mamba_distill.py; SEED the seed it was trained with, which made
 its data). Four test problems, their first 1,024 tokens. Per layer, two errors of the mixer's output
 against the attention output it replaces, fed the teacher's input to that layer: the relative squared
