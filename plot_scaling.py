@@ -420,7 +420,9 @@ def chain_breaks(run):
     """Where a run's wrong samples first leave the gold worked solution (meaningful when the gold is in the
     model's own format, as in the synthetic tasks): the first line whose numbers differ from the gold's (a
     name slip that leaves every number right does not change the answer). A table row: the wrong samples,
-    their share in each tenth of the gold solution, the commonest kinds of line where they break; or None."""
+    their share in each tenth of the gold solution, the commonest kinds of line where they break, each
+    with the kind the sample wrote there when that starts with another word (e.g. the answer line where
+    the gold has another turn: a wrong decision to stop, not a wrong sum); or None."""
     if not (gold := gold_rows(run)):
         return None
     tenths, kinds = [0] * 10, Counter()
@@ -432,10 +434,19 @@ def chain_breaks(run):
                  min(len(lines), len(text)))
         tenths[min(9, 10 * i // len(lines))] += 1
         names = question_names(gold[s["problem"]]["question"])
-        kinds[line_kind(lines[i], names) if i < len(lines) else "(after the end)"] += 1
+        kind = f"'{line_kind(lines[i], names)}'" if i < len(lines) else "(after the end)"
+        if i < len(lines):  # what the sample wrote instead, where it is another kind of line
+            wrote = "(the end)"
+            if i < len(text):
+                starts = {line.split(" ")[0].rstrip(":,.") for line in lines} - names  # "Turn", "After", ...
+                made_up = {w.rstrip(":,.") for w in text[i].split() if w[:1].isupper()} - starts  # names too
+                wrote = f"'{line_kind(text[i], names | made_up)}'"
+            if wrote.strip("'").split(" ")[0] != kind.strip("'").split(" ")[0]:
+                kind += f" wrote {wrote}"
+        kinds[kind] += 1
     wrong = sum(tenths)
     return (run["name"], wrong, " ".join(f"{100 * (t / wrong):.0f}" for t in tenths),
-            ", ".join(f"'{kind}' {100 * n / wrong:.0f}%" for kind, n in kinds.most_common(3))) if wrong else None
+            ", ".join(f"{kind} {100 * n / wrong:.0f}%" for kind, n in kinds.most_common(3))) if wrong else None
 
 
 def gold_rows(run):

@@ -2562,8 +2562,9 @@ def test_plot_every_figure_and_table(tmp_path, capsys):
 
 def test_plot_reports_where_wrong_samples_leave_the_gold_solution(tmp_path, capsys):
     """Samples that go wrong at a known line of a relay solution are counted at that line's tenth and
-    kind (names as X, numbers as #); a name slip with the numbers right is not where a chain breaks;
-    right samples and a run without samples.jsonl are left out."""
+    kind (names as X, numbers as #), with what the sample wrote there when it is another kind of line
+    (a name the question does not hold is a name too); a name slip with the numbers right is not where a
+    chain breaks; right samples and a run without samples.jsonl are left out."""
     plot_fake_out(tmp_path, bench=False, logs=False)
     rows = synthetic_split("test", 2, seed=3)
     write_jsonl(rows, tmp_path / "test.jsonl")
@@ -2576,7 +2577,8 @@ def test_plot_reports_where_wrong_samples_leave_the_gold_solution(tmp_path, caps
     slip = [gold[0][0].replace(sorted(ps.question_names(rows[0]["question"]))[1], "Nobody")] + gold[0][1:turn2]  # names only
     assert slip[0] != gold[0][0]
     samples = [(0, slip + ["Turn 2 of 99: nonsense"], False), (1, gold[1][:last] + ["After 1 turn"], False),
-               (1, gold[1][:last] + ["After 2 turns"], False), (0, gold[0], True)]
+               (1, gold[1][:last] + ["After 2 turns"], False), (0, gold[0], True),
+               (0, gold[0][:turn2] + ["After 1 turns Nobody has 5."], False)]  # stops a turn early
     (tmp_path / "eval" / "pure" / "samples.jsonl").write_text("".join(
         json.dumps({"problem": p, "sample": j, "text": "\n".join(text), "correct": ok}) + "\n"
         for j, (p, text, ok) in enumerate(samples)))
@@ -2585,10 +2587,10 @@ def test_plot_reports_where_wrong_samples_leave_the_gold_solution(tmp_path, caps
     table = out.split("== where the wrong samples first leave the gold solution ==")[1].split("\n\n")[0]
     pure = next(line for line in table.splitlines() if line.startswith("pure "))
     tenths = [0] * 10
-    tenths[10 * turn2 // len(gold[0])] += 1
+    tenths[10 * turn2 // len(gold[0])] += 2
     tenths[9] += 2
-    assert regex.search(r"pure\s+3\s+" + " ".join(str(round(100 * t / 3)) for t in tenths), pure), pure
-    assert "'After # turns X' 67%, 'Turn # of #' 33%" in pure, pure
+    assert regex.search(r"pure\s+4\s+" + " ".join(str(round(100 * t / 4)) for t in tenths), pure), pure
+    assert "'After # turns X' 50%, 'Turn # of #' 25%, 'Turn # of #' wrote 'After # turns X' 25%" in pure, pure
     assert "teacher" not in table  # its eval directory has no samples.jsonl
 
 
