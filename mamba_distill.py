@@ -1881,7 +1881,8 @@ def column_lines(a: int, b: int, sign: str) -> list[str]:
     return lines
 
 
-def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digits: int = 4, slip: float = 0.0) -> dict:
+def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digits: int = 4, slip: float = 0.0,
+                       cast: int = 0) -> dict:
     """A long-reasoning problem: n_people pass a tenth (rounded down) of what they hold round a circle for
     n_turns turns; what does the last one to receive hold at the end? The solution does every sum column
     by column, so it is long because the reasoning is, and one wrong digit gives a wrong answer. Every
@@ -1895,9 +1896,14 @@ def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digi
     on them makes them at that rate when sampled, at any turn, so that a longer chain fails more often,
     one draw fails where another does not, and the wrong answers differ: the regime where more samples
     help. The draws are made whatever slip is, so the questions do not depend on it.
+    cast: the people are drawn from the first `cast` names (0 = all of them). With cast = n_people they
+    are always the same, in the same order: each name in a solution then follows from the turn alone,
+    where otherwise it is copied from the question, a recall a model may learn late or not at all (the
+    answer never needs a name).
     Returns {"question", "answer", "ops"}; ops = ["relay", [start amounts], n_turns, asked index]."""
-    assert n_turns >= 1 and 2 <= n_people <= len(NAMES) and 2 <= digits <= len(COLUMNS) - 1
-    people = rng.sample(NAMES, n_people)
+    pool = NAMES[:cast] if cast else NAMES
+    assert n_turns >= 1 and 2 <= n_people <= len(pool) and 2 <= digits <= len(COLUMNS) - 1
+    people = list(pool) if len(pool) == n_people else rng.sample(pool, n_people)
     names = [p[0] for p in people]
     hers = {name: "hers" if his == "her" else "his" for name, _, his in people}
     obj, box, _, _ = rng.choice(OBJECTS)
@@ -1945,7 +1951,7 @@ def synthetic_split(split: str, n: int, seed: int = 0, task: str = "relay", min_
                     max_steps: int = 0, **knobs) -> list[dict]:
     """n distinct problems of `split` of a task in TASKS, steps uniform in [min_steps, max_steps] (0 = the
     task's default), the same for the same arguments. knobs go to the generator (relay: n_people, digits,
-    slip); the test split's solutions never slip. Each row also says its number of steps ("steps"), by
+    slip, cast); the test split's solutions never slip. Each row also says its number of steps ("steps"), by
     which plot_scaling.py splits accuracy."""
     assert split in ("train", "test"), split
     if split == "test":
@@ -1965,7 +1971,7 @@ def synthetic_split(split: str, n: int, seed: int = 0, task: str = "relay", min_
 
 def synthetic_rows(cfg, split: str, n: int) -> list[dict]:
     """n problems of a split of the synthetic task the settings name."""
-    knobs = {"digits": cfg.digits, "slip": cfg.slip} if cfg.task == "relay" else {}
+    knobs = {"digits": cfg.digits, "slip": cfg.slip, "cast": cfg.cast} if cfg.task == "relay" else {}
     return synthetic_split(split, n, cfg.seed, cfg.task, cfg.min_steps, cfg.max_steps, **knobs)
 
 
@@ -2173,6 +2179,10 @@ class DistillConfig:
     slip: float = flag(0.25, "relay: chance that a training solution rounds a turn's tenth up (a mistake the rest of "
                              "the solution follows); a teacher learns to slip at that rate when sampled, so single "
                              "samples fail and more samples help. Test solutions never slip", at_least=0, at_most=1)
+    cast: int = flag(3, "relay: the people are drawn from this many names (0 = all 28); 3 = always the same three in "
+                        "the same order, so that a solution's names follow from the turn instead of being copied "
+                        "from the question (a recall the answer never needs, which a teacher may learn late)",
+                     at_least=0, at_most=len(NAMES))
     n_train: int = flag(20000, "synthetic training problems", at_least=1)
     n_test: int = flag(500, "synthetic test problems", at_least=1)
     vocab_size: int = flag(1024, "base BPE vocabulary of the project's tokenizer (+ 256 specials)", at_least=256)
@@ -2292,6 +2302,8 @@ def check_config(cfg: DistillConfig):
                          f"x the number of processes ({world})")
     if cfg.min_steps > cfg.max_steps:
         raise InputError(f"--min_steps {cfg.min_steps} is more than --max_steps {cfg.max_steps}")
+    if cfg.task == "relay" and 0 < cfg.cast < 3:
+        raise InputError(f"--cast {cfg.cast}: a relay problem has 3 people (0 = all names, or at least 3)")
     if not cfg.teacher and (cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2 or cfg.n_heads % cfg.n_kv_heads):
         raise InputError(f"--d_model {cfg.d_model} must split into --n_heads {cfg.n_heads} heads of an even size, and "
                          f"--n_heads be a multiple of --n_kv_heads {cfg.n_kv_heads}")

@@ -660,7 +660,8 @@ def test_relay_task_redoes_every_line():
     """Every line of every solution (both splits, several difficulties) checks out when redone from
     the text; the checker itself rejects a solution with one digit changed."""
     checked = 0
-    for split, kw in (("train", {}), ("test", {}), ("train", dict(min_steps=1, max_steps=3, digits=6, n_people=4))):
+    for split, kw in (("train", {}), ("test", {}), ("train", dict(min_steps=1, max_steps=3, digits=6, n_people=4)),
+                      ("train", dict(cast=3))):
         for row in synthetic_split(split, 60, seed=4, **kw):
             checked += check_relay_solution(row["question"], row["answer"])[0]
             assert gold_answer(row["answer"]) == row["answer"].rsplit(" ", 1)[1]
@@ -677,6 +678,24 @@ def test_relay_task_redoes_every_line():
     lines[j] = lines[j][:-1] + str((int(lines[j][-1]) + 1) % 10)  # a wrong digit in "so far"
     with pytest.raises(AssertionError):
         check_relay_solution(row["question"], "\n".join(lines))
+
+
+def test_relay_cast_fixes_the_names():
+    """cast = 3: every problem has the same three people in the same order (so a solution's names follow
+    from the turn), the questions still differ and the splits stay disjoint; cast = 5 draws from five
+    names; the default draws from all of them; --cast below the number of people is refused."""
+    rows = synthetic_split("train", 200, seed=4, cast=3)
+    names = [n for n, *_ in md.NAMES[:3]]
+    assert all(row["question"].startswith(f"{names[0]}, {names[1]} and {names[2]} keep ") for row in rows)
+    assert len({row["question"] for row in rows}) == 200
+    assert not {row["question"] for row in rows} & {row["question"] for row in synthetic_split("test", 50, seed=4, cast=3)}
+    all_names = {n for n, *_ in md.NAMES}
+    seen = lambda rows: {w.strip(",.") for row in rows for w in row["answer"].split() if w.strip(",.") in all_names}
+    assert seen(rows) == set(names)
+    assert seen(synthetic_split("train", 200, seed=4, cast=5)) == {n for n, *_ in md.NAMES[:5]}
+    assert len(seen(synthetic_split("train", 200, seed=4))) == len(md.NAMES)
+    with pytest.raises(InputError, match="--cast 2"):
+        md.check_config(md.parse_config(md.DistillConfig, ["--cast", "2"]))
 
 
 def test_relay_training_solutions_slip_at_the_rate_asked():
