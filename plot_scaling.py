@@ -435,18 +435,24 @@ def chain_breaks(run):
         tenths[min(9, 10 * i // len(lines))] += 1
         names = question_names(gold[s["problem"]]["question"])
         kind = f"'{line_kind(lines[i], names)}'" if i < len(lines) else "(after the end)"
-        if i < len(lines):  # what the sample wrote instead, where it is another kind of line
-            wrote = "(the end)"
-            if i < len(text):
-                starts = {line.split(" ")[0].rstrip(":,.") for line in lines} - names  # "Turn", "After", ...
-                made_up = {w.rstrip(":,.") for w in text[i].split() if w[:1].isupper()} - starts  # names too
-                wrote = f"'{line_kind(text[i], names | made_up)}'"
-            if wrote.strip("'").split(" ")[0] != kind.strip("'").split(" ")[0]:
-                kind += f" wrote {wrote}"
+        if i < len(lines) and (wrote := other_kind(lines, i, text[i] if i < len(text) else None, names)):
+            kind += f" wrote {wrote}"
         kinds[kind] += 1
     wrong = sum(tenths)
     return (run["name"], wrong, " ".join(f"{100 * (t / wrong):.0f}" for t in tenths),
             ", ".join(f"{kind} {100 * n / wrong:.0f}%" for kind, n in kinds.most_common(3))) if wrong else None
+
+
+def other_kind(gold_lines, i, written, names):
+    """What a sample wrote where it left gold line i, when that is another kind of line (another first
+    word): its kind, quoted, or "(the end)" for a sample that stopped there; None for the same kind. A
+    capitalised word that starts no gold line is a name, one the model may have made up."""
+    if written is None:
+        return "(the end)"
+    starts = {line.split(" ")[0].rstrip(":,.") for line in gold_lines} - names  # "Turn", "After", ...
+    made_up = {w.rstrip(":,.") for w in written.split() if w[:1].isupper()} - starts
+    wrote = line_kind(written, names | made_up)
+    return None if wrote.split(" ")[0] == line_kind(gold_lines[i], names).split(" ")[0] else f"'{wrote}'"
 
 
 def gold_rows(run):
