@@ -2191,7 +2191,7 @@ class DistillConfig:
     n_heads: int = flag(6, "default teacher: query heads (head dim = d_model / n_heads)", at_least=1)
     n_kv_heads: int = flag(2, "default teacher: key/value heads (GQA, as in Llama 3.2)", at_least=1)
     d_ff: int = flag(1024, "default teacher: MLP width", at_least=1)
-    teacher_steps: int = flag(4000, "default teacher: training steps", at_least=1)
+    teacher_steps: int = flag(3000, "default teacher: training steps", at_least=1)
     teacher_lr: float = flag(2e-3, "default teacher: peak learning rate", above=0)
     # students
     students: str = flag("hybrid,pure", "students to distil: hybrid and/or pure (comma-separated; empty = none)")
@@ -2215,7 +2215,7 @@ class DistillConfig:
                                "them", at_least=0)
     align_lr: float = flag(2e-3, "stage 1: peak learning rate", above=0)
     kl_steps: int = flag(1400, "stage 2: end-to-end distillation steps on the teacher's logits (0 = skip)", at_least=0)
-    pure_kl_factor: float = flag(2.0, "stage 2 of a pure student runs this many times --kl_steps: with no attention "
+    pure_kl_factor: float = flag(1.5, "stage 2 of a pure student runs this many times --kl_steps: with no attention "
                                       "left to copy with, it learns the task's copies, and when to stop, later than "
                                       "a hybrid", above=0)
     kl_lr: float = flag(1e-3, "stage 2: peak learning rate", above=0)

@@ -49,11 +49,12 @@ sums from the saved states S_k. Gradients of the log-decays: d(loss)/ds_i collec
 Decode (ssd_step) is one step of the recurrence: a memory-bound read-modify-write of the (b, h, p, n)
 state, one program per (b, h, block of p rows); a bf16 state halves the bytes (fp32 math inside).
 
-Shapes and dtypes: any l; any p, n up to 128 (tiles are padded to powers of two >= 16 by masks);
-x, B, C in bf16, fp16 or fp32 (fp32 dots run as tf32 on GPU); dt, A, D fp32; the scan's states fp32
-(the decode step's may be bf16); any strides. The forward saves the entering state of every chunk
-for the backward: b*h*ceil(l/c)*p*n*4 bytes. Under the interpreter (TRITON_INTERPRET=1) kernels loop
-with `while` or over constexpr bounds: `range(runtime int)` fails there with numpy 2.4.
+Shapes and dtypes: any l; any p, n up to 128 (tiles are padded to powers of two >= 16 by masks); x,
+B, C in bf16, fp16 or fp32 (fp32 dots as tf32 on GPU where torch allows tf32 matmuls); dt, A, D
+fp32; the scan's states fp32 (the decode step's may be bf16); any strides. The forward saves the
+entering state of every chunk for the backward: b*h*ceil(l/c)*p*n*4 bytes. Under the interpreter
+(TRITON_INTERPRET=1) kernels loop with `while` or over constexpr bounds: `range(runtime int)` fails
+there with numpy 2.4.
 
 The teacher's decode attention (decode_attention) is one token of grouped-query attention against
 the KV cache, memory-bound. "Flash-decoding": each program takes one (row, kv head), so the r query
@@ -169,7 +170,8 @@ def _chunk_log_decay(dt_ptr, A_ptr, b, h, t, t_mask, s_dt_b, s_dt_l, s_dt_h):
 @triton.jit
 def _chunk_state_kernel(u_ptr, v_ptr, dt_ptr, A_ptr, out_ptr, logdecay_ptr, L, H, HPG, P, N, NCHUNKS,
                         s_u_b, s_u_l, s_u_h, s_u_p, s_v_b, s_v_l, s_v_g, s_v_n, s_dt_b, s_dt_l, s_dt_h,
-                        BACKWARD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BACKWARD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT: tl.constexpr):
     """One (chunk, b*h): out[b, h, k] = (u * w)^T @ v, a (p, n) matrix.
     Forward: u = x, v = B, w = dt * exp(s_last - s), the chunk's own state contribution (3);
     also stores s_last. Backward: u = dy, v = C, w = exp(s), the gradient of the entering state (1)."""
@@ -189,7 +191,7 @@ def _chunk_state_kernel(u_ptr, v_ptr, dt_ptr, A_ptr, out_ptr, logdecay_ptr, L, H
     v = tl.load(v_ptr + b * s_v_b + t[:, None] * s_v_l + (h // HPG) * s_v_g + offs_n[None, :] * s_v_n,
                 mask=t_mask[:, None] & (offs_n[None, :] < N), other=0.0)  # (c, n)
     uw = (u.to(tl.float32) * w[:, None]).to(v.dtype)
-    out = tl.dot(tl.trans(uw), v)  # (p, n) fp32
+    out = tl.dot(tl.trans(uw), v, input_precision=DOT)  # (p, n) fp32
     out_ptrs = out_ptr + (bh * NCHUNKS + k) * P * N + offs_p[:, None] * N + offs_n[None, :]
     tl.store(out_ptrs, out, mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
 
@@ -239,7 +241,7 @@ def _decay_matrix(s, CHUNK: tl.constexpr):
 
 @triton.jit
 def _chunk_group(B_ptr, C_ptr, L, H, N, s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n,
-                 HPG: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HPG: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
     """The start of a (chunk, b*g) program: indices, the group's B and C (c, n) and their shared C B^T (c, c)."""
     k, bg = tl.program_id(0), tl.program_id(1)
     G = H // HPG
@@ -250,17 +252,17 @@ def _chunk_group(B_ptr, C_ptr, L, H, N, s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l
     tn_mask = t_mask[:, None] & (offs_n[None, :] < N)
     Bm = tl.load(B_ptr + b * s_b_b + t[:, None] * s_b_l + grp * s_b_g + offs_n[None, :] * s_b_n, mask=tn_mask, other=0.0)  # (c, n)
     Cm = tl.load(C_ptr + b * s_c_b + t[:, None] * s_c_l + grp * s_c_g + offs_n[None, :] * s_c_n, mask=tn_mask, other=0.0)  # (c, n)
-    return k, b, grp, G, t, t_mask, offs_p, offs_n, tn_mask, Bm, Cm, tl.dot(Cm, tl.trans(Bm))
+    return k, b, grp, G, t, t_mask, offs_p, offs_n, tn_mask, Bm, Cm, tl.dot(Cm, tl.trans(Bm), input_precision=DOT)
 
 
 @triton.jit
 def _chunk_out_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y_ptr, L, H, P, N, NCHUNKS,
                       s_x_b, s_x_l, s_x_h, s_x_p, s_dt_b, s_dt_l, s_dt_h, s_b_b, s_b_l, s_b_g, s_b_n,
                       s_c_b, s_c_l, s_c_g, s_c_n, HPG: tl.constexpr, HAS_D: tl.constexpr, CHUNK: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
     """One (chunk, b*g): y = exp(s) C S_k^T + (L o C B^T)(dt x) + D x for the h/g heads of group g."""
     k, b, grp, G, t, t_mask, offs_p, offs_n, tn_mask, Bm, Cm, cb = _chunk_group(
-        B_ptr, C_ptr, L, H, N, s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n, HPG, CHUNK, BLOCK_P, BLOCK_N)
+        B_ptr, C_ptr, L, H, N, s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n, HPG, CHUNK, BLOCK_P, BLOCK_N, DOT)
     tp_mask = t_mask[:, None] & (offs_p[None, :] < P)
     for hh in range(HPG):
         h = grp * HPG + hh
@@ -268,10 +270,10 @@ def _chunk_out_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y_p
         x = tl.load(x_ptr + b * s_x_b + t[:, None] * s_x_l + h * s_x_h + offs_p[None, :] * s_x_p, mask=tp_mask, other=0.0)  # (c, p)
         S = tl.load(states_ptr + ((b * H + h) * NCHUNKS + k) * P * N + offs_p[:, None] * N + offs_n[None, :],
                     mask=(offs_p[:, None] < P) & (offs_n[None, :] < N), other=0.0)  # (p, n) fp32
-        y = tl.dot(Cm, tl.trans(S.to(Cm.dtype))) * tl.exp(s)[:, None]  # (c, p) term (1)
+        y = tl.dot(Cm, tl.trans(S.to(Cm.dtype)), input_precision=DOT) * tl.exp(s)[:, None]  # (c, p) term (1)
         m = (cb * _decay_matrix(s, CHUNK)).to(x.dtype)  # (c, c)
         xd = (x.to(tl.float32) * dt[:, None]).to(x.dtype)  # (c, p)
-        y = tl.dot(m, xd, y)  # (c, p) + term (2)
+        y = tl.dot(m, xd, y, input_precision=DOT)  # (c, p) + term (2)
         if HAS_D:
             y += tl.load(D_ptr + h).to(tl.float32) * x.to(tl.float32)
         tl.store(y_ptr + ((b * L + t[:, None]) * H + h) * P + offs_p[None, :], y.to(y_ptr.dtype.element_ty), mask=tp_mask)
@@ -282,6 +284,13 @@ def _chunk_out_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y_p
 # defaults need more shared memory than an H100/H200 has.
 CHUNK_OPTS = dict(num_warps=4, num_stages=1)
 PASS_STEP, PASS_BLOCK = 16, 256  # passing kernel: chunks per step (tl.dot needs >= 16), state entries per program
+
+
+def _dot_precision(t):
+    """tl.dot's input_precision for operands of t's dtype: fp32 dots run as tf32 only where torch allows tf32
+    matmuls (torch.backends.cuda.matmul.allow_tf32, which the scripts turn on for speed), exact otherwise,
+    so that an fp32 check on a GPU is as exact as under the interpreter."""
+    return "tf32" if t.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _blocks(*dims):
@@ -312,8 +321,8 @@ def _pass_states(u, v, dt, A, logdecay, init, chunk, reverse):
     BLOCK_P, BLOCK_N = _blocks(p, n)
     states = u.new_empty(b, h, nchunks, p, n, dtype=torch.float32)  # own contributions first
     _chunk_state_kernel[(nchunks, b * h)](u, v, dt, A, states, logdecay, l, h, h // g, p, n, nchunks,
-                                          *u.stride(), *v.stride(), *dt.stride(),
-                                          BACKWARD=reverse, CHUNK=chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **CHUNK_OPTS)
+                                          *u.stride(), *v.stride(), *dt.stride(), BACKWARD=reverse, CHUNK=chunk,
+                                          BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT=_dot_precision(u), **CHUNK_OPTS)
     last = u.new_empty(b, h, p, n, dtype=torch.float32)
     _state_passing_kernel[(b * h, triton.cdiv(p * n, PASS_BLOCK))](
         states, logdecay, states if init is None else init.to(torch.float32).contiguous(), last, nchunks, p * n,
@@ -329,12 +338,13 @@ def _chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dst
                       dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, L, H, P, N, NCHUNKS,
                       s_x_b, s_x_l, s_x_h, s_x_p, s_dt_b, s_dt_l, s_dt_h, s_b_b, s_b_l, s_b_g, s_b_n,
                       s_c_b, s_c_l, s_c_g, s_c_n, s_dy_b, s_dy_l, s_dy_h, s_dy_p, HPG: tl.constexpr,
-                      HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HAS_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                      DOT: tl.constexpr):
     """One (chunk, b*g). Inputs: the saved entering state S_k and the gradient G of the leaving
     state S_{k+1}, both (p, n). dx, ddt per head; dB, dC summed over the group's heads in registers;
     per-(b, h, k) partial sums for dA and dD."""
     k, b, grp, G_, t, t_mask, offs_p, offs_n, tn_mask, Bm, Cm, cb = _chunk_group(
-        B_ptr, C_ptr, L, H, N, s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n, HPG, CHUNK, BLOCK_P, BLOCK_N)
+        B_ptr, C_ptr, L, H, N, s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n, HPG, CHUNK, BLOCK_P, BLOCK_N, DOT)
     tp_mask = t_mask[:, None] & (offs_p[None, :] < P)
     pn_mask = (offs_p[:, None] < P) & (offs_n[None, :] < N)
     dB, dC = tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32), tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32)
@@ -348,25 +358,25 @@ def _chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dst
         dyc, xdc = dy.to(x.dtype), xd.to(x.dtype)  # tl.dot operands
         decay = _decay_matrix(s, CHUNK)  # (c, c)
         # term (2): y_i += sum_j L_ij cb_ij xd_j. r_ij = L_ij (dy_i . xd_j)
-        r = decay * tl.dot(dyc, tl.trans(xdc))  # (c, c)
+        r = decay * tl.dot(dyc, tl.trans(xdc), input_precision=DOT)  # (c, c)
         pr = r * cb
         ds = tl.sum(pr, 1) - tl.sum(pr, 0)  # (c,) dloss/ds_i from (2): +row sums, -column sums
         rc = r.to(Cm.dtype)
-        dC = tl.dot(rc, Bm, dC)
-        dB = tl.dot(tl.trans(rc), Cm, dB)
-        dxd = tl.dot(tl.trans((decay * cb).to(x.dtype)), dyc)  # (c, p)
+        dC = tl.dot(rc, Bm, dC, input_precision=DOT)
+        dB = tl.dot(tl.trans(rc), Cm, dB, input_precision=DOT)
+        dxd = tl.dot(tl.trans((decay * cb).to(x.dtype)), dyc, input_precision=DOT)  # (c, p)
         # term (1): y_i += exp(s_i) S_k C_i
         sk_ptrs = ((b * H + h) * NCHUNKS + k) * P * N + offs_p[:, None] * N + offs_n[None, :]
         S = tl.load(states_ptr + sk_ptrs, mask=pn_mask, other=0.0)  # (p, n) fp32
-        dys = tl.dot(dyc, S.to(x.dtype)) * tl.exp(s)[:, None]  # (c, n)
+        dys = tl.dot(dyc, S.to(x.dtype), input_precision=DOT) * tl.exp(s)[:, None]  # (c, n)
         dC += dys
         ds += tl.sum(dys * Cm.to(tl.float32), 1)
         # term (3): S_{k+1} = exp(s_last) S_k + sum_j exp(s_last - s_j) outer(xd_j, B_j)
         Gm = tl.load(dstates_ptr + sk_ptrs, mask=pn_mask, other=0.0)  # (p, n) fp32
         el = tl.exp(s_last - s)  # (c,)
         Gc = Gm.to(x.dtype)
-        dB += tl.dot(xdc, Gc) * el[:, None]
-        dxs = tl.dot(Bm.to(x.dtype), tl.trans(Gc)) * el[:, None]  # (c, p)
+        dB += tl.dot(xdc, Gc, input_precision=DOT) * el[:, None]
+        dxs = tl.dot(Bm.to(x.dtype), tl.trans(Gc), input_precision=DOT) * el[:, None]  # (c, p)
         q = tl.sum(xd * dxs, 1)  # (c,)
         ds -= q
         ds_last = tl.exp(s_last) * tl.sum(tl.sum(Gm * S, 1), 0) + tl.sum(q, 0)
@@ -402,7 +412,7 @@ class _SSDScanFn(torch.autograd.Function):
         _chunk_out_kernel[(nchunks, b * g)](x, dt, A, B, C, A if D is None else D, states, y, l, h, p, n, nchunks,
                                             *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
                                             HPG=h // g, HAS_D=D is not None, CHUNK=chunk, BLOCK_P=BLOCK_P,
-                                            BLOCK_N=BLOCK_N, **CHUNK_OPTS)
+                                            BLOCK_N=BLOCK_N, DOT=_dot_precision(x), **CHUNK_OPTS)
         ctx.save_for_backward(x, dt, A, B, C, D, states, logdecay)
         ctx.chunk = chunk
         ctx.init_dtype = None if initial_state is None else initial_state.dtype
@@ -426,7 +436,7 @@ class _SSDScanFn(torch.autograd.Function):
         _chunk_bwd_kernel[(nchunks, b * g)](
             x, dt, A, B, C, A if D is None else D, states, dstates, dy, dx, ddt, dB, dC, dA_part, dD_part, l, h, p, n,
             nchunks, *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), HPG=h // g, HAS_D=D is not None,
-            CHUNK=ctx.chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **opts)
+            CHUNK=ctx.chunk, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT=_dot_precision(x), **opts)
         dD = None if D is None else dD_part.sum((0, 2)).to(D.dtype)  # (h,)
         dinit = None if ctx.init_dtype is None else dinit.to(ctx.init_dtype)
         return dx, ddt.to(dt.dtype), dA_part.sum((0, 2)).to(A.dtype), dB, dC, dD, dinit, None
@@ -867,7 +877,7 @@ def check(device):
             outs.append([y, fin, *grads, y1, state])
         names = ["y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dinit", "step_y", "step_state"]
         errs = dict(zip(names, map(_rel_err, *outs)))
-        ok &= _report(f"{tag} rel errors:", errs, (1e-4 if cpu else 5e-3) if fp32 else 3e-2)  # tf32 / bf16 dots on GPU
+        ok &= _report(f"{tag} rel errors:", errs, {"ieee": 1e-4, "tf32": 5e-3}[_dot_precision(x)] if fp32 else 3e-2)
         # the fused KL loss; ds is stored in s's dtype
         n, v = (5, 1000) if small else (64, 128256)
         s_logits, t_logits = random_logits(n, v, device, dtype)
