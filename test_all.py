@@ -44,8 +44,8 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 @pytest.fixture(autouse=True)
 def same_start(monkeypatch):
-    """Every test starts from the same random state and with exact fp32 matmuls, whatever ran before it
-    (setup_env("cuda") turns torch's tf32 flag on, and the scan's fp32 dots follow that flag)."""
+    """Every test starts from the same random state and with torch's fp32 matmuls exact, whatever ran before
+    it (setup_env("cuda") turns tf32 on for the rest of the process)."""
     torch.manual_seed(0)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
@@ -816,8 +816,7 @@ def test_jsonl_round_trip_and_errors(tmp_path):
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SCAN_CHUNK = 64 if DEVICE.type == "cuda" else 16  # small chunks keep the interpreter fast
-# relative error norms: fp32 dots are exact (the interpreter; on a GPU tf32 is off, see same_start), bf16
-# dots round their operands
+# relative error norms: the kernels' fp32 dots are exact (not tf32), bf16 dots round their operands
 SCAN_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
