@@ -1856,6 +1856,7 @@ def make_problem(rng: random.Random, n_steps: int) -> dict:
 
 
 COLUMNS = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions"]
+RELAY_PEOPLE = 3  # people in a relay problem (no flag sets another number)
 
 
 def column_lines(a: int, b: int, sign: str) -> list[str]:
@@ -1881,8 +1882,8 @@ def column_lines(a: int, b: int, sign: str) -> list[str]:
     return lines
 
 
-def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = 3, digits: int = 4, slip: float = 0.0,
-                       cast: int = 0) -> dict:
+def make_relay_problem(rng: random.Random, n_turns: int, n_people: int = RELAY_PEOPLE, digits: int = 4,
+                       slip: float = 0.0, cast: int = 0) -> dict:
     """A long-reasoning problem: n_people pass a tenth (rounded down) of what they hold round a circle for
     n_turns turns; what does the last one to receive hold at the end? The solution does every sum column
     by column, so it is long because the reasoning is, and one wrong digit gives a wrong answer. Every
@@ -2302,8 +2303,9 @@ def check_config(cfg: DistillConfig):
                          f"x the number of processes ({world})")
     if cfg.min_steps > cfg.max_steps:
         raise InputError(f"--min_steps {cfg.min_steps} is more than --max_steps {cfg.max_steps}")
-    if cfg.task == "relay" and 0 < cfg.cast < 3:
-        raise InputError(f"--cast {cfg.cast}: a relay problem has 3 people (0 = all names, or at least 3)")
+    if cfg.task == "relay" and 0 < cfg.cast < RELAY_PEOPLE:
+        raise InputError(f"--cast {cfg.cast}: a relay problem has {RELAY_PEOPLE} people (0 = all names, or at least "
+                         f"{RELAY_PEOPLE})")
     if not cfg.teacher and (cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2 or cfg.n_heads % cfg.n_kv_heads):
         raise InputError(f"--d_model {cfg.d_model} must split into --n_heads {cfg.n_heads} heads of an even size, and "
                          f"--n_heads be a multiple of --n_kv_heads {cfg.n_kv_heads}")
